@@ -1,0 +1,212 @@
+"""Batch decoding of serialized readouts: :func:`decode_readouts`.
+
+The wrapper validates its arguments, allocates the output arrays once per batch
+(an upper bound of the hit count, then a view of the filled part), and hands the
+bytes to the backend chosen in ``_backend`` (the compiled decoder unless the
+reference was selected explicitly).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _backend, _reference
+from ._format import HEADER, HEADER_SIZE, HIT_DTYPE, READOUT_DTYPE, ReadoutError
+
+__all__ = ["DecodedBatch", "decode_readouts", "CARRY_MODES"]
+
+#: Carry modes accepted by :func:`decode_readouts` (``carry=``).
+CARRY_MODES = {
+    "always": _reference.CARRY_ALWAYS,
+    "consecutive": _reference.CARRY_CONSECUTIVE,
+    "never": _reference.CARRY_NEVER,
+}
+
+_U32 = struct.Struct("<I")
+
+
+def readout_error_message(datagram, error: int) -> str:
+    """Human-readable reason why ``datagram`` is not a serialized readout."""
+    size = len(datagram)
+    if error == ReadoutError.TOO_SHORT:
+        return (
+            f"{size}-byte datagram is shorter than the {HEADER_SIZE}-byte readout header"
+            f" (header, readout_id, timestamp, length)"
+        )
+    if error == ReadoutError.BAD_HEADER:
+        got = bytes(datagram[:3]).hex(" ")
+        return f"bad readout header {got} at offset 0, expected {HEADER.hex(' ')}"
+    if error == ReadoutError.LENGTH_MISMATCH:
+        declared = _U32.unpack_from(datagram, 15)[0]
+        return (
+            f"length field at offset 15 says {declared} data bytes, "
+            f"but {size - HEADER_SIZE} bytes follow the {HEADER_SIZE}-byte header"
+        )
+    raise ValueError(f"error={error} is not a ReadoutError code for a malformed datagram")
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """The result of :func:`decode_readouts`.
+
+    Attributes:
+        hits: every hit of every well-formed readout, in order, as a
+            ``numpy.recarray`` of :data:`HIT_DTYPE`.
+        readouts: one row per input datagram (:data:`READOUT_DTYPE`): readout
+            id, timestamp, ``first_hit``/``n_hits`` (its slice of ``hits``),
+            decoding ``status`` (:class:`DecodingStatus` bits), ``dropped_bytes``, ``n_extra``, and
+            ``malformed``/``error`` for datagrams that were skipped.
+        errors: ``(index, message)`` for each malformed datagram.
+        extra_bytes: extra bytes left by the last datagram, to pass as
+            ``extra_bytes=`` with the next batch (None if none).
+        last_id: readout id of the last datagram (-1 if it was malformed), to
+            pass as ``last_id=`` with the next batch.
+    """
+
+    hits: np.recarray
+    readouts: np.recarray
+    errors: tuple[tuple[int, str], ...] = ()
+    extra_bytes: bytes | None = None
+    last_id: int = -1
+    backend: str = field(default="compiled", compare=False)
+
+    @property
+    def n_malformed(self) -> int:
+        """Number of malformed (skipped) datagrams."""
+        return len(self.errors)
+
+    def __len__(self) -> int:
+        return len(self.readouts)
+
+    def hits_of(self, index: int) -> np.recarray:
+        """The hits of datagram ``index`` (a view of :attr:`hits`)."""
+        row = self.readouts[index]
+        start = int(row["first_hit"])
+        return self.hits[start:start + int(row["n_hits"])]
+
+
+def _as_contiguous(datagrams, lengths, offsets):
+    """Normalise the two input forms to (buffer, offsets, lengths)."""
+    if lengths is None:
+        if offsets is not None:
+            raise TypeError("offsets= is only meaningful together with lengths=")
+        if isinstance(datagrams, (bytes, bytearray, memoryview, str)):
+            raise TypeError(
+                "datagrams must be a sequence of bytes-like objects, or one buffer "
+                f"together with lengths=; got a single {type(datagrams).__name__}"
+            )
+        parts = [memoryview(d).cast("B") if not isinstance(d, bytes) else d for d in datagrams]
+        lens = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        buf = b"".join(parts)
+        offs = np.zeros(len(lens), dtype=np.int64)
+        if len(lens) > 1:
+            np.cumsum(lens[:-1], out=offs[1:])
+        return buf, offs, lens
+    try:
+        view = memoryview(datagrams)
+    except TypeError:
+        raise TypeError(
+            f"with lengths=, datagrams must be one bytes-like buffer; got {type(datagrams).__name__}"
+        ) from None
+    if not view.contiguous:
+        raise ValueError("datagrams buffer must be C-contiguous")
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    lens = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lens.ndim != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {lens.shape}")
+    if offsets is None:
+        offs = np.zeros(len(lens), dtype=np.int64)
+        if len(lens) > 1:
+            np.cumsum(lens[:-1], out=offs[1:])
+    else:
+        offs = np.ascontiguousarray(offsets, dtype=np.int64)
+        if offs.shape != lens.shape:
+            raise ValueError(f"offsets has shape {offs.shape} but lengths has shape {lens.shape}")
+    if len(lens) and (lens.min() < 0 or offs.min() < 0 or int((offs + lens).max()) > len(view)):
+        raise ValueError(
+            f"lengths/offsets describe datagrams outside the {len(view)}-byte buffer"
+        )
+    return view, offs, lens
+
+
+def decode_readouts(
+    datagrams,
+    lengths=None,
+    *,
+    offsets=None,
+    extra_bytes: bytes | None = None,
+    last_id: int = -1,
+    carry: str = "always",
+) -> DecodedBatch:
+    """Decode many serialized readouts in one call.
+
+    Accepts either a sequence of bytes-like datagrams, or one contiguous
+    buffer plus ``lengths`` (and optionally ``offsets``; by default the
+    datagrams are back to back), which is what a batched socket receive yields.
+    Extra bytes left at the end of each readout are carried into the next one
+    (spec section 5). A malformed datagram is reported in ``errors`` and its
+    row, skipped, and breaks the carry chain; the others still decode.
+
+    Args:
+        datagrams: the serialized readouts, or one buffer holding them.
+        lengths: per-datagram sizes when ``datagrams`` is one buffer.
+        offsets: per-datagram start offsets in that buffer.
+        extra_bytes: extra bytes left by the readout before the first one
+            (``DecodedBatch.extra_bytes`` of the previous batch).
+        last_id: readout id of that readout (``DecodedBatch.last_id``).
+        carry: ``"always"`` carries extra bytes into the next datagram
+            whatever its id; ``"consecutive"`` only when its readout id follows
+            the previous one (what a receiver that may lose datagrams wants, so
+            that a hit is never assembled from two non-adjacent readouts);
+            ``"never"`` disables reassembly across readouts.
+
+    Returns:
+        A :class:`DecodedBatch`.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong kind (not for bad
+            datagram contents, which are reported in the batch).
+    """
+    if carry not in CARRY_MODES:
+        raise ValueError(f"carry={carry!r} is not a carry mode; allowed: {', '.join(map(repr, CARRY_MODES))}")
+    if not isinstance(last_id, (int, np.integer)) or not -1 <= last_id <= 0xFFFFFFFF:
+        raise ValueError(f"last_id={last_id!r} is out of range; allowed: -1 (unknown) or 0..2**32-1")
+    if extra_bytes is not None:
+        extra_bytes = bytes(extra_bytes)
+    buf, offs, lens = _as_contiguous(datagrams, lengths, offsets)
+    count = len(lens)
+    mode = CARRY_MODES[carry]
+    if _backend.use_compiled():
+        bound = int((lens // 8).sum()) + count
+        hits = np.empty(bound, dtype=HIT_DTYPE)
+        readouts = np.zeros(count, dtype=READOUT_DTYPE)
+        if len(buf) == 0:
+            buf = b"\0"  # a typed memoryview needs at least one element
+        n_hits, extra_out, last = _backend.compiled.decode_batch(
+            buf, offs, lens, extra_bytes, mode, int(last_id),
+            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
+            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
+        )
+        hits = hits[:n_hits]
+    else:
+        parts = [buf[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+        hits, readouts, extra_out, last = _reference.decode_batch(parts, extra_bytes, mode, int(last_id))
+    errors: tuple[tuple[int, str], ...] = ()
+    if count and readouts["malformed"].any():
+        bad = np.flatnonzero(readouts["malformed"])
+        errors = tuple(
+            (int(k), readout_error_message(buf[int(offs[k]):int(offs[k] + lens[k])], int(readouts["error"][k])))
+            for k in bad
+        )
+    return DecodedBatch(
+        hits=hits.view(np.recarray),
+        readouts=readouts.view(np.recarray),
+        errors=errors,
+        extra_bytes=extra_out,
+        last_id=int(last),
+        backend=_backend.decoder_backend(),
+    )

@@ -1,0 +1,452 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Compiled AstroPix 4 decoder: the hot path of mcast_trio.
+
+Two entry points, both thin: they validate their arguments with the GIL held,
+then run a ``nogil`` C loop that writes records straight into numpy arrays the
+caller allocated once (see ``_batch.py``):
+
+* :func:`decode_one` decodes the data of one readout (used by
+  ``AstroPix4Readout.decode``);
+* :func:`decode_batch` decodes many serialized readouts held in one contiguous
+  buffer (``offsets``/``lengths`` per datagram), carrying extra bytes from each
+  readout to the next, skipping (and reporting) malformed datagrams.
+
+Every byte read is preceded by an explicit bounds test against the datagram's
+own length: the input is untrusted network data. The walk mirrors
+``_reference.walk`` line by line; the property tests compare the two.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+import numpy as np
+
+
+cdef packed struct HitRec:
+    uint64_t timestamp
+    double tot_us
+    uint32_t readout_id
+    uint32_t decoding_order
+    uint32_t ts_dec1
+    uint32_t ts_dec2
+    uint16_t ts_coarse1
+    uint16_t ts_coarse2
+    uint8_t chip_id
+    uint8_t payload
+    uint8_t row
+    uint8_t column
+    uint8_t ts_neg1
+    uint8_t ts_fine1
+    uint8_t ts_tdc1
+    uint8_t ts_neg2
+    uint8_t ts_fine2
+    uint8_t ts_tdc2
+    uint8_t _pad0
+    uint8_t _pad1
+
+
+cdef packed struct ReadoutRec:
+    uint64_t timestamp
+    uint64_t first_hit
+    uint32_t readout_id
+    uint32_t n_hits
+    uint32_t length
+    uint32_t dropped_bytes
+    uint8_t n_extra
+    uint8_t status
+    uint8_t malformed
+    uint8_t error
+    uint8_t _pad[4]
+
+
+# DecodingStatus bits (see _format.DecodingStatus).
+DEF F_MATCHED = 1
+DEF F_ORPHAN_DROPPED = 2
+DEF F_NOT_USED = 4
+DEF F_VALID_EXTRA = 8
+DEF F_INVALID_EXTRA = 16
+DEF F_INCOMPLETE = 32
+
+# ReadoutError codes (see _format.ReadoutError).
+DEF E_TOO_SHORT = 1
+DEF E_BAD_HEADER = 2
+DEF E_LENGTH_MISMATCH = 3
+
+DEF HEADER_SIZE = 19
+DEF IDLE = 0xBC
+DEF PAD = 0xFF
+
+# Carry modes (see _reference.CARRY_*).
+DEF CARRY_ALWAYS = 0
+DEF CARRY_CONSECUTIVE = 1
+DEF CARRY_NEVER = 2
+
+
+cdef inline bint _valid(uint8_t b) noexcept nogil:
+    return b >= 0xE0 and b != PAD
+
+
+cdef inline bint _skippable(uint8_t b) noexcept nogil:
+    return b == IDLE or b == PAD
+
+
+cdef inline uint32_t _gray(uint32_t g) noexcept nogil:
+    g ^= g >> 16
+    g ^= g >> 8
+    g ^= g >> 4
+    g ^= g >> 2
+    g ^= g >> 1
+    return g
+
+
+cdef inline void _fill(HitRec* h, const uint8_t* w, uint32_t readout_id,
+                       uint64_t timestamp, uint32_t order) noexcept nogil:
+    # Reverse the bits of every byte and read big-endian: that is a full
+    # 64-bit bit reversal of the little-endian word.
+    cdef uint64_t x = (
+        (<uint64_t>w[0]) | (<uint64_t>w[1] << 8) | (<uint64_t>w[2] << 16)
+        | (<uint64_t>w[3] << 24) | (<uint64_t>w[4] << 32) | (<uint64_t>w[5] << 40)
+        | (<uint64_t>w[6] << 48) | (<uint64_t>w[7] << 56))
+    x = ((x >> 1) & 0x5555555555555555ULL) | ((x & 0x5555555555555555ULL) << 1)
+    x = ((x >> 2) & 0x3333333333333333ULL) | ((x & 0x3333333333333333ULL) << 2)
+    x = ((x >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((x & 0x0F0F0F0F0F0F0F0FULL) << 4)
+    x = ((x >> 8) & 0x00FF00FF00FF00FFULL) | ((x & 0x00FF00FF00FF00FFULL) << 8)
+    x = ((x >> 16) & 0x0000FFFF0000FFFFULL) | ((x & 0x0000FFFF0000FFFFULL) << 16)
+    x = (x >> 32) | (x << 32)
+    # Field [start, stop) of the spec is (W >> (64 - stop)) & mask.
+    cdef uint32_t coarse1 = <uint32_t>((x >> 31) & 0x3FFF)
+    cdef uint32_t fine1 = <uint32_t>((x >> 28) & 0x7)
+    cdef uint32_t coarse2 = <uint32_t>((x >> 8) & 0x3FFF)
+    cdef uint32_t fine2 = <uint32_t>((x >> 5) & 0x7)
+    cdef uint32_t dec1 = _gray((coarse1 << 3) + fine1)
+    cdef uint32_t dec2 = _gray((coarse2 << 3) + fine2)
+    if dec2 < dec1:
+        dec2 += 131072
+    h.timestamp = timestamp
+    h.tot_us = (<double>(dec2 - dec1)) / 20.0
+    h.readout_id = readout_id
+    h.decoding_order = order
+    h.ts_dec1 = dec1
+    h.ts_dec2 = dec2
+    h.ts_coarse1 = <uint16_t>coarse1
+    h.ts_coarse2 = <uint16_t>coarse2
+    h.chip_id = <uint8_t>((x >> 59) & 0x1F)
+    h.payload = <uint8_t>((x >> 56) & 0x7)
+    h.row = <uint8_t>((x >> 51) & 0x1F)
+    h.column = <uint8_t>((x >> 46) & 0x1F)
+    h.ts_neg1 = <uint8_t>((x >> 45) & 0x1)
+    h.ts_fine1 = <uint8_t>fine1
+    h.ts_tdc1 = <uint8_t>((x >> 23) & 0x1F)
+    h.ts_neg2 = <uint8_t>((x >> 22) & 0x1)
+    h.ts_fine2 = <uint8_t>fine2
+    h.ts_tdc2 = <uint8_t>(x & 0x1F)
+    h._pad0 = 0
+    h._pad1 = 0
+
+
+cdef Py_ssize_t _walk(const uint8_t* d, Py_ssize_t n,
+                      const uint8_t* extra, Py_ssize_t extra_len, bint has_extra,
+                      uint32_t readout_id, uint64_t timestamp, HitRec* out,
+                      uint8_t* flags_out, Py_ssize_t* extra_start_out,
+                      Py_ssize_t* dropped_out) noexcept nogil:
+    """Spec section 5 on ``d[0:n]``; returns the number of hits written."""
+    cdef Py_ssize_t cur = 0
+    cdef Py_ssize_t end, nxt, fwd, p, olen
+    cdef Py_ssize_t nh = 0
+    cdef Py_ssize_t dropped = 0
+    cdef Py_ssize_t extra_start = -1
+    cdef uint8_t flags = 0
+    cdef uint8_t word[8]
+    # 1. leading IDLE/PADDING; nothing left: no hit, no flag (do better #1).
+    while cur < n and _skippable(d[cur]):
+        cur += 1
+    if cur < n and not _valid(d[cur]):
+        # 2. orphan bytes, up to the next start byte or the end (do better #2),
+        #    trailing IDLE bytes excluded. d[cur] is neither IDLE nor PADDING,
+        #    so olen >= 1.
+        end = cur + 1
+        while end < n and not _valid(d[end]):
+            end += 1
+        olen = end - cur
+        while olen > 0 and d[cur + olen - 1] == IDLE:
+            olen -= 1
+        if has_extra:
+            if extra_len + olen == 8:
+                memcpy(word, extra, extra_len)
+                memcpy(word + extra_len, d + cur, olen)
+                _fill(&out[nh], word, readout_id, timestamp, <uint32_t>nh)
+                nh += 1
+                flags |= F_MATCHED
+            else:
+                flags |= F_ORPHAN_DROPPED
+                dropped += olen
+        else:
+            flags |= F_NOT_USED
+            dropped += olen
+        cur = end
+    # 3. main loop.
+    while cur < n:
+        # a.
+        while cur < n and _skippable(d[cur]):
+            cur += 1
+        if cur == n:
+            break
+        # b. fewer than 8 bytes left: EXTRA (exactly 8 is a hit: do better #4).
+        if n - cur < 8:
+            if _valid(d[cur]):
+                extra_start = cur
+                flags |= F_VALID_EXTRA
+            else:
+                flags |= F_INVALID_EXTRA
+                dropped += n - cur
+            break
+        # c. stray bytes up to the next start byte.
+        if not _valid(d[cur]):
+            nxt = cur + 1
+            while nxt < n and not _valid(d[nxt]):
+                nxt += 1
+            dropped += nxt - cur
+            cur = nxt
+            continue
+        # d. a start byte inside the word followed by a non-start byte means
+        #    the word was a truncated hit: drop its first p bytes.
+        p = 1
+        while p < 8:
+            if _valid(d[cur + p]):
+                fwd = cur + 8
+                while fwd < n and d[fwd] == IDLE:
+                    fwd += 1
+                if fwd < n and not _valid(d[fwd]):
+                    flags |= F_INCOMPLETE
+                    dropped += p
+                    cur += p
+                    if n - cur < 8:
+                        # do better #3: never read past the end; keep as EXTRA.
+                        extra_start = cur
+                        flags |= F_VALID_EXTRA
+                        flags_out[0] = flags
+                        extra_start_out[0] = extra_start
+                        dropped_out[0] = dropped
+                        return nh
+            p += 1
+        # e.
+        _fill(&out[nh], d + cur, readout_id, timestamp, <uint32_t>nh)
+        nh += 1
+        cur += 8
+        while cur < n and d[cur] == IDLE:
+            cur += 1
+    flags_out[0] = flags
+    extra_start_out[0] = extra_start
+    dropped_out[0] = dropped
+    return nh
+
+
+cdef HitRec _probe_hit
+cdef ReadoutRec _probe_readout
+
+
+def _layout():
+    """Byte offsets of the C records, checked against the numpy dtypes."""
+    cdef char* h = <char*>&_probe_hit
+    cdef char* r = <char*>&_probe_readout
+    return {
+        "hit_size": sizeof(HitRec),
+        "readout_size": sizeof(ReadoutRec),
+        "hit": {
+            "timestamp": <char*>&_probe_hit.timestamp - h,
+            "tot_us": <char*>&_probe_hit.tot_us - h,
+            "readout_id": <char*>&_probe_hit.readout_id - h,
+            "decoding_order": <char*>&_probe_hit.decoding_order - h,
+            "ts_dec1": <char*>&_probe_hit.ts_dec1 - h,
+            "ts_dec2": <char*>&_probe_hit.ts_dec2 - h,
+            "ts_coarse1": <char*>&_probe_hit.ts_coarse1 - h,
+            "ts_coarse2": <char*>&_probe_hit.ts_coarse2 - h,
+            "chip_id": <char*>&_probe_hit.chip_id - h,
+            "payload": <char*>&_probe_hit.payload - h,
+            "row": <char*>&_probe_hit.row - h,
+            "column": <char*>&_probe_hit.column - h,
+            "ts_neg1": <char*>&_probe_hit.ts_neg1 - h,
+            "ts_fine1": <char*>&_probe_hit.ts_fine1 - h,
+            "ts_tdc1": <char*>&_probe_hit.ts_tdc1 - h,
+            "ts_neg2": <char*>&_probe_hit.ts_neg2 - h,
+            "ts_fine2": <char*>&_probe_hit.ts_fine2 - h,
+            "ts_tdc2": <char*>&_probe_hit.ts_tdc2 - h,
+        },
+        "readout": {
+            "timestamp": <char*>&_probe_readout.timestamp - r,
+            "first_hit": <char*>&_probe_readout.first_hit - r,
+            "readout_id": <char*>&_probe_readout.readout_id - r,
+            "n_hits": <char*>&_probe_readout.n_hits - r,
+            "length": <char*>&_probe_readout.length - r,
+            "dropped_bytes": <char*>&_probe_readout.dropped_bytes - r,
+            "n_extra": <char*>&_probe_readout.n_extra - r,
+            "status": <char*>&_probe_readout.status - r,
+            "malformed": <char*>&_probe_readout.malformed - r,
+            "error": <char*>&_probe_readout.error - r,
+        },
+    }
+
+
+def decode_one(const uint8_t[::1] data, extra, uint32_t readout_id,
+               uint64_t timestamp, uint8_t[::1] hits_out):
+    """Decode the data of one readout into ``hits_out``.
+
+    Args:
+        data: the readout data (trailing padding already stripped).
+        extra: extra bytes from the previous readout (bytes-like), or None.
+        readout_id, timestamp: copied into every hit.
+        hits_out: raw bytes of a ``HIT_DTYPE`` array with room for at least
+            ``len(data) // 8 + 1`` records.
+
+    Returns:
+        ``(n_hits, flags, extra_start, dropped)``; ``extra_start`` is -1 when
+        no extra bytes are kept, else the offset in ``data`` where they start.
+    """
+    cdef Py_ssize_t n = data.shape[0]
+    cdef Py_ssize_t capacity = hits_out.shape[0] // sizeof(HitRec)
+    if capacity < n // 8 + 1:
+        raise ValueError(f"hits_out has room for {capacity} hits, need {n // 8 + 1}")
+    cdef const uint8_t[::1] extra_view
+    cdef const uint8_t* extra_ptr = NULL
+    cdef Py_ssize_t extra_len = 0
+    cdef bint has_extra = extra is not None
+    if has_extra:
+        extra_view = extra
+        extra_len = extra_view.shape[0]
+        if extra_len > 0:
+            extra_ptr = &extra_view[0]
+    cdef const uint8_t* dptr = &data[0] if n > 0 else NULL
+    cdef HitRec* out = <HitRec*>&hits_out[0]
+    cdef uint8_t flags = 0
+    cdef Py_ssize_t extra_start = -1
+    cdef Py_ssize_t dropped = 0
+    cdef Py_ssize_t nh
+    with nogil:
+        nh = _walk(dptr, n, extra_ptr, extra_len, has_extra, readout_id, timestamp,
+                   out, &flags, &extra_start, &dropped)
+    return nh, flags, extra_start, dropped
+
+
+cdef inline uint32_t _u32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0]) | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline uint64_t _u64(const uint8_t* p) noexcept nogil:
+    return (<uint64_t>_u32(p)) | ((<uint64_t>_u32(p + 4)) << 32)
+
+
+def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
+                 const int64_t[::1] lengths, extra, int carry, int64_t last_id,
+                 uint8_t[::1] hits_out, uint8_t[::1] readouts_out):
+    """Decode serialized readouts ``buf[offsets[k]:offsets[k] + lengths[k]]``.
+
+    Args:
+        buf: one contiguous buffer holding all datagrams.
+        offsets, lengths: per-datagram position and size in ``buf``.
+        extra: extra bytes left by the readout before the first datagram, or
+            None.
+        carry: carry mode (0 always, 1 only into the next consecutive
+            readout id, 2 never).
+        last_id: readout id of the readout that left ``extra`` (-1: unknown).
+        hits_out: raw bytes of a ``HIT_DTYPE`` array with room for at least
+            ``sum(lengths // 8) + len(lengths)`` records.
+        readouts_out: raw bytes of a ``READOUT_DTYPE`` array of
+            ``len(lengths)`` zeroed records.
+
+    Returns:
+        ``(n_hits, extra_out, last_id)``: the number of hits written, the
+        extra bytes left by the last datagram (bytes or None) and its readout
+        id (-1 if it was malformed).
+    """
+    cdef Py_ssize_t count = lengths.shape[0]
+    cdef Py_ssize_t size = buf.shape[0]
+    cdef Py_ssize_t k
+    cdef int64_t bound = count
+    if offsets.shape[0] != count:
+        raise ValueError(f"offsets has {offsets.shape[0]} entries but lengths has {count}")
+    for k in range(count):
+        if lengths[k] < 0 or offsets[k] < 0 or offsets[k] + lengths[k] > size:
+            raise ValueError(
+                f"datagram {k} (offset {offsets[k]}, length {lengths[k]}) "
+                f"does not fit in the {size}-byte buffer")
+        bound += lengths[k] // 8
+    if <int64_t>(hits_out.shape[0] // sizeof(HitRec)) < bound:
+        raise ValueError(f"hits_out has room for {hits_out.shape[0] // sizeof(HitRec)} hits, need {bound}")
+    if <Py_ssize_t>(readouts_out.shape[0] // sizeof(ReadoutRec)) < count:
+        raise ValueError(f"readouts_out has room for {readouts_out.shape[0] // sizeof(ReadoutRec)} rows, need {count}")
+    if carry < CARRY_ALWAYS or carry > CARRY_NEVER:
+        raise ValueError(f"carry={carry} is not a carry mode (0, 1 or 2)")
+
+    cdef bytes extra_in = bytes(extra) if extra is not None else None
+    cdef const uint8_t* carry_ptr = NULL
+    cdef Py_ssize_t carry_len = 0
+    cdef bint has_carry = extra_in is not None
+    if has_carry:
+        carry_len = len(extra_in)
+        carry_ptr = <const uint8_t*><char*>extra_in
+    cdef const uint8_t* base = &buf[0] if size > 0 else NULL
+    cdef HitRec* out = <HitRec*>&hits_out[0] if hits_out.shape[0] > 0 else NULL
+    cdef ReadoutRec* rows = <ReadoutRec*>&readouts_out[0] if count > 0 else NULL
+    cdef Py_ssize_t nh = 0
+    cdef Py_ssize_t got, dn, extra_start, dropped
+    cdef const uint8_t* dg
+    cdef int64_t dglen
+    cdef uint32_t rid, declared
+    cdef uint64_t ts
+    cdef uint8_t flags
+    cdef ReadoutRec* row
+    with nogil:
+        for k in range(count):
+            row = &rows[k]
+            row.first_hit = <uint64_t>nh
+            dg = base + offsets[k]
+            dglen = lengths[k]
+            if dglen < HEADER_SIZE:
+                row.malformed = 1
+                row.error = E_TOO_SHORT
+            elif dg[0] != 0xFE or dg[1] != 0xDC or dg[2] != 0xBA:
+                row.malformed = 1
+                row.error = E_BAD_HEADER
+            else:
+                declared = _u32(dg + 15)
+                if <int64_t>declared != dglen - HEADER_SIZE:
+                    row.malformed = 1
+                    row.error = E_LENGTH_MISMATCH
+            if row.malformed:
+                # Never carry extra bytes across a datagram we could not read.
+                has_carry = False
+                carry_len = 0
+                last_id = -1
+                continue
+            rid = _u32(dg + 3)
+            ts = _u64(dg + 7)
+            dn = dglen - HEADER_SIZE
+            while dn > 0 and dg[HEADER_SIZE + dn - 1] == PAD:
+                dn -= 1
+            if carry == CARRY_NEVER or (
+                    carry == CARRY_CONSECUTIVE and last_id >= 0
+                    and <uint32_t>(last_id + 1) != rid):
+                has_carry = False
+                carry_len = 0
+            got = _walk(dg + HEADER_SIZE, dn, carry_ptr, carry_len, has_carry,
+                        rid, ts, out + nh, &flags, &extra_start, &dropped)
+            row.readout_id = rid
+            row.timestamp = ts
+            row.length = <uint32_t>dn
+            row.n_hits = <uint32_t>got
+            row.status = flags
+            row.dropped_bytes = <uint32_t>dropped
+            nh += got
+            if extra_start >= 0:
+                has_carry = True
+                carry_ptr = dg + HEADER_SIZE + extra_start
+                carry_len = dn - extra_start
+                row.n_extra = <uint8_t>carry_len
+            else:
+                has_carry = False
+                carry_len = 0
+            last_id = rid
+    cdef object extra_out = None
+    if has_carry:
+        extra_out = bytes((<const char*>carry_ptr)[:carry_len]) if carry_len > 0 else b""
+    return nh, extra_out, last_id
