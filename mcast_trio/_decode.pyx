@@ -99,14 +99,29 @@ cdef inline uint32_t _gray(uint32_t g) noexcept nogil:
     return g
 
 
+cdef inline uint64_t _load_le64(const uint8_t* w) noexcept nogil:
+    # Compilers turn this into one unaligned load on little-endian machines.
+    return ((<uint64_t>w[0]) | (<uint64_t>w[1] << 8) | (<uint64_t>w[2] << 16)
+            | (<uint64_t>w[3] << 24) | (<uint64_t>w[4] << 32) | (<uint64_t>w[5] << 40)
+            | (<uint64_t>w[6] << 48) | (<uint64_t>w[7] << 56))
+
+
+cdef inline bint _maybe_start_inside(uint64_t x) noexcept nogil:
+    # True if any of bytes 1..7 of the word is >= 0xE0 (a superset of the
+    # valid start bytes: 0xFF is included; the exact test follows).
+    cdef uint64_t y = ((x & 0xE0E0E0E0E0E0E0E0ULL) ^ 0xE0E0E0E0E0E0E0E0ULL) | 0xFFULL
+    return ((y - 0x0101010101010101ULL) & ~y & 0x8080808080808080ULL) != 0
+
+
 cdef inline void _fill(HitRec* h, const uint8_t* w, uint32_t readout_id,
                        uint64_t timestamp, uint32_t order) noexcept nogil:
+    _fill_word(h, _load_le64(w), readout_id, timestamp, order)
+
+
+cdef inline void _fill_word(HitRec* h, uint64_t x, uint32_t readout_id,
+                            uint64_t timestamp, uint32_t order) noexcept nogil:
     # Reverse the bits of every byte and read big-endian: that is a full
     # 64-bit bit reversal of the little-endian word.
-    cdef uint64_t x = (
-        (<uint64_t>w[0]) | (<uint64_t>w[1] << 8) | (<uint64_t>w[2] << 16)
-        | (<uint64_t>w[3] << 24) | (<uint64_t>w[4] << 32) | (<uint64_t>w[5] << 40)
-        | (<uint64_t>w[6] << 48) | (<uint64_t>w[7] << 56))
     x = ((x >> 1) & 0x5555555555555555ULL) | ((x & 0x5555555555555555ULL) << 1)
     x = ((x >> 2) & 0x3333333333333333ULL) | ((x & 0x3333333333333333ULL) << 2)
     x = ((x >> 4) & 0x0F0F0F0F0F0F0F0FULL) | ((x & 0x0F0F0F0F0F0F0F0FULL) << 4)
@@ -152,6 +167,7 @@ cdef Py_ssize_t _walk(const uint8_t* d, Py_ssize_t n,
     """Spec section 5 on ``d[0:n]``; returns the number of hits written."""
     cdef Py_ssize_t cur = 0
     cdef Py_ssize_t end, nxt, fwd, p, olen
+    cdef uint64_t x
     cdef Py_ssize_t nh = 0
     cdef Py_ssize_t dropped = 0
     cdef Py_ssize_t extra_start = -1
@@ -209,7 +225,19 @@ cdef Py_ssize_t _walk(const uint8_t* d, Py_ssize_t n,
             cur = nxt
             continue
         # d. a start byte inside the word followed by a non-start byte means
-        #    the word was a truncated hit: drop its first p bytes.
+        #    the word was a truncated hit: drop its first p bytes. What follows
+        #    the word is the same for every p until the word moves, so look
+        #    once; the exact scan runs only when both tests say it may move.
+        x = _load_le64(d + cur)
+        fwd = cur + 8
+        while fwd < n and d[fwd] == IDLE:
+            fwd += 1
+        if not (fwd < n and not _valid(d[fwd]) and _maybe_start_inside(x)):
+            # e. (fast path) emit, advance by 8, skip IDLE bytes.
+            _fill_word(&out[nh], x, readout_id, timestamp, <uint32_t>nh)
+            nh += 1
+            cur = fwd
+            continue
         p = 1
         while p < 8:
             if _valid(d[cur + p]):

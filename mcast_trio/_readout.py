@@ -65,11 +65,9 @@ class AstroPix4Readout:
         if timestamp is None:
             timestamp = time.time_ns()
         try:
-            raw = bytes(data)
+            raw = data if type(data) is bytes else memoryview(data).tobytes()
         except TypeError:
             raise TypeError(f"data={data!r:.60} must be bytes-like (bytes, bytearray, memoryview)") from None
-        if isinstance(data, str):
-            raise TypeError(f"data={data!r:.60} must be bytes-like, not str")
         self._data = raw.rstrip(b"\xff")
         self.readout_id = _check_int("readout_id", readout_id, _U32_MAX)
         self.timestamp = _check_int("timestamp", timestamp, _U64_MAX)

@@ -1,0 +1,187 @@
+"""Table of edge cases for every rule and flag of spec section 5, and for each
+of the four points where mcast_trio must do better than the reference decoder.
+
+Each row gives the readout data (and the extra bytes passed in), the hit words
+expected in decoding order, the flags, the extra bytes kept and the number of
+dropped bytes. Every row is checked with the compiled decoder, the reference
+decoder, the readout class and the batch decoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mcast_trio import AstroPix4Readout, DecodingStatus, decode_readouts
+from mcast_trio import _decode, _reference
+from mcast_trio._format import HIT_DTYPE
+
+F = DecodingStatus
+A = "e0 11 22 33 44 55 66 77"
+B = "e1 12 23 34 45 56 67 78"
+C = "e2 00 01 02 03 04 05 06"
+D = "e0 11 e5 33 44 55 66 77"  # a start byte (e5) at position 2, by chance
+
+
+def h(text: str) -> bytes:
+    return bytes.fromhex(text)
+
+
+# name, data, extra (None: not passed), hit words, flags, extra kept, dropped
+CASES = [
+    # -- do better #1: empty / all IDLE / PADDING -> nothing, no error --------
+    ("empty", "", None, [], 0, None, 0),
+    ("all idle", "bc bc bc bc", None, [], 0, None, 0),
+    ("idle and padding", "bc ff bc ff bc", None, [], 0, None, 0),
+    ("empty with extra passed", "", "e1 12", [], 0, None, 0),
+    # -- plain hits -------------------------------------------------------------
+    ("one hit", A, None, [A], 0, None, 0),
+    ("hits between idles", f"bc bc {A} bc {B} bc bc", None, [A, B], 0, None, 0),
+    ("hits back to back", f"{A} {B} {C}", None, [A, B, C], 0, None, 0),
+    ("padding between hits", f"{A} ff ff bc {B}", None, [A, B], 0, None, 0),
+    # -- do better #4: a complete word ending exactly at the end is a hit ----------
+    ("exactly 8 bytes left", f"bc bc {A}", None, [A], 0, None, 0),
+    ("exactly 8 after a hit", f"{A} bc {B}", None, [A, B], 0, None, 0),
+    # -- 3b: EXTRA bytes at the end -----------------------------------------------
+    ("valid extra", f"{A} e1 12 23 34 45", None, [A], F.VALID_EXTRA_BYTES, "e1 12 23 34 45", 0),
+    ("valid extra after idle", f"{A} bc bc e1 12", None, [A], F.VALID_EXTRA_BYTES, "e1 12", 0),
+    ("valid extra of 7", f"{A} e1 12 23 34 45 56 67", None, [A], F.VALID_EXTRA_BYTES, "e1 12 23 34 45 56 67", 0),
+    ("valid extra with idle inside", "e1 12 bc 34", None, [], F.VALID_EXTRA_BYTES, "e1 12 bc 34", 0),
+    # 3c reached with fewer than 8 bytes left is 3b (invalid extra).
+    ("invalid extra", f"{A} 12 34", None, [A], F.INVALID_EXTRA_BYTES, None, 2),
+    # -- 2: ORPHAN bytes at the start ---------------------------------------------
+    ("orphans, no extra passed", f"67 78 bc {A}", None, [A], F.ORPHAN_BYTES_NOT_USED, None, 2),
+    ("orphans after leading idles", f"bc bc 67 78 bc bc {A}", None, [A], F.ORPHAN_BYTES_NOT_USED, None, 2),
+    ("orphans with padding inside", f"01 ff 02 bc {A}", None, [A], F.ORPHAN_BYTES_NOT_USED, None, 3),
+    ("orphans matched", f"67 78 bc bc {A}", "e1 12 23 34 45 56", [B, A], F.ORPHAN_BYTES_MATCHED, None, 0),
+    ("orphans not matching", f"67 78 {A}", "e1 12 23", [A], F.ORPHAN_BYTES_DROPPED, None, 2),
+    ("empty extra passed, 8 orphans", f"01 02 03 04 05 06 07 08 {A}", "",
+     ["01 02 03 04 05 06 07 08", A], F.ORPHAN_BYTES_MATCHED, None, 0),
+    ("extra passed, data starts with a hit", f"{A}", "e1 12 23", [A], 0, None, 0),
+    # -- do better #2: no valid start byte at all (all orphans) ----------------------
+    ("all orphans, no extra", "01 02 03 bc", None, [], F.ORPHAN_BYTES_NOT_USED, None, 3),
+    ("all orphans, extra not matching", "01 02 03", "e1 12", [], F.ORPHAN_BYTES_DROPPED, None, 3),
+    ("all orphans completing the extra", "56 67 78 bc", "e1 12 23 34 45", [B], F.ORPHAN_BYTES_MATCHED, None, 0),
+    ("orphans then extra", "01 02 bc e1 12 23", None, [],
+     F.ORPHAN_BYTES_NOT_USED | F.VALID_EXTRA_BYTES, "e1 12 23", 2),
+    # -- 3c: stray bytes between hits ----------------------------------------------
+    ("stray bytes between hits", f"{A} 01 02 03 {B}", None, [A, B], 0, None, 3),
+    ("stray bytes then short extra", f"{A} 01 02 03 04 05 06 07 08 e1 12 23", None, [A],
+     F.VALID_EXTRA_BYTES, "e1 12 23", 8),
+    ("stray bytes to the end", f"{A} 01 02 03 04 05 06 07 08 09", None, [A], 0, None, 9),
+    ("stray bytes then exactly 8", f"{A} 01 02 03 04 05 06 07 08 {B}", None, [A, B], 0, None, 8),
+    # -- 3d: start byte inside a word ------------------------------------------------
+    ("truncated hit followed by a hit", f"e0 11 22 {B} bc {C}", None, [B, C], F.INCOMPLETE_HIT_DROPPED, None, 3),
+    ("coincidence: a start byte follows", f"{D} {A}", None, [D, A], 0, None, 0),
+    ("coincidence: idle then a start byte", f"{D} bc bc {A}", None, [D, A], 0, None, 0),
+    ("coincidence: nothing follows", D, None, [D], 0, None, 0),
+    ("coincidence: only idle follows", f"{D} bc bc", None, [D], 0, None, 0),
+    # Padding is not skipped in the look-ahead: the word moves, and the scan
+    # goes on at p + 1 of the new word (it does not restart at 1), finding e0.
+    ("scan continues at p+1 after a move", f"{D} ff {A}", None, [A], F.INCOMPLETE_HIT_DROPPED, None, 9),
+    # -- do better #3: never read past the end (moved word runs out) ---------------
+    ("moved word would run past the end", "e0 11 22 e1 12 23 34 45 56", None, [],
+     F.INCOMPLETE_HIT_DROPPED | F.VALID_EXTRA_BYTES, "e1 12 23 34 45 56", 3),
+]
+
+IDS = [c[0] for c in CASES]
+
+
+def _expected_hits(words, readout_id=7, timestamp=123456789):
+    out = np.zeros(len(words), dtype=HIT_DTYPE)
+    for i, word in enumerate(words):
+        for name, value in _reference.decode_word(h(word)).items():
+            out[name][i] = value
+        out["readout_id"][i] = readout_id
+        out["timestamp"][i] = timestamp
+        out["decoding_order"][i] = i
+    return out
+
+
+@pytest.mark.parametrize("name, data, extra, words, flags, kept, dropped", CASES, ids=IDS)
+def test_reference_walk(name, data, extra, words, flags, kept, dropped):
+    got_words, got_flags, extra_start, got_dropped = _reference.walk(h(data), None if extra is None else h(extra))
+    assert [w.hex(" ") for w in got_words] == words
+    assert DecodingStatus(got_flags) == flags
+    assert (h(data)[extra_start:] if extra_start >= 0 else None) == (None if kept is None else h(kept))
+    assert got_dropped == dropped
+
+
+@pytest.mark.parametrize("name, data, extra, words, flags, kept, dropped", CASES, ids=IDS)
+def test_compiled_decode_one(name, data, extra, words, flags, kept, dropped):
+    raw = h(data)
+    out = np.zeros(len(raw) // 8 + 1, dtype=HIT_DTYPE)
+    n, got_flags, extra_start, got_dropped = _decode.decode_one(
+        raw, None if extra is None else h(extra), 7, 123456789, out.view(np.uint8))
+    assert (out[:n] == _expected_hits(words)).all()
+    assert DecodingStatus(got_flags) == flags
+    assert (raw[extra_start:] if extra_start >= 0 else None) == (None if kept is None else h(kept))
+    assert got_dropped == dropped
+
+
+@pytest.mark.parametrize("name, data, extra, words, flags, kept, dropped", CASES, ids=IDS)
+def test_readout_class(name, data, extra, words, flags, kept, dropped):
+    readout = AstroPix4Readout(h(data), 7, 123456789)
+    if data.endswith("ff"):
+        pytest.fail("table rows must not end with padding: the constructor strips it")
+    hits = readout.decode(None if extra is None else h(extra))
+    assert (hits.view(np.ndarray) == _expected_hits(words)).all()
+    assert readout.decoding_status() == flags
+    assert readout.extra_bytes() == (None if kept is None else h(kept))
+    assert readout.dropped_bytes() == dropped
+
+
+@pytest.mark.parametrize("name, data, extra, words, flags, kept, dropped", CASES, ids=IDS)
+def test_batch_decoder(name, data, extra, words, flags, kept, dropped):
+    datagram = AstroPix4Readout(h(data), 7, 123456789).to_bytes()
+    batch = decode_readouts([datagram], extra_bytes=None if extra is None else h(extra))
+    assert (batch.hits.view(np.ndarray) == _expected_hits(words)).all()
+    row = batch.readouts[0]
+    assert DecodingStatus(int(row.status)) == flags
+    assert batch.extra_bytes == (None if kept is None else h(kept))
+    assert row.n_extra == (0 if kept is None else len(h(kept)))
+    assert row.dropped_bytes == dropped
+    assert not row.malformed
+
+
+def test_a_hit_split_across_two_readouts_is_reassembled_in_a_batch():
+    first = AstroPix4Readout(h(f"bc {A} e1 12 23"), 1, 10).to_bytes()
+    second = AstroPix4Readout(h(f"34 45 56 67 78 bc {C}"), 2, 20).to_bytes()
+    batch = decode_readouts([first, second])
+    assert batch.readouts.n_hits.tolist() == [1, 2]
+    assert DecodingStatus(int(batch.readouts.status[0])) == F.VALID_EXTRA_BYTES
+    assert DecodingStatus(int(batch.readouts.status[1])) == F.ORPHAN_BYTES_MATCHED
+    split = batch.hits[1]
+    # The reassembled hit belongs to the readout that completes it, first.
+    assert (split.readout_id, split.timestamp, split.decoding_order) == (2, 20, 0)
+    assert split.ts_coarse1 == _reference.decode_word(h(B))["ts_coarse1"]
+
+
+def test_carry_modes():
+    first = AstroPix4Readout(h(f"{A} e1 12 23"), 1, 10).to_bytes()
+    after_gap = AstroPix4Readout(h(f"34 45 56 67 78 {C}"), 3, 30).to_bytes()
+    assert decode_readouts([first, after_gap]).readouts.n_hits.tolist() == [1, 2]
+    consecutive = decode_readouts([first, after_gap], carry="consecutive")
+    assert consecutive.readouts.n_hits.tolist() == [1, 1]
+    assert DecodingStatus(int(consecutive.readouts.status[1])) == F.ORPHAN_BYTES_NOT_USED
+    never = decode_readouts([first, AstroPix4Readout(h(f"34 45 56 67 78 {C}"), 2, 20).to_bytes()], carry="never")
+    assert never.readouts.n_hits.tolist() == [1, 1]
+    # Across batches: extra bytes and last id of one batch feed the next.
+    one = decode_readouts([first], carry="consecutive")
+    two = decode_readouts([AstroPix4Readout(h(f"34 45 56 67 78"), 2, 20).to_bytes()],
+                          extra_bytes=one.extra_bytes, last_id=one.last_id, carry="consecutive")
+    assert len(two.hits) == 1 and two.readouts.status[0] == F.ORPHAN_BYTES_MATCHED
+
+
+def test_padding_is_stripped_before_decoding():
+    readout = AstroPix4Readout(h(f"{A} e1 12 ff ff ff"), 0, 0)
+    assert readout.data() == h(f"{A} e1 12")
+    readout.decode()
+    assert readout.extra_bytes() == h("e1 12")
+    # A datagram carrying padding that a non-conforming sender left in: the
+    # batch decoder strips it the same way.
+    import struct
+    raw = h(f"{A} e1 12 ff ff ff")
+    datagram = b"\xfe\xdc\xba" + struct.pack("<IQI", 0, 0, len(raw)) + raw
+    batch = decode_readouts([datagram])
+    assert batch.extra_bytes == h("e1 12") and batch.readouts.length[0] == 10
