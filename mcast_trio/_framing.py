@@ -1,0 +1,1065 @@
+"""Sans-I/O framing of messages into datagrams: raw, native and MCL.
+
+Nothing in this module touches a socket, a clock or trio (h11 style): an
+encoder turns a message into the list of datagrams to send, a decoder is fed
+one received datagram at a time (with the sender's address and the current
+time, which the caller reads from its own clock) and returns a complete
+:class:`Message` or None. Every decoder raises :class:`MalformedFrame` -- and
+nothing else -- for bytes it cannot parse; inconsistencies that only show
+across several datagrams (a fragment that disagrees with the message it
+claims to belong to) are counted, not raised.
+
+Three framings:
+
+``raw``
+    The datagram *is* the payload: one serialized AstroPix readout per
+    datagram (astropix-analysis, Lowe's ``multicast``). No topic, no
+    fragmentation: :func:`encode_raw`, :func:`decode_raw`, :class:`RawEncoder`,
+    :class:`RawDecoder`.
+
+``native``
+    A small versioned header in front of every datagram, so that a receiver
+    can filter by topic and account for losses from the header alone, and so
+    that messages larger than one datagram are fragmented and reassembled
+    safely: :class:`NativeEncoder`, :func:`parse_header`, :class:`Reassembler`,
+    :class:`NativeDecoder`. Header layout (little-endian, 30 bytes + topic)::
+
+        offset  size  field        meaning
+        ------  ----  -----------  ---------------------------------------------
+             0     4  magic        b"MCTR"
+             4     1  version      1
+             5     1  flags        0; no flag is defined in version 1, and
+                                   receivers ignore the byte
+             6     1  topic_len    T, 0..255
+             7     1  reserved     0; receivers ignore it
+             8     8  sender_id    u64, random per sender (per encoder)
+            16     4  sequence     u32, per message, wraps 2**32-1 -> 0; every
+                                   fragment of a message carries the same one
+            20     4  total_size   u32, size of the whole message payload
+            24     2  frag_index   u16, 0-based, < frag_count
+            26     2  frag_count   u16, >= 1
+            28     2  chunk_size   u16, size of every fragment but the last
+                                   (== total_size when frag_count == 1)
+            30     T  topic        bytes (conventionally UTF-8)
+          30+T     -  fragment     the payload bytes of this fragment
+
+    A message of ``total_size`` bytes is cut into ``frag_count`` fragments of
+    ``chunk_size = max_datagram - 30 - T`` bytes, the last one shorter or
+    equal and never empty (unless the whole message is empty, which is one
+    empty fragment). Each datagram is checked on its own: with ``count > 1``,
+    ``(count - 1) * chunk_size < total_size <= count * chunk_size``, and every
+    fragment must carry exactly its size (``chunk_size``, or the remainder
+    for the last one), so any truncation of a datagram is detected from that
+    datagram alone. The magic's first byte (0x4D, ``"M"``) can never
+    start a msgpack array (0x90-0x9F, 0xDC, 0xDD), so a native frame is never
+    mistaken for an MCL one, nor for an AstroPix readout (0xFE 0xDC 0xBA).
+
+``mcl``
+    Byte-compatible with the UDP layer of MCL (``acfr/mcl``,
+    ``mcl/network/udp.py``): a message is the msgpack array
+    ``[topic, payload]``; when that is larger than the chunk size (60000
+    bytes), the payload is msgpack-packed *again* and the packed bytes are
+    cut into chunks sent as ``[topic, i, n, chunk]`` with 1-based ``i`` and
+    ``n = len(packed) // chunk_size + 1`` (so an exact multiple ends with an
+    empty chunk, as MCL does). MCL ran on Python 2 with msgpack's default
+    ``use_bin_type=False``: topic and payload are written with the msgpack
+    *raw/str* family (fixstr, str16, str32; never str8 nor bin), and a missing
+    topic is ``nil``. The decoder reads with ``raw=True`` and so accepts the
+    str and the bin family alike. Needs the optional ``msgpack`` package
+    (``pip install mcast_trio[mcl]``): :class:`MclEncoder`, :class:`MclDecoder`.
+
+Receivers filter messages with :func:`make_filter` (topics and/or a payload
+predicate or regular expression, as in Lowe's ``multicast``).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._errors import MalformedFrame
+
+__all__ = [
+    "MAX_UDP_PAYLOAD",
+    "MAX_DATAGRAM_IPV4",
+    "MAX_DATAGRAM_IPV6",
+    "MIN_DATAGRAM",
+    "NATIVE_MAGIC",
+    "NATIVE_VERSION",
+    "NATIVE_HEADER_SIZE",
+    "MCL_CHUNK_SIZE",
+    "Message",
+    "encode_raw",
+    "decode_raw",
+    "RawEncoder",
+    "RawDecoder",
+    "FrameHeader",
+    "parse_header",
+    "NativeEncoder",
+    "ReassemblyStats",
+    "Reassembler",
+    "NativeDecoder",
+    "MclEncoder",
+    "MclDecoder",
+    "make_filter",
+]
+
+#: Largest UDP payload over IPv4 (65535 - 8 - 20).
+MAX_UDP_PAYLOAD = 65507
+#: Largest datagram that fits an Ethernet MTU of 1500 over IPv4 / IPv6.
+MAX_DATAGRAM_IPV4 = 1472
+MAX_DATAGRAM_IPV6 = 1452
+#: Smallest ``max_datagram`` accepted by :class:`NativeEncoder`: room for the
+#: header, the longest topic (255 bytes) and 227 payload bytes.
+MIN_DATAGRAM = 512
+
+NATIVE_MAGIC = b"MCTR"
+NATIVE_VERSION = 1
+_HEADER = struct.Struct("<4sBBBxQIIHHH")
+NATIVE_HEADER_SIZE = _HEADER.size  # 30
+_MAX_FRAGMENTS = 0xFFFF
+_MAX_TOTAL = 0xFFFFFFFF
+_MAX_TOPIC = 255
+
+#: MCL's fragmentation threshold and chunk size (``MTU`` in mcl/network/udp.py).
+MCL_CHUNK_SIZE = 60000
+_MCL_MAX_CHUNK = 65000  # MCL's MTU_MAX
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int; allowed: {low}..{high}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {low}..{high}")
+    return value
+
+
+def _check_number(name: str, value: object, low: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a number; allowed: > {low}")
+    if not value > low or value != value or value == float("inf"):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: finite and > {low}")
+    return float(value)
+
+
+def _as_topic(name: str, topic: object, max_len: int | None = _MAX_TOPIC) -> bytes:
+    if isinstance(topic, str):
+        topic = topic.encode("utf-8")
+    elif isinstance(topic, (bytes, bytearray, memoryview)):
+        topic = bytes(topic)
+    else:
+        raise TypeError(f"{name}={topic!r} must be str or bytes")
+    if max_len is not None and len(topic) > max_len:
+        raise ValueError(
+            f"{name}={topic!r} is {len(topic)} bytes long; allowed: at most {max_len} bytes"
+        )
+    return topic
+
+
+def _as_payload(payload: object) -> bytes | memoryview:
+    """Return ``payload`` as bytes or as a flat byte memoryview (no copy)."""
+    if type(payload) is bytes:
+        return payload
+    if isinstance(payload, str):
+        raise TypeError("payload must be bytes-like, not str")
+    try:
+        view = memoryview(payload)  # type: ignore[arg-type]
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    except TypeError:
+        raise TypeError(
+            f"payload must be a contiguous bytes-like object, not {type(payload).__name__}"
+        ) from None
+
+
+def _normalize_topics(name: str, topics: object) -> frozenset[bytes] | None:
+    """``None`` -> None; a single str/bytes -> {it}; an iterable -> the set."""
+    if topics is None:
+        return None
+    if isinstance(topics, (str, bytes, bytearray, memoryview)):
+        return frozenset([_as_topic(name, topics, None)])
+    if not isinstance(topics, Iterable):
+        raise TypeError(
+            f"{name}={topics!r} must be None, a str/bytes topic or an iterable of them"
+        )
+    result = frozenset(_as_topic(f"{name} item", t, None) for t in topics)
+    if not result:
+        raise ValueError(f"{name}={topics!r} is empty; pass None to accept every topic")
+    return result
+
+
+class Message(NamedTuple):
+    """A complete message as decoded from one or more datagrams.
+
+    Attributes:
+        topic: The topic (bytes), or None for raw framing and MCL messages
+            sent without a topic.
+        payload: The message bytes.
+        address: The sender's address as given to the decoder.
+        sender_id: Native framing: the sender's random 64-bit id; else None.
+        sequence: Native framing: the message's sequence number; else None.
+    """
+
+    topic: bytes | None
+    payload: bytes
+    address: Any = None
+    sender_id: int | None = None
+    sequence: int | None = None
+
+
+# --------------------------------------------------------------------------
+# raw
+
+
+def encode_raw(payload: bytes | bytearray | memoryview) -> list[bytes]:
+    """Return ``[payload]``: in raw framing the payload is the datagram.
+
+    Raises:
+        TypeError: ``payload`` is not bytes-like.
+        ValueError: ``payload`` is larger than 65507 bytes (no fragmentation
+            in raw framing).
+    """
+    payload = _as_payload(payload)
+    if len(payload) > MAX_UDP_PAYLOAD:
+        raise ValueError(
+            f"payload is {len(payload)} bytes; raw framing allows at most "
+            f"{MAX_UDP_PAYLOAD} (use native or MCL framing to fragment)"
+        )
+    return [bytes(payload)]
+
+
+def decode_raw(datagram: bytes | bytearray | memoryview) -> bytes:
+    """Return the payload of a raw datagram (the datagram itself, as bytes)."""
+    return bytes(datagram)
+
+
+class RawEncoder:
+    """Raw framing with the encoder interface of the other framings."""
+
+    __slots__ = ()
+
+    def encode(self, payload: bytes | bytearray | memoryview, topic: object = None) -> list[bytes]:
+        """Return ``[payload]``.
+
+        Raises:
+            ValueError: A ``topic`` was given (raw datagrams carry none), or
+                the payload exceeds 65507 bytes.
+        """
+        if topic is not None:
+            raise ValueError(f"topic={topic!r}: raw framing carries no topic; allowed: None")
+        return encode_raw(payload)
+
+
+class RawDecoder:
+    """Raw framing with the decoder interface of the other framings."""
+
+    __slots__ = ()
+
+    def feed(self, datagram: bytes | bytearray | memoryview, address: Any, now: float) -> Message:
+        """Return ``Message(None, bytes(datagram), address)``; never None."""
+        return Message(None, bytes(datagram), address)
+
+    def expire(self, now: float) -> int:
+        return 0
+
+
+# --------------------------------------------------------------------------
+# native: header
+
+
+class FrameHeader(NamedTuple):
+    """The parsed header of one native datagram (see the module docstring).
+
+    Attributes:
+        version: Format version (1).
+        flags: The flags byte (ignored in version 1).
+        topic: The topic bytes.
+        sender_id: The sender's random 64-bit id.
+        sequence: The message's 32-bit sequence number.
+        index: This fragment's 0-based index.
+        count: Number of fragments of the message (>= 1).
+        total_size: Size of the whole message payload.
+        payload_offset: Where this fragment's bytes start in the datagram.
+        chunk_size: Size of every fragment of the message but the last.
+    """
+
+    version: int
+    flags: int
+    topic: bytes
+    sender_id: int
+    sequence: int
+    index: int
+    count: int
+    total_size: int
+    payload_offset: int
+    chunk_size: int
+
+    @property
+    def fragment_size(self) -> int:
+        """The size this fragment must have."""
+        if self.index < self.count - 1:
+            return self.chunk_size
+        return self.total_size - (self.count - 1) * self.chunk_size
+
+
+_unpack_header = _HEADER.unpack_from
+_pack_header = _HEADER.pack
+
+
+def parse_header(datagram: bytes | bytearray | memoryview) -> FrameHeader:
+    """Parse and check the native header of ``datagram``.
+
+    The fragment bytes are ``datagram[header.payload_offset:]``. Only the
+    header is read, so a receiver can drop unwanted topics before touching
+    the payload.
+
+    Raises:
+        MalformedFrame: The datagram is not a well-formed native frame; the
+            message says what is wrong and at which byte offset.
+    """
+    n = len(datagram)
+    if n >= 4 and datagram[:4] != NATIVE_MAGIC:
+        raise MalformedFrame(
+            f"offset 0: bad magic {bytes(datagram[:4])!r}, expected {NATIVE_MAGIC!r}"
+        )
+    if n < NATIVE_HEADER_SIZE:
+        raise MalformedFrame(
+            f"offset {n}: datagram is {n} bytes, shorter than the "
+            f"{NATIVE_HEADER_SIZE}-byte native header"
+        )
+    _, version, flags, tlen, sender_id, seq, total, index, count, chunk = _unpack_header(datagram)
+    if version != NATIVE_VERSION:
+        raise MalformedFrame(
+            f"offset 4: unknown version {version}; this decoder reads version {NATIVE_VERSION}"
+        )
+    if count == 0:
+        raise MalformedFrame("offset 26: fragment count is 0")
+    if index >= count:
+        raise MalformedFrame(f"offset 24: fragment index {index} >= fragment count {count}")
+    if count == 1:
+        if chunk != total:
+            raise MalformedFrame(
+                f"offset 28: chunk size {chunk} differs from total size {total} "
+                f"in a single-fragment message"
+            )
+        expected = total
+    else:
+        if not (count - 1) * chunk < total <= count * chunk:
+            raise MalformedFrame(
+                f"offset 20: total size {total} is inconsistent with {count} "
+                f"fragments of {chunk} bytes"
+            )
+        expected = chunk if index < count - 1 else total - (count - 1) * chunk
+    offset = NATIVE_HEADER_SIZE + tlen
+    if n < offset:
+        raise MalformedFrame(
+            f"offset {n}: datagram ends inside the {tlen}-byte topic (needs {offset} bytes)"
+        )
+    if n - offset != expected:
+        raise MalformedFrame(
+            f"offset {min(n, offset + expected)}: fragment {index} of {count} carries "
+            f"{n - offset} bytes, the header says {expected}"
+        )
+    topic = bytes(datagram[NATIVE_HEADER_SIZE:offset]) if tlen else b""
+    return FrameHeader(version, flags, topic, sender_id, seq, index, count, total, offset, chunk)
+
+
+# --------------------------------------------------------------------------
+# native: encoder
+
+
+class NativeEncoder:
+    """Frame messages with the native header, fragmenting large ones.
+
+    Args:
+        sender_id: This sender's 64-bit id; default: random
+            (``secrets.randbits(64)``). Allowed: ``0 .. 2**64 - 1``.
+        topic: Default topic (str, encoded as UTF-8, or bytes), at most 255
+            bytes.
+        max_datagram: Largest datagram to emit, header included. Default
+            1472 (:data:`MAX_DATAGRAM_IPV4`; use :data:`MAX_DATAGRAM_IPV6`,
+            1452, over IPv6). Allowed: ``512 .. 65507``.
+        first_sequence: Sequence number of the first message. Allowed:
+            ``0 .. 2**32 - 1``.
+
+    Raises:
+        TypeError, ValueError: An argument has the wrong type or is out of
+            range; the message names it.
+    """
+
+    __slots__ = ("_sender_id", "_topic", "_max_datagram", "_sequence")
+
+    def __init__(
+        self,
+        sender_id: int | None = None,
+        topic: str | bytes = b"",
+        max_datagram: int = MAX_DATAGRAM_IPV4,
+        *,
+        first_sequence: int = 0,
+    ) -> None:
+        if sender_id is None:
+            sender_id = secrets.randbits(64)
+        self._sender_id = _check_int("sender_id", sender_id, 0, 2**64 - 1)
+        self._topic = _as_topic("topic", topic)
+        self._max_datagram = _check_int("max_datagram", max_datagram, MIN_DATAGRAM, MAX_UDP_PAYLOAD)
+        self._sequence = _check_int("first_sequence", first_sequence, 0, _MAX_TOTAL)
+
+    @property
+    def sender_id(self) -> int:
+        return self._sender_id
+
+    @property
+    def topic(self) -> bytes:
+        return self._topic
+
+    @property
+    def max_datagram(self) -> int:
+        return self._max_datagram
+
+    @property
+    def sequence(self) -> int:
+        """The sequence number the next message will carry."""
+        return self._sequence
+
+    def max_message_size(self, topic: str | bytes | None = None) -> int:
+        """Largest payload :meth:`encode` accepts with ``topic``."""
+        t = self._topic if topic is None else _as_topic("topic", topic)
+        return min(_MAX_TOTAL, _MAX_FRAGMENTS * (self._max_datagram - NATIVE_HEADER_SIZE - len(t)))
+
+    def encode(
+        self, payload: bytes | bytearray | memoryview, topic: str | bytes | None = None
+    ) -> list[bytes]:
+        """Frame one message; return its datagrams (all with one sequence number).
+
+        Args:
+            payload: The message bytes (may be empty).
+            topic: Overrides the default topic for this message.
+
+        Raises:
+            TypeError, ValueError: Bad ``topic`` or ``payload`` type, or the
+                payload needs more than 65535 fragments (or 2**32 - 1 bytes).
+        """
+        t = self._topic if topic is None else _as_topic("topic", topic)
+        payload = _as_payload(payload)
+        size = len(payload)
+        seq = self._sequence
+        chunk = self._max_datagram - NATIVE_HEADER_SIZE - len(t)
+        if size <= chunk:
+            # Fast path: one datagram, one join.
+            out = [b"".join((_pack_header(NATIVE_MAGIC, NATIVE_VERSION, 0, len(t),
+                                          self._sender_id, seq, size, 0, 1, size), t, payload))]
+        else:
+            count = -(-size // chunk)
+            if count > _MAX_FRAGMENTS or size > _MAX_TOTAL:
+                raise ValueError(
+                    f"payload is {size} bytes; with max_datagram={self._max_datagram} and a "
+                    f"{len(t)}-byte topic at most {self.max_message_size(t)} bytes fit"
+                )
+            view = memoryview(payload)
+            out = []
+            for index in range(count):
+                header = _pack_header(NATIVE_MAGIC, NATIVE_VERSION, 0, len(t),
+                                      self._sender_id, seq, size, index, count, chunk)
+                out.append(b"".join((header, t, view[index * chunk:(index + 1) * chunk])))
+        self._sequence = (seq + 1) & _MAX_TOTAL
+        return out
+
+
+# --------------------------------------------------------------------------
+# reassembly
+
+
+@dataclass(frozen=True, slots=True)
+class ReassemblyStats:
+    """Counters of a :class:`Reassembler` (or of an MCL decoder's reassembly).
+
+    Attributes:
+        completed: Multi-fragment messages reassembled and returned
+            (single-fragment messages bypass the reassembler and are not
+            counted).
+        expired: Incomplete messages dropped after ``timeout``.
+        evicted: Incomplete messages dropped to respect ``max_messages`` or
+            ``max_bytes`` (oldest first).
+        superseded: MCL only: incomplete messages dropped because a chunk of a
+            newer message with the same key arrived (MCL chunks carry no
+            message id).
+        oversized: Fragments dropped because their message could never fit:
+            larger than ``max_bytes`` or more than 65535 fragments.
+        duplicate_fragments: Copies of a fragment already held (or of a
+            message just completed), ignored.
+        inconsistent: Fragments that disagree with the pending message they
+            claim to belong to (count, size, topic or bytes), ignored; and
+            MCL messages whose reassembled bytes do not unpack.
+        bytes_buffered: Fragment bytes currently held.
+        pending: Incomplete messages currently held.
+    """
+
+    completed: int = 0
+    expired: int = 0
+    evicted: int = 0
+    superseded: int = 0
+    oversized: int = 0
+    duplicate_fragments: int = 0
+    inconsistent: int = 0
+    bytes_buffered: int = 0
+    pending: int = 0
+
+
+class _Pending:
+    __slots__ = ("deadline", "count", "total", "chunk", "topic", "parts", "nbytes", "top")
+
+    def __init__(self, deadline: float, count: int, total: int, chunk: int, topic: Any) -> None:
+        self.deadline = deadline
+        self.count = count
+        self.total = total
+        self.chunk = chunk
+        self.topic = topic
+        self.parts: dict[int, bytes] = {}
+        self.nbytes = 0
+        self.top = -1  # highest index received
+
+
+class _FragmentStore:
+    """Bounded, expiring buffer of incomplete messages (shared by the native
+    and the MCL reassembly). Keys are opaque; insertion order is age order."""
+
+    def __init__(self, max_messages: int, max_bytes: int, timeout: float, recent: int) -> None:
+        self.max_messages = _check_int("max_messages", max_messages, 1, 1 << 20)
+        self.max_bytes = _check_int("max_bytes", max_bytes, 1, 1 << 40)
+        self.timeout = _check_number("timeout", timeout, 0.0)
+        self.pending: OrderedDict[Hashable, _Pending] = OrderedDict()
+        self.bytes_buffered = 0
+        # Keys of recently completed messages, to recognise late duplicates.
+        self._recent_keys: set[Hashable] = set()
+        self._recent_order: deque[Hashable] = deque()
+        self._recent_max = recent
+        self.completed = 0
+        self.expired = 0
+        self.evicted = 0
+        self.superseded = 0
+        self.oversized = 0
+        self.duplicate_fragments = 0
+        self.inconsistent = 0
+
+    def stats(self) -> ReassemblyStats:
+        return ReassemblyStats(
+            completed=self.completed,
+            expired=self.expired,
+            evicted=self.evicted,
+            superseded=self.superseded,
+            oversized=self.oversized,
+            duplicate_fragments=self.duplicate_fragments,
+            inconsistent=self.inconsistent,
+            bytes_buffered=self.bytes_buffered,
+            pending=len(self.pending),
+        )
+
+    def expire(self, now: float) -> int:
+        pending = self.pending
+        dropped = 0
+        while pending:
+            key, entry = next(iter(pending.items()))
+            if entry.deadline > now:
+                break
+            del pending[key]
+            self.bytes_buffered -= entry.nbytes
+            dropped += 1
+        self.expired += dropped
+        return dropped
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self.pending.pop(key)
+        self.bytes_buffered -= entry.nbytes
+
+    def _evict_oldest(self) -> None:
+        key = next(iter(self.pending))
+        self._drop(key)
+        self.evicted += 1
+
+    def add(
+        self,
+        key: Hashable,
+        index: int,
+        count: int,
+        total: int,
+        chunk: int,
+        topic: Any,
+        fragment: bytes,
+        now: float,
+        ordered: bool,
+    ) -> bytes | None:
+        """Store one fragment; return the joined message when complete.
+
+        ``total``/``chunk`` of -1 mean unknown (MCL). With ``ordered`` (MCL),
+        a fragment whose index is not above the highest one held starts a new
+        message (the held one is superseded) unless it repeats a held fragment
+        byte for byte.
+        """
+        pending = self.pending
+        if pending and next(iter(pending.values())).deadline <= now:
+            self.expire(now)
+        if count > _MAX_FRAGMENTS or total > self.max_bytes:
+            self.oversized += 1
+            return None
+        entry = pending.get(key)
+        if entry is not None:
+            if entry.count != count or entry.total != total or entry.chunk != chunk or entry.topic != topic:
+                self.inconsistent += 1
+                return None
+            held = entry.parts.get(index)
+            if held is not None:
+                if held == fragment:
+                    self.duplicate_fragments += 1
+                    return None
+                if not ordered:
+                    self.inconsistent += 1
+                    return None
+            if ordered and index <= entry.top:
+                self._drop(key)
+                self.superseded += 1
+                entry = None
+        elif key in self._recent_keys:
+            self.duplicate_fragments += 1
+            return None
+        size = len(fragment)
+        if size > self.max_bytes:
+            self.oversized += 1
+            return None
+        if entry is None:
+            if len(pending) >= self.max_messages:
+                self._evict_oldest()
+        while self.bytes_buffered + size > self.max_bytes:
+            self._evict_oldest()
+            if entry is not None and key not in pending:
+                # The message this fragment belongs to was the oldest: it is
+                # gone, and this fragment alone could never complete it.
+                return None
+        if entry is None:
+            entry = pending[key] = _Pending(now + self.timeout, count, total, chunk, topic)
+        entry.parts[index] = fragment
+        entry.nbytes += size
+        self.bytes_buffered += size
+        if index > entry.top:
+            entry.top = index
+        if len(entry.parts) < count:
+            return None
+        del pending[key]
+        self.bytes_buffered -= entry.nbytes
+        self.completed += 1
+        if self._recent_max:
+            self._recent_keys.add(key)
+            self._recent_order.append(key)
+            if len(self._recent_order) > self._recent_max:
+                self._recent_keys.discard(self._recent_order.popleft())
+        parts = entry.parts
+        return b"".join([parts[i] for i in range(count)])
+
+
+class Reassembler:
+    """Reassemble native messages from their fragments, in bounded memory and time.
+
+    Sans-I/O: the caller passes the current time (any monotonic clock, e.g.
+    ``trio.current_time()``) with every fragment. Fragments are keyed by
+    ``(sender_id, sequence)``, so a lost fragment never lets two messages
+    merge. Single-fragment messages bypass the buffers entirely.
+
+    Args:
+        max_messages: Most incomplete messages held at once (oldest evicted).
+            Allowed: ``1 .. 2**20``.
+        max_bytes: Most fragment bytes held at once (oldest incomplete
+            messages evicted; a message larger than this is dropped as
+            oversized). Allowed: ``1 .. 2**40``.
+        timeout: Seconds after its first fragment an incomplete message is
+            dropped. Allowed: finite and > 0.
+
+    Raises:
+        TypeError, ValueError: An argument has the wrong type or is out of
+            range; the message names it.
+    """
+
+    def __init__(
+        self, max_messages: int = 256, max_bytes: int = 32 << 20, timeout: float = 2.0
+    ) -> None:
+        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages)
+
+    @property
+    def stats(self) -> ReassemblyStats:
+        """A snapshot of the counters."""
+        return self._store.stats()
+
+    @property
+    def bytes_buffered(self) -> int:
+        return self._store.bytes_buffered
+
+    def expire(self, now: float) -> int:
+        """Drop incomplete messages whose timeout has passed; return how many."""
+        return self._store.expire(now)
+
+    def feed(
+        self, header: FrameHeader, fragment: bytes | bytearray | memoryview, now: float
+    ) -> bytes | None:
+        """Add one fragment (``datagram[header.payload_offset:]``).
+
+        Returns:
+            The complete message payload when this fragment completes it
+            (immediately for a single-fragment message), else None.
+        """
+        store = self._store
+        if header.count == 1:
+            if store.pending and next(iter(store.pending.values())).deadline <= now:
+                store.expire(now)
+            return bytes(fragment)
+        if len(fragment) != header.fragment_size:
+            store.inconsistent += 1
+            return None
+        return store.add(
+            (header.sender_id, header.sequence),
+            header.index,
+            header.count,
+            header.total_size,
+            header.chunk_size,
+            header.topic,
+            bytes(fragment),
+            now,
+            False,
+        )
+
+
+class NativeDecoder:
+    """Decode native datagrams: parse, filter by topic, reassemble.
+
+    Args:
+        topics: Accept only these topics (str or bytes, exact match),
+            decided from the header alone; None accepts every topic.
+        max_messages, max_bytes, timeout: Bounds of the :class:`Reassembler`.
+
+    Attributes:
+        filtered: Datagrams dropped because of their topic.
+    """
+
+    def __init__(
+        self,
+        topics: Iterable[str | bytes] | str | bytes | None = None,
+        *,
+        max_messages: int = 256,
+        max_bytes: int = 32 << 20,
+        timeout: float = 2.0,
+    ) -> None:
+        self._topics = _normalize_topics("topics", topics)
+        self.reassembler = Reassembler(max_messages, max_bytes, timeout)
+        self.filtered = 0
+
+    @property
+    def stats(self) -> ReassemblyStats:
+        return self.reassembler.stats
+
+    def expire(self, now: float) -> int:
+        return self.reassembler.expire(now)
+
+    def feed(self, datagram: bytes | bytearray | memoryview, address: Any, now: float) -> Message | None:
+        """Decode one datagram.
+
+        Returns:
+            The complete :class:`Message`, or None (fragment of an incomplete
+            message, filtered topic, or a dropped fragment).
+
+        Raises:
+            MalformedFrame: The datagram is not a well-formed native frame.
+        """
+        header = parse_header(datagram)
+        topics = self._topics
+        if topics is not None and header.topic not in topics:
+            self.filtered += 1
+            return None
+        payload = self.reassembler.feed(header, datagram[header.payload_offset:], now)
+        if payload is None:
+            return None
+        return Message(header.topic, payload, address, header.sender_id, header.sequence)
+
+
+# --------------------------------------------------------------------------
+# MCL
+
+_msgpack_module: Any = None
+
+
+def _msgpack() -> Any:
+    global _msgpack_module
+    if _msgpack_module is None:
+        try:
+            import msgpack
+        except ImportError as exc:
+            raise ImportError(
+                "MCL framing needs the optional 'msgpack' package: "
+                "pip install mcast_trio[mcl]"
+            ) from exc
+        _msgpack_module = msgpack
+    return _msgpack_module
+
+
+_MCL_ARRAY_STARTS = frozenset((0x92, 0x94, 0xDC, 0xDD))
+
+
+class MclEncoder:
+    """Frame messages the way MCL's UDP ``RawBroadcaster`` does.
+
+    Args:
+        topic: Default topic: None (msgpack nil, MCL's default), str or bytes.
+        chunk_size: Fragmentation threshold and chunk size (MCL's ``MTU``).
+            Allowed: ``64 .. 65000``.
+        use_bin_type: False (default) writes topic and payload with the
+            msgpack raw/str family, byte for byte as MCL on Python 2; True
+            writes bytes as bin (as a Python 3 msgpack>=1.0 port would).
+
+    Raises:
+        ImportError: msgpack is not installed (``pip install mcast_trio[mcl]``).
+        TypeError, ValueError: An argument has the wrong type or is out of
+            range; the message names it.
+    """
+
+    def __init__(
+        self,
+        topic: str | bytes | None = None,
+        *,
+        chunk_size: int = MCL_CHUNK_SIZE,
+        use_bin_type: bool = False,
+    ) -> None:
+        msgpack = _msgpack()
+        self._topic = self._check_topic(topic)
+        self._chunk_size = _check_int("chunk_size", chunk_size, 64, _MCL_MAX_CHUNK)
+        if not isinstance(use_bin_type, bool):
+            raise TypeError(f"use_bin_type={use_bin_type!r} must be a bool")
+        self._packb = msgpack.Packer(use_bin_type=use_bin_type, autoreset=True).pack
+
+    @staticmethod
+    def _check_topic(topic: object) -> str | bytes | None:
+        if topic is None or isinstance(topic, str):
+            return topic
+        if isinstance(topic, (bytes, bytearray, memoryview)):
+            return bytes(topic)
+        raise TypeError(f"topic={topic!r} must be None, str or bytes")
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    def encode(
+        self, payload: bytes | bytearray | memoryview, topic: str | bytes | None = None
+    ) -> list[bytes]:
+        """Frame one message; return its datagrams.
+
+        Args:
+            payload: The message bytes.
+            topic: Overrides the default topic for this message.
+
+        Raises:
+            TypeError, ValueError: Bad ``topic`` or ``payload`` type, or the
+                message needs more than 65535 chunks or a chunk datagram would
+                exceed 65507 bytes (a very long topic).
+        """
+        t = self._topic if topic is None else self._check_topic(topic)
+        payload = bytes(_as_payload(payload))
+        pack = self._packb
+        packet = pack((t, payload))
+        chunk = self._chunk_size
+        if len(packet) <= chunk:
+            return [packet]
+        data = pack(payload)
+        size = len(data)
+        count = size // chunk + 1  # as MCL: an exact multiple ends with an empty chunk
+        if count > _MAX_FRAGMENTS:
+            raise ValueError(
+                f"payload is {len(payload)} bytes; with chunk_size={chunk} MCL framing "
+                f"allows at most {_MAX_FRAGMENTS} chunks"
+            )
+        out = [pack((t, i + 1, count, data[i * chunk:(i + 1) * chunk])) for i in range(count)]
+        if len(out[0]) > MAX_UDP_PAYLOAD:
+            raise ValueError(
+                f"a chunk datagram would be {len(out[0])} bytes (> {MAX_UDP_PAYLOAD}); "
+                f"the topic is too long for chunk_size={chunk}"
+            )
+        return out
+
+
+class MclDecoder:
+    """Decode MCL datagrams, reassembling chunked messages.
+
+    MCL chunks carry no message id. Chunks are keyed by ``(address, topic,
+    n)`` (MCL itself uses ``(host, n, topic)``), and since a sender emits the
+    chunks of a message in order, a chunk whose index is not above the
+    highest index held for its key starts a new message: the incomplete one
+    is dropped and counted in ``superseded`` (an exact byte-for-byte repeat
+    of a held chunk is a duplicate instead). A reassembled message must
+    unpack to exactly one byte string, else it is counted ``inconsistent``.
+    The residual risk inherent to MCL's format: if the tail of one message
+    and the head of the next (same sender, topic and chunk count) are both
+    lost, and the chunk sizes agree, the two could merge; pass the full
+    ``(host, port)`` as ``address`` to keep separate senders apart.
+
+    Args:
+        topics: Accept only these topics (str or bytes, exact match); None
+            accepts every topic (including nil).
+        max_messages, max_bytes, timeout: Reassembly bounds, as for
+            :class:`Reassembler`.
+
+    Attributes:
+        filtered: Datagrams dropped because of their topic.
+
+    Raises:
+        ImportError: msgpack is not installed (``pip install mcast_trio[mcl]``).
+    """
+
+    def __init__(
+        self,
+        topics: Iterable[str | bytes] | str | bytes | None = None,
+        *,
+        max_messages: int = 256,
+        max_bytes: int = 32 << 20,
+        timeout: float = 2.0,
+    ) -> None:
+        msgpack = _msgpack()
+        self._unpackb = msgpack.unpackb
+        self._topics = _normalize_topics("topics", topics)
+        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=0)
+        self.filtered = 0
+
+    @property
+    def stats(self) -> ReassemblyStats:
+        return self._store.stats()
+
+    def expire(self, now: float) -> int:
+        """Drop incomplete messages whose timeout has passed; return how many."""
+        return self._store.expire(now)
+
+    def _unpack(self, data: bytes | bytearray | memoryview, what: str) -> Any:
+        try:
+            return self._unpackb(data, raw=True, use_list=True, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several types for bad bytes
+            raise MalformedFrame(f"offset 0: {what} is not valid msgpack ({exc})") from None
+
+    def feed(self, datagram: bytes | bytearray | memoryview, address: Any, now: float) -> Message | None:
+        """Decode one datagram.
+
+        Returns:
+            The complete :class:`Message`, or None (chunk of an incomplete
+            message, filtered topic, or a dropped chunk).
+
+        Raises:
+            MalformedFrame: The datagram is not an MCL frame (not a msgpack
+                array ``[topic, payload]`` or ``[topic, i, n, chunk]`` with
+                bytes/nil topic, bytes payload and ``1 <= i <= n``).
+        """
+        if not datagram or datagram[0] not in _MCL_ARRAY_STARTS:
+            first = f"0x{datagram[0]:02x}" if datagram else "end of datagram"
+            raise MalformedFrame(
+                f"offset 0: {first} does not start a msgpack array of 2 or 4 items"
+            )
+        frame = self._unpack(datagram, "datagram")
+        if type(frame) is not list or len(frame) not in (2, 4):
+            raise MalformedFrame(
+                f"offset 0: expected a msgpack array of 2 or 4 items, got "
+                f"{len(frame) if type(frame) is list else type(frame).__name__}"
+            )
+        topic = frame[0]
+        if topic is not None and type(topic) is not bytes:
+            raise MalformedFrame(f"offset 1: topic is {type(topic).__name__}, expected str/bin or nil")
+        topics = self._topics
+        if len(frame) == 2:
+            payload = frame[1]
+            if type(payload) is not bytes:
+                raise MalformedFrame(f"payload is {type(payload).__name__}, expected str/bin")
+            if topics is not None and topic not in topics:
+                self.filtered += 1
+                return None
+            return Message(topic, payload, address)
+        _, index, count, chunk = frame
+        if type(index) is not int or type(count) is not int or not 1 <= index <= count:
+            raise MalformedFrame(f"chunk index {index!r} / count {count!r}: expected 1 <= i <= n")
+        if type(chunk) is not bytes:
+            raise MalformedFrame(f"chunk is {type(chunk).__name__}, expected str/bin")
+        if topics is not None and topic not in topics:
+            self.filtered += 1
+            return None
+        store = self._store
+        joined = store.add((address, topic, count), index - 1, count, -1, -1, topic, chunk, now, True)
+        if joined is None:
+            return None
+        try:
+            payload = self._unpackb(joined, raw=True)
+        except Exception:
+            payload = None
+        if type(payload) is not bytes:
+            store.completed -= 1
+            store.inconsistent += 1
+            return None
+        return Message(topic, payload, address)
+
+
+# --------------------------------------------------------------------------
+# filters
+
+
+def make_filter(
+    topics: Iterable[str | bytes] | str | bytes | None = None,
+    filter: Callable[[bytes, Any], bool] | str | bytes | re.Pattern[Any] | None = None,
+) -> Callable[[bytes | None, bytes, Any], bool]:
+    """Build a predicate ``(topic, payload, address) -> bool`` for receivers.
+
+    Args:
+        topics: Accept only messages whose topic is one of these (str,
+            encoded as UTF-8, or bytes; exact match). A single str/bytes is
+            one topic. Messages without a topic (raw framing, MCL nil) never
+            match. None: no topic condition.
+        filter: Either a callable ``(payload, address) -> bool``, or a regular
+            expression (str, bytes or compiled) searched (``re.search``) in
+            the payload; a str pattern is encoded as UTF-8. None: no payload
+            condition.
+
+    Returns:
+        A predicate that is True when every given condition holds.
+
+    Raises:
+        TypeError: ``topics`` or ``filter`` has an unsupported type.
+        ValueError: ``topics`` is empty or ``filter`` is not a valid regular
+            expression.
+    """
+    topic_set = _normalize_topics("topics", topics)
+    search: Callable[[bytes, Any], bool] | None
+    if filter is None:
+        search = None
+    elif isinstance(filter, (str, bytes, re.Pattern)):
+        if isinstance(filter, re.Pattern):
+            pattern, flags = filter.pattern, filter.flags
+        else:
+            pattern, flags = filter, 0
+        if isinstance(pattern, str):
+            pattern = pattern.encode("utf-8")
+            flags &= ~re.UNICODE
+        try:
+            regex = re.compile(pattern, flags)
+        except re.error as exc:
+            raise ValueError(f"filter={filter!r} is not a valid regular expression: {exc}") from None
+        regex_search = regex.search
+
+        def search(payload: bytes, address: Any) -> bool:
+            return regex_search(payload) is not None
+
+    elif callable(filter):
+        search = filter
+    else:
+        raise TypeError(
+            f"filter={filter!r} must be None, a callable (payload, address) -> bool, "
+            f"or a regular expression (str, bytes or re.Pattern)"
+        )
+
+    if topic_set is None and search is None:
+        return lambda topic, payload, address: True
+    if search is None:
+        return lambda topic, payload, address: topic in topic_set
+    if topic_set is None:
+        return lambda topic, payload, address: bool(search(payload, address))
+    return lambda topic, payload, address: topic in topic_set and bool(search(payload, address))

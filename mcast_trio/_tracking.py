@@ -1,0 +1,401 @@
+"""Per-sender sequence accounting: losses, duplicates, reordering, restarts.
+
+Sans-I/O: nothing here touches a socket, a clock or trio. A receiver feeds
+every arrival's sequence number (the 32-bit readout id of an AstroPix
+readout, or the sequence number of a native frame) to the
+:class:`SequenceTracker` of its sender and reads the counters back as an
+immutable :class:`SenderStats` snapshot. :class:`SenderTable` keeps one
+tracker per sender, with a bound on the number of senders.
+
+Sequence numbers are compared with serial-number arithmetic (RFC 1982): with
+``modulus`` M, id ``b`` is *after* id ``a`` when ``(b - a) mod M`` is in
+``1 .. M//2 - 1``, so ``M - 1`` is followed by ``0`` (a wrap-around is not a
+restart).
+
+Meaning of the counters (all cumulative over restarts):
+
+* ``received``: arrivals of ids not seen before (first, new, reordered and
+  restart arrivals; duplicates are not counted). Between restarts,
+  ``received + lost`` is the number of ids from the first to the highest.
+* ``lost``: ids never received. When a gap opens, the missing ids are counted
+  as lost at once; an id that then arrives late, while it is still inside the
+  ``window`` below the highest id, is taken back out of ``lost`` and counted
+  in ``reordered``. Once an id has fallen out of the window its loss is final.
+* ``duplicates``: copies of an id already received, recognised while the id
+  is inside the window.
+* ``reordered``: arrivals below the highest id seen so far (and inside the
+  window) that are not duplicates.
+* ``restarts``: the sender started over. An id ``window`` or more before
+  the highest one (too old to be a late arrival the tracker can place), or
+  more than ``restart_threshold`` after it, restarts the tracking from that
+  id instead of counting millions of losses. Losses already counted stay.
+  An id that goes back to before the *first* id of the stream (the first
+  arrival, or the last restart) is also a restart, even inside the window:
+  it cannot be a late copy of anything counted, and calling it "reordered"
+  would make the restarted stream's next ids look like duplicates (a DAQ
+  that restarts its readout ids at 0 after a short run).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = [
+    "FIRST",
+    "NEW",
+    "DUPLICATE",
+    "REORDERED",
+    "RESTART",
+    "SenderStats",
+    "SequenceTracker",
+    "SenderTable",
+]
+
+#: :meth:`SequenceTracker.observe` results.
+FIRST = "first"
+NEW = "new"
+DUPLICATE = "duplicate"
+REORDERED = "reordered"
+RESTART = "restart"
+
+_MAX_WINDOW = 1 << 16
+_MIN_MODULUS = 16
+_MAX_MODULUS = 1 << 64
+
+
+def _check_int(name: str, value: object, low: int, high: int, high_text: str | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int; allowed: {low}..{high_text or high}")
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {low}..{high_text or high}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SenderStats:
+    """Immutable snapshot of one sender's counters (see the module docstring).
+
+    Attributes:
+        received: Distinct ids received (duplicates excluded).
+        lost: Ids never received (provisional while inside the window).
+        duplicates: Copies of ids already received.
+        reordered: Late arrivals placed inside the window.
+        restarts: Times the sender's numbering started over.
+        highest: The highest id seen since the last restart, or None before
+            the first arrival.
+    """
+
+    received: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    restarts: int = 0
+    highest: int | None = None
+
+
+def _is_unit_run(seqs, modulus: int) -> bool:
+    """True if every id in ``seqs`` follows the one before it by exactly 1."""
+    if len(seqs) < 2:
+        return True
+    if hasattr(seqs, "dtype") and modulus == 1 << 32 and seqs.dtype.kind in "ui":
+        import numpy as np
+
+        steps = np.diff(seqs.astype(np.uint32, copy=False))  # wraps mod 2**32
+        return bool((steps == 1).all())
+    return all((b - a) % modulus == 1 for a, b in zip(seqs, seqs[1:]))
+
+
+class SequenceTracker:
+    """Classify the sequence numbers of one sender as they arrive.
+
+    Args:
+        window: How many ids below the highest one are remembered (received
+            or not), to tell a late arrival from a duplicate. Allowed:
+            ``1 .. min(65536, modulus // 2 - 1)``.
+        restart_threshold: A jump forward by more than this many ids is a
+            restart rather than a loss. Default: ``min(2**20, modulus // 4)``.
+            Allowed: ``1 .. modulus // 2 - 1``.
+        modulus: Sequence numbers are integers in ``0 .. modulus - 1`` and
+            wrap around. Default ``2**32``. Allowed: ``16 .. 2**64``.
+
+    Raises:
+        TypeError, ValueError: An argument has the wrong type or is out of
+            range; the message names it.
+    """
+
+    __slots__ = (
+        "_window",
+        "_threshold",
+        "_modulus",
+        "_half",
+        "_full",
+        "_highest",
+        "_mask",
+        "_span",
+        "received",
+        "lost",
+        "duplicates",
+        "reordered",
+        "restarts",
+    )
+
+    def __init__(
+        self,
+        window: int = 1024,
+        restart_threshold: int | None = None,
+        modulus: int = 1 << 32,
+    ) -> None:
+        _check_int("modulus", modulus, _MIN_MODULUS, _MAX_MODULUS, "2**64")
+        half = modulus // 2
+        _check_int("window", window, 1, min(_MAX_WINDOW, half - 1))
+        if restart_threshold is None:
+            restart_threshold = min(1 << 20, modulus // 4)
+        _check_int("restart_threshold", restart_threshold, 1, half - 1)
+        self._window = window
+        self._threshold = restart_threshold
+        self._modulus = modulus
+        self._half = half
+        self._full = (1 << window) - 1
+        # Bit k of _mask is set when id (highest - k) has been received.
+        self._highest: int | None = None
+        self._mask = 0
+        # Ids highest-k for k < _span are accounted for (received or lost);
+        # ids further back precede the first arrival (or the last restart).
+        self._span = 0
+        self.received = 0
+        self.lost = 0
+        self.duplicates = 0
+        self.reordered = 0
+        self.restarts = 0
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    @property
+    def restart_threshold(self) -> int:
+        return self._threshold
+
+    @property
+    def modulus(self) -> int:
+        return self._modulus
+
+    @property
+    def highest(self) -> int | None:
+        """The highest id since the last restart (None before any arrival)."""
+        return self._highest
+
+    def observe(self, seq: int) -> str:
+        """Account for the arrival of ``seq`` and say what it was.
+
+        Args:
+            seq: The arriving id, ``0 <= seq < modulus``.
+
+        Returns:
+            One of ``"first"``, ``"new"`` (the highest id so far, possibly
+            after a gap), ``"duplicate"``, ``"reordered"`` (a late arrival
+            inside the window) or ``"restart"``.
+
+        Raises:
+            ValueError: ``seq`` is outside ``0 .. modulus - 1`` (a caller
+                bug: parsers only produce ids in range).
+        """
+        modulus = self._modulus
+        if not 0 <= seq < modulus:
+            raise ValueError(f"seq={seq!r} is out of range; allowed: 0..{modulus - 1}")
+        highest = self._highest
+        if highest is None:
+            self._highest = seq
+            self._mask = 1
+            self._span = 1
+            self.received += 1
+            return FIRST
+        diff = (seq - highest) % modulus
+        if diff == 0:
+            self.duplicates += 1
+            return DUPLICATE
+        if diff < self._half:
+            # Forward.
+            if diff > self._threshold:
+                return self._restart(seq)
+            self.lost += diff - 1
+            window = self._window
+            if diff < window:
+                self._mask = ((self._mask << diff) | 1) & self._full
+                span = self._span + diff
+                self._span = span if span < window else window
+            else:
+                self._mask = 1
+                self._span = window
+            self._highest = seq
+            self.received += 1
+            return NEW
+        # Backward by `back` ids.
+        back = modulus - diff
+        if back >= self._span:
+            # Outside the window, or before the first id of this stream.
+            return self._restart(seq)
+        bit = 1 << back
+        if self._mask & bit:
+            self.duplicates += 1
+            return DUPLICATE
+        self._mask |= bit
+        self.lost -= 1
+        self.reordered += 1
+        self.received += 1
+        return REORDERED
+
+    def observe_many(self, seqs) -> None:
+        """Account for the arrival of every id in ``seqs``, in order.
+
+        Same result as calling :meth:`observe` for each; a run of ids that
+        continues the stream one by one (the common case: a batch of
+        consecutive readouts) is accounted for in constant time.
+
+        Args:
+            seqs: a sequence of ids (a numpy integer array is fastest).
+        """
+        count = len(seqs)
+        if count == 0:
+            return
+        modulus = self._modulus
+        highest = self._highest
+        first = int(seqs[0])
+        last = int(seqs[-1])
+        if (
+            highest is not None
+            and 0 <= first < modulus
+            and first == (highest + 1) % modulus
+            and (last - first) % modulus == count - 1
+            and count < self._half
+            and _is_unit_run(seqs, modulus)
+        ):
+            window = self._window
+            if count >= window:
+                self._mask = self._full
+            else:
+                self._mask = ((self._mask << count) | ((1 << count) - 1)) & self._full
+            span = self._span + count
+            self._span = span if span < window else window
+            self._highest = last
+            self.received += count
+            return
+        for seq in seqs.tolist() if hasattr(seqs, "tolist") else seqs:
+            self.observe(seq)
+
+    def _restart(self, seq: int) -> str:
+        self.restarts += 1
+        self.received += 1
+        self._highest = seq
+        self._mask = 1
+        self._span = 1
+        return RESTART
+
+    def stats(self) -> SenderStats:
+        """Return an immutable snapshot of the counters."""
+        return SenderStats(
+            received=self.received,
+            lost=self.lost,
+            duplicates=self.duplicates,
+            reordered=self.reordered,
+            restarts=self.restarts,
+            highest=self._highest,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<SequenceTracker highest={self._highest} received={self.received} "
+            f"lost={self.lost} duplicates={self.duplicates} "
+            f"reordered={self.reordered} restarts={self.restarts}>"
+        )
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class SenderTable(Generic[K]):
+    """One :class:`SequenceTracker` per sender, with a bound on the senders.
+
+    The key is whatever identifies a sender to the caller: a source address
+    ``(host, port)``, or ``(address, sender_id)`` for native frames. When a
+    new sender would exceed ``max_senders``, the sender seen least recently is
+    forgotten (its counters are dropped) and :attr:`evicted` is incremented.
+
+    Args:
+        max_senders: Most senders tracked at once. Allowed: ``1 .. 2**20``.
+        window, restart_threshold, modulus: Passed to every
+            :class:`SequenceTracker` (validated here, at construction).
+
+    Raises:
+        TypeError, ValueError: An argument has the wrong type or is out of
+            range; the message names it.
+    """
+
+    def __init__(
+        self,
+        max_senders: int = 1024,
+        *,
+        window: int = 1024,
+        restart_threshold: int | None = None,
+        modulus: int = 1 << 32,
+    ) -> None:
+        _check_int("max_senders", max_senders, 1, 1 << 20, "2**20")
+        # Validate the tracker arguments now rather than at the first arrival.
+        SequenceTracker(window, restart_threshold, modulus)
+        self._max_senders = max_senders
+        self._factory: Callable[[], SequenceTracker] = lambda: SequenceTracker(
+            window, restart_threshold, modulus
+        )
+        self._trackers: OrderedDict[K, SequenceTracker] = OrderedDict()
+        self.evicted = 0
+
+    @property
+    def max_senders(self) -> int:
+        return self._max_senders
+
+    def tracker(self, key: K) -> SequenceTracker:
+        """Return the tracker of sender ``key``, creating it (and evicting the
+        sender seen least recently, if the table is full) on first use."""
+        trackers = self._trackers
+        tracker = trackers.get(key)
+        if tracker is None:
+            if len(trackers) >= self._max_senders:
+                trackers.popitem(last=False)
+                self.evicted += 1
+            tracker = trackers[key] = self._factory()
+        else:
+            trackers.move_to_end(key)
+        return tracker
+
+    def observe(self, key: K, seq: int) -> str:
+        """Feed ``seq`` to the tracker of sender ``key`` (created on first use).
+
+        Returns:
+            What :meth:`SequenceTracker.observe` returns.
+        """
+        return self.tracker(key).observe(seq)
+
+    def get(self, key: K) -> SequenceTracker | None:
+        """Return the tracker of ``key``, or None if it is not tracked."""
+        return self._trackers.get(key)
+
+    def forget(self, key: K) -> None:
+        """Stop tracking ``key`` (no error if it is not tracked)."""
+        self._trackers.pop(key, None)
+
+    def snapshot(self) -> dict[K, SenderStats]:
+        """Return ``{key: SenderStats}`` for every tracked sender, least
+        recently seen first."""
+        return {key: tracker.stats() for key, tracker in self._trackers.items()}
+
+    def __len__(self) -> int:
+        return len(self._trackers)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._trackers
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._trackers)
