@@ -17,10 +17,60 @@ from ._format import (
 from ._backend import decoder_backend
 from ._batch import DecodedBatch, decode_readouts
 from ._readout import AstroPix4Readout
+from ._apx import ApxReader, ApxWriter, TruncatedRecord, TruncatedRecordWarning, open_apx
+from ._framing import (
+    Message,
+    MclDecoder,
+    MclEncoder,
+    NativeDecoder,
+    NativeEncoder,
+    Reassembler,
+    ReassemblyStats,
+    make_filter,
+)
+from ._tracking import SenderStats, SenderTable, SequenceTracker
+from ._sockets import BufferSizeWarning, GroupSpec, resolve_group
+from ._sender import MulticastSender, SenderStatistics, open_sender
+from ._receiver import (
+    MulticastReceiver,
+    ReceiverService,
+    ReceiverStatistics,
+    open_receiver,
+    serve_receiver,
+)
+from . import sim
 
 __all__ = [
     "__version__",
+    "ApxReader",
+    "ApxWriter",
     "AstroPix4Readout",
+    "BufferSizeWarning",
+    "GroupSpec",
+    "Message",
+    "MclDecoder",
+    "MclEncoder",
+    "MulticastReceiver",
+    "MulticastSender",
+    "NativeDecoder",
+    "NativeEncoder",
+    "Reassembler",
+    "ReassemblyStats",
+    "ReceiverService",
+    "ReceiverStatistics",
+    "SenderStatistics",
+    "SenderStats",
+    "SenderTable",
+    "SequenceTracker",
+    "TruncatedRecord",
+    "TruncatedRecordWarning",
+    "make_filter",
+    "open_apx",
+    "open_receiver",
+    "open_sender",
+    "resolve_group",
+    "serve_receiver",
+    "sim",
     "DecodedBatch",
     "DecodingStatus",
     "HIT_DTYPE",
