@@ -30,6 +30,7 @@ import numpy as np
 import trio
 
 from . import _batchio, _sockets
+from ._net import current_network
 from ._batch import DecodedBatch, decode_readouts
 from ._errors import MalformedFrame
 from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter
@@ -182,10 +183,10 @@ class ReceiverService:
 
     # -- the receive loop ----------------------------------------------------
 
-    async def _run(self, sock, task_status) -> None:
+    async def _run(self, endpoint, task_status) -> None:
         config = self.config
         batch = _batchio.ReceiveBatch(config.batch_size, config.max_datagram_size)
-        receive_batch = _batchio.receive_batch
+        receive_batch = endpoint.receive_batch
         readout_mode = config.readout_class is not None
         max_per_wake = config.max_per_wake
         self.joined.set()
@@ -193,10 +194,10 @@ class ReceiverService:
         while True:
             received = 0
             while True:
-                n = receive_batch(sock, batch)
+                n = receive_batch(batch)
                 if n == 0:
                     break
-                self._account(batch, n, sock)
+                self._account(batch, n)
                 if readout_mode and config.framing == "raw":
                     await self._readout_batch(batch, n)
                 else:
@@ -208,9 +209,9 @@ class ReceiverService:
                     received = 0
             if self._decoder is not None:
                 self._decoder.expire(time.monotonic())
-            await trio.lowlevel.wait_readable(sock)
+            await endpoint.wait_readable()
 
-    def _account(self, batch, n: int, sock) -> None:
+    def _account(self, batch, n: int) -> None:
         lengths = batch.lengths[:n]
         self._datagrams += n
         self._bytes += int(lengths.sum())
@@ -388,6 +389,7 @@ class _Config:
     max_senders: int
     loss_window: int
     reassembly: dict
+    network: Any
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -400,7 +402,7 @@ def _configure(
     group, port, readout_class=None, *, interface=None, source=None, framing=None, topics=None,
     filter=None, overflow="drop_oldest", batch_size=64, max_datagram_size=65535,
     max_per_wake=4096, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
-    reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20,
+    reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
     spec = _sockets.resolve_group(group, port, interface=interface, source=source)
@@ -429,8 +431,10 @@ def _configure(
         NativeDecoder(topics, **reassembly)  # validates the bounds
     elif framing == "mcl":
         MclDecoder(**reassembly)
+    if network is None:
+        network = current_network()
     return _Config(spec, readout_class, framing, topics, filter, overflow, batch_size, max_datagram_size,
-                   max_per_wake, rcvbuf, max_senders, loss_window, reassembly)
+                   max_per_wake, rcvbuf, max_senders, loss_window, reassembly, network)
 
 
 def _sockets_msgpack_check() -> None:
@@ -460,12 +464,12 @@ async def serve_receiver(group, port, send_channel, readout_class=None, *, drop_
                          "send_channel); or use overflow='drop_newest'")
     service = ReceiverService(config, send_channel, drop_channel)
     async with send_channel:
-        sock, granted = _sockets.open_receiver_socket(config.spec, rcvbuf=config.rcvbuf)
+        endpoint = config.network.open_receiver(config.spec, rcvbuf=config.rcvbuf)
         try:
-            service._rcvbuf = granted
-            await service._run(sock, task_status)
+            service._rcvbuf = endpoint.granted_rcvbuf
+            await service._run(endpoint, task_status)
         finally:
-            _sockets.close_receiver_socket(sock, config.spec)
+            endpoint.close()
             if drop_channel is not None:
                 drop_channel.close()
 
@@ -577,6 +581,8 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         rcvbuf: SO_RCVBUF to request (the granted size is in
             ``statistics().rcvbuf``; a warning says when the kernel capped it).
         max_senders, loss_window: bounds of the per-sender loss accounting.
+        network: the network to use (default: the current network, i.e.
+            real sockets unless ``mcast_trio.testing`` installed another).
         reassembly_timeout, max_pending_messages, max_reassembly_bytes:
             bounds of fragment reassembly (framed modes).
 

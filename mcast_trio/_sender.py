@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from . import _batchio, _sockets
+from . import _sockets
+from ._net import current_network
 from ._format import HEADER, HEADER_SIZE
 from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, encode_raw
 
@@ -74,9 +75,9 @@ class MulticastSender:
     tasks; datagrams leave in the order they were queued.
     """
 
-    def __init__(self, spec, sock, framing: str, topic, encoder, queue_size: int) -> None:
+    def __init__(self, spec, endpoint, framing: str, topic, encoder, queue_size: int) -> None:
         self._spec = spec
-        self._sock = sock
+        self._endpoint = endpoint
         self._framing = framing
         self._topic = topic
         self._encoder = encoder
@@ -221,15 +222,13 @@ class MulticastSender:
             raise
 
     async def _transmit(self, datagrams: list[bytes]) -> None:
-        sock = self._sock
+        endpoint = self._endpoint
         i = 0
         n = len(datagrams)
         while i < n:
             chunk = datagrams[i:i + _MAX_PER_CALL] if (i or n > _MAX_PER_CALL) else datagrams
             try:
-                sent = _batchio.send_batch(sock, chunk)
-            except BlockingIOError:
-                sent = 0
+                sent = endpoint.send_batch(chunk)
             except OSError as exc:
                 # The kernel refused datagram i (e.g. EMSGSIZE): count, skip.
                 self._errors += 1
@@ -245,7 +244,7 @@ class MulticastSender:
                 i += sent
             else:
                 self._waits += 1
-                await trio.lowlevel.wait_writable(sock)
+                await endpoint.wait_writable()
         await trio.lowlevel.checkpoint()
 
     def _close_input(self) -> None:
@@ -268,6 +267,7 @@ async def open_sender(
     queue_size: int = 1024,
     sndbuf: int | None = None,
     local_address: str | None = None,
+    network: Any = None,
 ) -> AsyncIterator[MulticastSender]:
     """Open a multicast sender for ``group``:``port``.
 
@@ -296,6 +296,8 @@ async def open_sender(
         local_address: bind to this unicast address of the host first (so
             that receivers with a source-specific membership accept the
             datagrams); None lets the kernel choose.
+        network: the network to use (default: the current network, i.e.
+            real sockets unless ``mcast_trio.testing`` installed another).
 
     Yields:
         A :class:`MulticastSender`.
@@ -324,9 +326,11 @@ async def open_sender(
                                                                                    chunk_size=max_datagram)
     elif max_datagram is not None and not 1 <= max_datagram <= MAX_UDP_PAYLOAD:
         raise ValueError(f"max_datagram={max_datagram!r} is out of range; allowed: 1..{MAX_UDP_PAYLOAD}")
-    sock = _sockets.open_sender_socket(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
+    if network is None:
+        network = current_network()
+    endpoint = network.open_sender(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
     try:
-        sender = MulticastSender(spec, sock, framing, topic, encoder, queue_size)
+        sender = MulticastSender(spec, endpoint, framing, topic, encoder, queue_size)
         async with trio.open_nursery() as nursery:
             await nursery.start(sender._run)
             try:
@@ -334,4 +338,4 @@ async def open_sender(
             finally:
                 sender._close_input()
     finally:
-        _sockets.close_sender_socket(sock)
+        endpoint.close()

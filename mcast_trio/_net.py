@@ -1,0 +1,101 @@
+"""The seam between the transport and the network.
+
+Senders and receivers never touch sockets directly: they ask the *current
+network* for endpoints. The default network is the real one (sockets from
+``_sockets``, batched syscalls from ``_batchio``); ``mcast_trio.testing``
+provides an in-memory network with the same interface, with which the real
+``open_sender``/``open_receiver`` run unchanged.
+
+A network has two methods:
+
+* ``open_receiver(spec, *, rcvbuf)`` -> a receiver endpoint with
+  ``granted_rcvbuf``, ``receive_batch(batch) -> int`` (non-blocking, fills a
+  :class:`~mcast_trio._batchio.ReceiveBatch`, 0 when nothing is queued),
+  ``async wait_readable()`` and ``close()`` (never raises, never blocks;
+  leaves the group);
+* ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
+  with ``send_batch(datagrams) -> int`` (non-blocking; how many left, 0 when
+  the buffer is full), ``async wait_writable()`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from . import _batchio, _sockets
+
+__all__ = ["SocketNetwork", "current_network", "use_network"]
+
+
+class _SocketReceiver:
+    __slots__ = ("sock", "spec", "granted_rcvbuf")
+
+    def __init__(self, spec, rcvbuf) -> None:
+        self.spec = spec
+        self.sock, self.granted_rcvbuf = _sockets.open_receiver_socket(spec, rcvbuf=rcvbuf)
+
+    def receive_batch(self, batch) -> int:
+        return _batchio.receive_batch(self.sock, batch)
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def close(self) -> None:
+        _sockets.close_receiver_socket(self.sock, self.spec)
+
+
+class _SocketSender:
+    __slots__ = ("sock",)
+
+    def __init__(self, spec, sndbuf, loop, local_address) -> None:
+        self.sock = _sockets.open_sender_socket(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
+
+    def send_batch(self, datagrams) -> int:
+        try:
+            return _batchio.send_batch(self.sock, datagrams)
+        except BlockingIOError:
+            return 0
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self.sock)
+
+    def close(self) -> None:
+        _sockets.close_sender_socket(self.sock)
+
+
+class SocketNetwork:
+    """The real network: UDP multicast sockets (the default)."""
+
+    def open_receiver(self, spec, *, rcvbuf) -> _SocketReceiver:
+        return _SocketReceiver(spec, rcvbuf)
+
+    def open_sender(self, spec, *, sndbuf=None, loop=True, local_address=None) -> _SocketSender:
+        return _SocketSender(spec, sndbuf, loop, local_address)
+
+    def __repr__(self) -> str:
+        return "<SocketNetwork>"
+
+
+_SOCKETS = SocketNetwork()
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar("mcast_trio_network", default=_SOCKETS)
+
+
+def current_network():
+    """The network new senders and receivers use in this context."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use_network(network) -> Iterator[Any]:
+    """Make ``network`` the current network inside the ``with`` block (and in
+    tasks spawned from it); the real socket network is the default."""
+    token = _current.set(network)
+    try:
+        yield network
+    finally:
+        _current.reset(token)
