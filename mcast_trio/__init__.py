@@ -30,7 +30,7 @@ from ._framing import (
 )
 from ._tracking import SenderStats, SenderTable, SequenceTracker
 from ._sockets import BufferSizeWarning, GroupSpec, resolve_group
-from ._sender import MulticastSender, SenderStatistics, open_sender
+from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender
 from ._receiver import (
     MulticastReceiver,
     ReceiverService,
@@ -70,6 +70,7 @@ __all__ = [
     "open_sender",
     "resolve_group",
     "serve_receiver",
+    "serve_sender",
     "sim",
     "DecodedBatch",
     "DecodingStatus",

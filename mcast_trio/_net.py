@@ -11,6 +11,8 @@ A network has two methods:
 * ``open_receiver(spec, *, rcvbuf)`` -> a receiver endpoint with
   ``granted_rcvbuf``, ``receive_batch(batch) -> int`` (non-blocking, fills a
   :class:`~mcast_trio._batchio.ReceiveBatch`, 0 when nothing is queued),
+  ``kernel_drops(batch) -> int | None`` (datagrams dropped for lack of
+  buffer space so far, None if unknown),
   ``async wait_readable()`` and ``close()`` (never raises, never blocks;
   leaves the group);
 * ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
@@ -41,6 +43,9 @@ class _SocketReceiver:
 
     def receive_batch(self, batch) -> int:
         return _batchio.receive_batch(self.sock, batch)
+
+    def kernel_drops(self, batch) -> int | None:
+        return batch.kernel_drops
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)

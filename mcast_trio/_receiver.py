@@ -197,7 +197,7 @@ class ReceiverService:
                 n = receive_batch(batch)
                 if n == 0:
                     break
-                self._account(batch, n)
+                self._account(batch, n, endpoint)
                 if readout_mode and config.framing == "raw":
                     await self._readout_batch(batch, n)
                 else:
@@ -211,14 +211,14 @@ class ReceiverService:
                 self._decoder.expire(time.monotonic())
             await endpoint.wait_readable()
 
-    def _account(self, batch, n: int) -> None:
+    def _account(self, batch, n: int, endpoint) -> None:
         lengths = batch.lengths[:n]
         self._datagrams += n
         self._bytes += int(lengths.sum())
         truncated = int(batch.truncated[:n].sum())
         if truncated:
             self._truncated += truncated
-        drops = batch.kernel_drops
+        drops = endpoint.kernel_drops(batch)
         if drops is not None:
             self._kernel_drops = drops
 

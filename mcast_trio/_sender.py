@@ -24,7 +24,7 @@ from ._net import current_network
 from ._format import HEADER, HEADER_SIZE
 from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, encode_raw
 
-__all__ = ["MulticastSender", "SenderStatistics", "open_sender", "FRAMINGS"]
+__all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender", "FRAMINGS"]
 
 #: Framings a sender can use (``framing=``).
 FRAMINGS = ("auto", "raw", "native", "mcl")
@@ -339,3 +339,18 @@ async def open_sender(
                 sender._close_input()
     finally:
         endpoint.close()
+
+
+async def serve_sender(group: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED, **options) -> None:
+    """Run a sender as a service, for ``await nursery.start(serve_sender, group, port)``.
+
+    Takes the options of :func:`open_sender`; ``task_status.started()`` is
+    called with the :class:`MulticastSender` once its socket is open. Runs
+    until cancelled.
+
+    Cancellation: the only way to stop it; datagrams still queued are
+    dropped and counted in ``statistics().unsent``, and the socket is closed.
+    """
+    async with open_sender(group, port, **options) as sender:
+        task_status.started(sender)
+        await trio.sleep_forever()

@@ -1,0 +1,29 @@
+"""Test harness for DAQ code and monitors built on mcast_trio.
+
+* :class:`MemoryNetwork`: an in-memory multicast network with deterministic
+  per-link faults (:class:`LinkRules`: loss, duplication, reordering, delay,
+  truncation, corruption) that the real senders and receivers run over
+  unchanged; install it with :func:`use_network` (or pass ``network=``).
+* :func:`serve_fault_relay`: the same faults for programs that are not
+  in-process: receives a group on real sockets and re-emits it on another.
+* A pytest plugin (loaded automatically when mcast_trio is installed) with
+  fixtures: ``mcast_group``, ``mcast_network``, ``mcast_receiver``,
+  ``mcast_sender``, ``mcast_daq``. See the "Testing your DAQ code" page.
+"""
+
+from .._net import SocketNetwork, current_network, use_network
+from ._memory import FaultCounts, LinkRules, MemoryNetwork, MemoryReceiver, MemorySender
+from ._relay import serve_fault_relay, FaultRelay
+
+__all__ = [
+    "FaultCounts",
+    "FaultRelay",
+    "LinkRules",
+    "MemoryNetwork",
+    "MemoryReceiver",
+    "MemorySender",
+    "SocketNetwork",
+    "current_network",
+    "serve_fault_relay",
+    "use_network",
+]

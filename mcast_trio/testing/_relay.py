@@ -1,0 +1,149 @@
+"""A fault-injecting relay: receive a group, re-emit it on another group with
+:class:`LinkRules` applied, for testing programs that are not in-process.
+
+Runs over the current network (real sockets by default, so it can sit between
+two separate processes; also the memory network). Each source address gets its
+own fault link (seeded from ``seed`` and the source), so the faults reproduce.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+
+import trio
+
+from .. import _batchio, _sockets
+from .._net import current_network
+from ._memory import FaultCounts, LinkRules, _Link
+
+__all__ = ["FaultRelay", "serve_fault_relay"]
+
+
+class FaultRelay:
+    """The state of a running relay (what ``task_status.started()`` passes).
+
+    Attributes:
+        rules: the :class:`LinkRules` applied (assign a new value to change
+            them on the fly; links take it for the next datagram).
+        received: datagrams received on the source group.
+        emitted: datagrams re-emitted on the target group.
+    """
+
+    def __init__(self, rules: LinkRules, seed: int) -> None:
+        if not isinstance(rules, LinkRules):
+            raise TypeError(f"rules={rules!r} must be a LinkRules")
+        self.rules = rules
+        self.seed = seed
+        self.received = 0
+        self.emitted = 0
+        self._links: dict[tuple, _Link] = {}
+        self._heap: list[tuple[float, int, bytes, _Link]] = []
+        self._order = itertools.count()
+        self._wake = trio.Event()
+
+    @property
+    def faults(self) -> FaultCounts:
+        """Counts summed over every source's link."""
+        total = FaultCounts()
+        for link in self._links.values():
+            total += link.counts
+        return total
+
+    def _link(self, source) -> _Link:
+        link = self._links.get(source)
+        if link is None:
+            link = self._links[source] = _Link(self.rules, f"{self.seed}|{source}".encode())
+        link.rules = self.rules
+        return link
+
+    def _schedule(self, deliveries, link: _Link) -> None:
+        for at, data in deliveries:
+            heapq.heappush(self._heap, (at, next(self._order), data, link))
+        if deliveries:
+            self._wake.set()
+
+    async def _emit(self, endpoint) -> None:
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            held = math.inf
+            for source, link in self._links.items():
+                self._schedule(link.expire(now), link)
+                if link.held is not None:
+                    held = min(held, link.held[1])
+            due = []
+            while heap and heap[0][0] <= now:
+                _, _, data, link = heapq.heappop(heap)
+                due.append(data)
+                link.counts.delivered += 1
+            if due:
+                sent = 0
+                while sent < len(due):
+                    n = endpoint.send_batch(due[sent:])
+                    sent += n
+                    if n == 0:
+                        await endpoint.wait_writable()
+                self.emitted += len(due)
+                await trio.lowlevel.checkpoint()
+                continue
+            deadline = min(heap[0][0] if heap else math.inf, held)
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+
+
+async def serve_fault_relay(
+    source_group: str,
+    source_port: int,
+    target_group: str,
+    target_port: int,
+    rules: LinkRules | None = None,
+    *,
+    seed: int = 0,
+    interface=None,
+    target_interface=None,
+    ttl: int = 1,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Relay ``source_group:source_port`` to ``target_group:target_port``,
+    applying ``rules``; for ``await nursery.start(serve_fault_relay, ...)``.
+
+    ``task_status.started()`` gets the :class:`FaultRelay` once the source
+    group is joined. Interfaces default to loopback.
+
+    Cancellation: the only way to stop it; datagrams not yet re-emitted are
+    dropped, the group is left and both sockets are closed.
+    """
+    relay = FaultRelay(rules if rules is not None else LinkRules(), seed)
+    in_spec = _sockets.resolve_group(source_group, source_port, interface=interface)
+    out_spec = _sockets.resolve_group(target_group, target_port, interface=target_interface, ttl=ttl)
+    if (in_spec.group, in_spec.port) == (out_spec.group, out_spec.port):
+        raise ValueError(f"the relay would feed itself: source and target are both {in_spec.group} "
+                         f"port {in_spec.port}")
+    network = current_network()
+    receiver = network.open_receiver(in_spec, rcvbuf=_sockets.DEFAULT_RCVBUF)
+    try:
+        sender = network.open_sender(out_spec)
+        try:
+            batch = _batchio.ReceiveBatch(64, 65536)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay._emit, sender)
+                task_status.started(relay)
+                while True:
+                    n = receiver.receive_batch(batch)
+                    if n == 0:
+                        await receiver.wait_readable()
+                        continue
+                    now = trio.current_time()
+                    for i in range(n):
+                        link = relay._link(batch.source(i))
+                        relay._schedule(link.process(bytes(batch.datagram(i)), now), link)
+                    relay.received += n
+                    await trio.lowlevel.checkpoint()
+        finally:
+            sender.close()
+    finally:
+        receiver.close()
