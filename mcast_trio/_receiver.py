@@ -19,7 +19,6 @@ decoded batches to ``batches()``.
 from __future__ import annotations
 
 import socket
-import time
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,7 +67,10 @@ class ReceiverStatistics:
         dropped_chunks: channel items dropped.
         kernel_drops: datagrams the kernel dropped for lack of buffer space
             (``SO_RXQ_OVFL``), or None where the OS does not report it.
-        lost, duplicates, reordered, restarts: sums over ``senders``.
+        lost: sum over ``senders``.
+        duplicates: sum over ``senders``.
+        reordered: sum over ``senders``.
+        restarts: sum over ``senders``.
         senders: per-sender :class:`SenderStats`, keyed by source address
             ``(host, port)`` (raw readouts: by readout id) or
             ``(host, port, sender_id)`` (native framing: by sequence number).
@@ -207,8 +209,15 @@ class ReceiverService:
                     # The socket never empties: let other tasks run.
                     await trio.lowlevel.checkpoint()
                     received = 0
-            if self._decoder is not None:
-                self._decoder.expire(time.monotonic())
+            decoder = self._decoder
+            if decoder is not None:
+                decoder.expire(trio.current_time())
+                if decoder.stats.pending:
+                    # Wake up in time to expire incomplete messages even if
+                    # nothing else arrives.
+                    with trio.move_on_after(config.reassembly["timeout"] / 4):
+                        await endpoint.wait_readable()
+                    continue
             await endpoint.wait_readable()
 
     def _account(self, batch, n: int, endpoint) -> None:
@@ -246,7 +255,8 @@ class ReceiverService:
         if not self._accept_all:
             view = memoryview(batch.buffer)
             for i in range(n):
-                if keep[i] and not self._accept(None, view[offsets[i]:offsets[i] + lengths[i]], None):
+                payload = view[offsets[i]:offsets[i] + lengths[i]].tobytes()
+                if keep[i] and not self._accept(None, payload, self._source(batch, i)):
                     keep[i] = False
                     self._filtered += 1
         if not keep.all():
@@ -297,7 +307,7 @@ class ReceiverService:
         lengths = batch.lengths
         truncated = batch.truncated
         decoder = self._decoder
-        now = time.monotonic()
+        now = trio.current_time()
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
@@ -534,19 +544,35 @@ class MulticastReceiver:
                 return
             yield item
 
-    async def batches(self) -> AsyncIterator[DecodedBatch]:
-        """Yield one :class:`DecodedBatch` per receive batch (readout mode).
+    async def receive_batch(self) -> DecodedBatch:
+        """Return the next :class:`DecodedBatch` (readout mode): the readouts
+        of one receive batch, decoded together.
 
-        Cancellation: safe between batches.
+        Raises:
+            trio.EndOfChannel: the receiver was closed.
+            TypeError: the receiver has no ``readout_class``.
+
+        Cancellation: safe; a batch is never lost by cancelling the wait.
         """
         if self._service.config.readout_class is None:
-            raise TypeError("batches() needs a receiver opened with readout_class=")
+            raise TypeError("receive_batch() needs a receiver opened with readout_class=")
+        if self._pending:
+            raise RuntimeError("receive_batch() after receive(): use one style per receiver")
+        chunk = await self._channel.receive()
+        return chunk.batch
+
+    async def batches(self) -> AsyncIterator[DecodedBatch]:
+        """Yield one :class:`DecodedBatch` per receive batch (readout mode),
+        until the receiver is closed.
+
+        Cancellation: as :meth:`receive_batch`, between batches.
+        """
         while True:
             try:
-                chunk = await self._channel.receive()
+                batch = await self.receive_batch()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
-            yield chunk.batch
+            yield batch
 
 
 @asynccontextmanager

@@ -361,7 +361,10 @@ class MemoryNetwork:
         their random generator and counts but take the new rules)."""
         if not isinstance(rules, LinkRules):
             raise TypeError(f"rules={rules!r} must be a LinkRules")
-        self._rules[(group, source)] = rules
+        if group is None and source is None:
+            self.default_rules = rules
+        else:
+            self._rules[(group, source)] = rules
         for receiver in self.receivers:
             for key, link in receiver.links.items():
                 link.rules = self._rules_for(receiver.spec.group, key[0])

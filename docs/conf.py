@@ -1,0 +1,66 @@
+"""Sphinx configuration of the mcast_trio documentation.
+
+Built in CI with ``sphinx-build -W --keep-going -b html docs <out>`` (``make
+docs``): every warning is an error. The build needs no network: no
+intersphinx inventories are downloaded, and the package itself must be
+importable (installed in the venv, or built in place and on ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import mcast_trio
+
+project = "mcast_trio"
+author = "mcast_trio developers"
+copyright = "mcast_trio developers"
+release = mcast_trio.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+]
+
+# No intersphinx: CI has no network access apart from package registries.
+# References to the standard library, numpy or trio render as plain text.
+
+source_suffix = {".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+templates_path: list[str] = []
+
+# Unresolvable references (numpy, trio, stdlib types in signatures) are not
+# errors: without intersphinx they cannot be resolved.
+nitpicky = False
+
+# -- autodoc / napoleon -------------------------------------------------------
+
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
+autodoc_member_order = "bysource"
+autodoc_preserve_defaults = True
+autodoc_class_signature = "mixed"
+# Base classes are shown only where they matter (exceptions, enums), with
+# :show-inheritance: in api.rst; "Bases: object" everywhere would be noise.
+autodoc_default_options: dict[str, object] = {}
+
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_include_init_with_doc = False
+# "Attributes:" sections become ":ivar:" fields, not indexed objects: otherwise
+# an attribute named like a builtin (``SenderStatistics.bytes``) becomes a
+# fuzzy target for every ``bytes`` type annotation.
+napoleon_use_ivar = True
+napoleon_use_rtype = True
+# "Cancellation:" paragraphs in docstrings are rendered as plain text; "Warns:"
+# and "Yields:" are standard napoleon sections.
+
+# -- HTML ---------------------------------------------------------------------
+
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "Multicast DAQ readouts to passive monitors, under trio",
+    "fixed_sidebar": True,
+}
+html_static_path: list[str] = []
+html_show_sourcelink = False
