@@ -590,7 +590,8 @@ def test_sigkill_mid_stream_leaves_only_complete_records(tmp_path, policy):
     package_root = str(pathlib.Path(mcast_trio.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path), policy], stdout=subprocess.PIPE, env=env
+        [sys.executable, "-c", _CHILD, str(path), policy], stdout=subprocess.PIPE, env=env,
+        cwd=path.parent,  # not the repository: import the installed package
     )
     try:
         assert child.stdout.readline() == b"started\n"
@@ -654,7 +655,8 @@ def test_sigkill_during_a_large_write_is_reported_as_truncated(tmp_path):
     small = [AstroPix4Readout(bytes([0xBC, 0xE0 + i]) * 8, i, i).to_bytes() for i in range(3)]
     for attempt in range(3):
         path = tmp_path / f"big{attempt}.apx"
-        child = subprocess.Popen([sys.executable, "-c", _CHILD_BIG, str(path)], stdout=subprocess.PIPE, env=env)
+        child = subprocess.Popen([sys.executable, "-c", _CHILD_BIG, str(path)], stdout=subprocess.PIPE, env=env,
+                                 cwd=path.parent)
         try:
             assert child.stdout.readline() == b"started\n"
             deadline = time.monotonic() + 30
