@@ -230,7 +230,7 @@ class ApxReader:
 
     @property
     def metadata(self) -> dict:
-        """The header without ``readout_uid`` (a new dict): the run
+        """Return the header without ``readout_uid``, as a new dict: the run
         configuration and whatever else the writer put there."""
         return {key: value for key, value in self.header.items() if key != "readout_uid"}
 

@@ -32,7 +32,8 @@ from . import _batchio, _sockets
 from ._net import current_network
 from ._batch import DecodedBatch, decode_readouts
 from ._errors import MalformedFrame
-from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter
+from ._format import HEADER, HEADER_SIZE
+from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
 from ._tracking import SenderStats, SenderTable
 
 __all__ = [
@@ -112,6 +113,14 @@ class _ReadoutChunk:
 
     def size(self) -> int:
         return len(self.lengths)
+
+
+def _readout_id(datagram: bytes) -> int | None:
+    """The readout id of a well-formed serialized readout, else None."""
+    if (len(datagram) >= HEADER_SIZE and datagram[:3] == HEADER
+            and int.from_bytes(datagram[15:19], "little") == len(datagram) - HEADER_SIZE):
+        return int.from_bytes(datagram[3:7], "little")
+    return None
 
 
 def _chunk_size(chunk) -> int:
@@ -252,13 +261,20 @@ class ReceiverService:
         offsets = batch.offsets[:n]
         lengths = batch.lengths[:n]
         keep = batch.truncated[:n] == 0
+        rejected = None  # (position, readout id) of readouts the filter rejected
         if not self._accept_all:
             view = memoryview(batch.buffer)
+            rejected = []
             for i in range(n):
+                if not keep[i]:
+                    continue
                 payload = view[offsets[i]:offsets[i] + lengths[i]].tobytes()
-                if keep[i] and not self._accept(None, payload, self._source(batch, i)):
+                if not self._accept(None, payload, self._source(batch, i)):
                     keep[i] = False
                     self._filtered += 1
+                    rid = _readout_id(payload)
+                    if rid is not None:
+                        rejected.append((i, rid))
         if not keep.all():
             offsets = offsets[keep]
             lengths = lengths[keep]
@@ -266,6 +282,8 @@ class ReceiverService:
         else:
             index = None
         if len(lengths) == 0:
+            if rejected:
+                self._track_pairs(batch, rejected)
             return
         decoded = decode_readouts(batch.buffer, lengths, offsets=offsets, extra_bytes=self._extra,
                                   last_id=self._last_id, carry="consecutive")
@@ -280,24 +298,32 @@ class ReceiverService:
             good = None
         self._readouts += len(rows) - len(decoded.errors)
         self._hits += len(decoded.hits)
-        self._track_readouts(batch, rows, good, index)
+        self._track_readouts(batch, rows, good, index, rejected)
         view = memoryview(batch.buffer)
         data = b"".join([view[o:o + m] for o, m in zip(offsets.tolist(), lengths.tolist())])
         await self._deliver(_ReadoutChunk(data, lengths.copy(), decoded))
 
-    def _track_readouts(self, batch, rows, good, index) -> None:
+    def _track_readouts(self, batch, rows, good, index, rejected=None) -> None:
         ids = rows.readout_id if good is None else rows.readout_id[good]
-        if len(ids) == 0:
-            return
         positions = np.arange(len(rows)) if good is None else np.flatnonzero(good)
         if index is not None:
             positions = index[positions]
+        if rejected:
+            # Readouts a filter rejected were received all the same: they are
+            # no loss. Account for them in arrival order with the others.
+            self._track_pairs(batch, sorted([*zip(positions.tolist(), ids.tolist()), *rejected]))
+            return
+        if len(ids) == 0:
+            return
         first = int(positions[0])
         if self._single_source(batch, positions):
             tracker = self._senders.tracker(self._source(batch, first))
             tracker.observe_many(ids)
             return
-        for pos, rid in zip(positions.tolist(), ids.tolist()):
+        self._track_pairs(batch, zip(positions.tolist(), ids.tolist()))
+
+    def _track_pairs(self, batch, pairs) -> None:
+        for pos, rid in pairs:
             self._senders.observe(self._source(batch, pos), rid)
 
     async def _message_batch(self, batch, n: int) -> None:
@@ -307,6 +333,7 @@ class ReceiverService:
         lengths = batch.lengths
         truncated = batch.truncated
         decoder = self._decoder
+        native = isinstance(decoder, NativeDecoder)
         now = trio.current_time()
         out: list[Message] = []
         for i in range(n):
@@ -317,6 +344,7 @@ class ReceiverService:
             if decoder is None:
                 message = Message(None, bytes(datagram), source)
             else:
+                filtered = decoder.filtered
                 try:
                     message = decoder.feed(datagram, source, now)
                 except MalformedFrame as exc:
@@ -324,6 +352,11 @@ class ReceiverService:
                     self._last_error = str(exc)
                     continue
                 if message is None:
+                    if native and decoder.filtered != filtered:
+                        # Rejected by topic, but received: not a loss.
+                        header = parse_header(datagram)
+                        if header.index == 0:
+                            self._senders.observe((*source, header.sender_id), header.sequence)
                     continue
                 if message.sender_id is not None:
                     self._senders.observe((*source, message.sender_id), message.sequence)

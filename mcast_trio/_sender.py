@@ -90,8 +90,10 @@ class MulticastSender:
         self._errors = 0
         self._unsent = 0
         self._queued = 0
+        self._inflight = 0  # datagrams of the batch being transmitted, not yet sent
         self._last_error: str | None = None
         self._closed = False
+        self._drained = trio.lowlevel.ParkingLot()
 
     # -- public API --------------------------------------------------------
 
@@ -121,9 +123,7 @@ class MulticastSender:
         Blocks while the queue is full. Cancellation: if cancelled, the
         message was not queued.
         """
-        datagrams = self._encode(data, topic)
-        await self._send_channel.send(datagrams)
-        self._account(datagrams)
+        await self._put(self._encode(data, topic))
 
     def send_nowait(self, data, *, topic=None) -> None:
         """Like :meth:`send` but never blocks.
@@ -145,9 +145,7 @@ class MulticastSender:
         """
         data = readout.to_bytes()
         if self._framing == "auto":
-            datagrams = encode_raw(data)
-            await self._send_channel.send(datagrams)
-            self._account(datagrams)
+            await self._put(encode_raw(data))
         else:
             await self.send(data)
 
@@ -173,8 +171,18 @@ class MulticastSender:
         if not datagrams:
             await trio.lowlevel.checkpoint()
             return
-        await self._send_channel.send(datagrams)
-        self._account(datagrams, count)
+        await self._put(datagrams, count)
+
+    async def flush(self) -> None:
+        """Wait until every datagram queued so far has been handed to the
+        kernel (or counted as an error).
+
+        Cancellation: safe; cancelling the wait does not affect sending.
+        """
+        if self._queued:
+            await self._drained.park()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def statistics(self) -> SenderStatistics:
         """Return a frozen snapshot of the counters."""
@@ -196,6 +204,38 @@ class MulticastSender:
         self._messages += messages
         self._queued += len(datagrams)
 
+    async def _put(self, datagrams: list[bytes], messages: int = 1) -> None:
+        # Count the datagrams as queued *before* the hand-off: once the
+        # channel has them, the sender task may send them (and count them
+        # out) before this task resumes. A send that raises queued nothing.
+        count = len(datagrams)
+        self._queued += count
+        try:
+            await self._send_channel.send(datagrams)
+        except BaseException:
+            self._queued -= count
+            raise
+        self._messages += messages
+
+    def _drop_queued(self) -> None:
+        """The sender task has stopped: count what it never sent as unsent.
+
+        Counts exactly the datagrams still in the channel (taking over those
+        of senders blocked on it, whose ``send`` then succeeds) and the rest
+        of the batch being transmitted; a concurrent ``send`` that fails
+        un-counts its own datagrams.
+        """
+        left = self._inflight
+        self._inflight = 0
+        while True:
+            try:
+                item = self._receive_channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            left += len(item)
+        self._queued -= left
+        self._unsent += left
+
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The sender task: channel -> socket, in batches, in order."""
         receive = self._receive_channel
@@ -214,11 +254,11 @@ class MulticastSender:
                         batch = list(batch)
                         copied = True
                     batch.extend(more)
+                self._inflight = len(batch)
                 await self._transmit(batch)
         except BaseException:
             # Cancelled (or failed): whatever was queued never left.
-            self._unsent += self._queued
-            self._queued = 0
+            self._drop_queued()
             raise
 
     async def _transmit(self, datagrams: list[bytes]) -> None:
@@ -234,6 +274,7 @@ class MulticastSender:
                 self._errors += 1
                 self._last_error = f"{exc} (datagram of {len(datagrams[i])} bytes)"
                 self._queued -= 1
+                self._inflight -= 1
                 i += 1
                 continue
             self._syscalls += 1
@@ -241,10 +282,13 @@ class MulticastSender:
                 self._datagrams += sent
                 self._bytes += sum(map(len, datagrams[i:i + sent]))
                 self._queued -= sent
+                self._inflight -= sent
                 i += sent
             else:
                 self._waits += 1
                 await endpoint.wait_writable()
+        if self._queued == 0:
+            self._drained.unpark_all()
         await trio.lowlevel.checkpoint()
 
     def _close_input(self) -> None:
@@ -331,12 +375,16 @@ async def open_sender(
     endpoint = network.open_sender(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
     try:
         sender = MulticastSender(spec, endpoint, framing, topic, encoder, queue_size)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sender._run)
-            try:
-                yield sender
-            finally:
-                sender._close_input()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sender._run)
+                try:
+                    yield sender
+                finally:
+                    sender._close_input()
+        finally:
+            # Anything queued after the sender task stopped never leaves.
+            sender._drop_queued()
     finally:
         endpoint.close()
 

@@ -371,8 +371,8 @@ class DaqSimulator:
         """Generate the next ``n`` readouts (vectorized).
 
         Returns:
-            A :class:`SimBatch`: the serialized readouts in one buffer, their
-            ids and timestamps, and the ground-truth hits.
+            SimBatch: the serialized readouts in one buffer, their ids and
+            timestamps, and the ground-truth hits.
         """
         n = _int_arg("n", n, 0)
         batch = self._generate(n)

@@ -57,9 +57,11 @@ async def test_raw_mode_statistics_equal_injected_faults(seed):
         async with open_receiver(GROUP, PORT, readout_class=AstroPix4Readout, queue_size=4096) as rx:
             async with open_sender(GROUP, PORT) as tx:
                 await tx.send_readout(sim.readouts(1)[0])
+                await tx.flush()  # rules apply when datagrams leave, not when queued
                 net.set_rules(LinkRules(loss=0.05, duplicate=0.05, reorder=0.08))
                 for _ in range(10):
                     await tx.send_many(sim.generate(100).datagrams())
+                await tx.flush()
                 net.set_rules(LinkRules())
                 await tx.send_readout(sim.readouts(1)[0])
             injected = net.faults
@@ -82,9 +84,11 @@ async def test_native_mode_statistics_equal_injected_faults(seed):
         async with open_receiver(GROUP, PORT, framing="native", queue_size=4096) as rx:
             async with open_sender(GROUP, PORT, framing="native", topic="t") as tx:
                 await tx.send(b"first")
+                await tx.flush()
                 net.set_rules(LinkRules(loss=0.04, duplicate=0.04, reorder=0.06))
                 for i in range(800):
                     await tx.send(b"message %d" % i)
+                await tx.flush()
                 net.set_rules(LinkRules())
                 await tx.send(b"last")
             injected = net.faults

@@ -27,3 +27,8 @@ __all__ = [
     "serve_fault_relay",
     "use_network",
 ]
+
+from .. import _fixup_module_metadata  # noqa: E402
+
+_fixup_module_metadata(globals(), __all__, "mcast_trio.testing")
+
