@@ -329,9 +329,9 @@ class MemoryNetwork:
         seed: seed of the per-link random generators.
 
     Use :meth:`set_rules` to give some links other rules (by group and/or
-    sender source address), :attr:`receivers` to find a receiver's endpoint
-    (in the order they joined) and its :attr:`MemoryReceiver.faults`, and
-    :attr:`faults` for the totals.
+    sender source address), ``receivers`` (a list, in the order they joined)
+    to find a receiver's endpoint and its ``faults``, ``senders`` likewise,
+    and :attr:`faults` for the totals.
 
     Only the group (and port) route datagrams: interfaces and TTLs are
     accepted and ignored. The network must be used from trio tasks of one
