@@ -77,7 +77,8 @@ class ReceiverStatistics:
             ``(host, port, sender_id)`` (native framing: by sequence number).
         reassembly: fragment reassembly counters (framed modes) or None.
         rcvbuf: receive buffer size the kernel granted.
-        last_error: the message of the last malformed datagram, or None.
+        last_error: what was wrong with the last malformed or truncated
+            datagram, or None.
     """
 
     datagrams: int = 0
@@ -236,6 +237,8 @@ class ReceiverService:
         truncated = int(batch.truncated[:n].sum())
         if truncated:
             self._truncated += truncated
+            self._last_error = (f"a datagram longer than max_datagram_size={batch.slot_size}"
+                                " bytes was truncated and skipped")
         drops = endpoint.kernel_drops(batch)
         if drops is not None:
             self._kernel_drops = drops
@@ -397,7 +400,12 @@ class ReceiverService:
             self._dropped_chunks += 1
             return
         if policy == "block":
-            await send.send(chunk)
+            try:
+                await send.send(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The consumer went away while we waited for it.
+                self._dropped += _chunk_size(chunk)
+                self._dropped_chunks += 1
         elif policy == "drop_newest":
             self._dropped += _chunk_size(chunk)
             self._dropped_chunks += 1
@@ -557,7 +565,9 @@ class MulticastReceiver:
         """Return the next readout (or :class:`Message`).
 
         Raises:
-            trio.EndOfChannel: the receiver was closed.
+            trio.EndOfChannel: the receive task has stopped and everything it
+                delivered was received.
+            trio.ClosedResourceError: the ``open_receiver`` block was left.
 
         Cancellation: safe; nothing is lost when cancelled while waiting.
         """
@@ -582,7 +592,9 @@ class MulticastReceiver:
         of one receive batch, decoded together.
 
         Raises:
-            trio.EndOfChannel: the receiver was closed.
+            trio.EndOfChannel: the receive task has stopped and everything it
+                delivered was received.
+            trio.ClosedResourceError: the ``open_receiver`` block was left.
             TypeError: the receiver has no ``readout_class``.
 
         Cancellation: safe; a batch is never lost by cancelling the wait.

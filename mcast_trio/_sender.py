@@ -177,12 +177,25 @@ class MulticastSender:
         """Wait until every datagram queued so far has been handed to the
         kernel (or counted as an error).
 
+        Returns as soon as those datagrams are done with, even while other
+        tasks keep sending; also when the sender stops and counts them as
+        ``unsent``.
+
         Cancellation: safe; cancelling the wait does not affect sending.
         """
-        if self._queued:
-            await self._drained.park()
-        else:
+        target = self._settled() + self._queued
+        if self._flushed(target):
             await trio.lowlevel.checkpoint()
+            return
+        while not self._flushed(target):
+            await self._drained.park()
+
+    def _settled(self) -> int:
+        return self._datagrams + self._errors + self._unsent
+
+    def _flushed(self, target: int) -> bool:
+        # queued == 0 also covers sends that failed after flush() began.
+        return self._queued == 0 or self._settled() >= target
 
     def statistics(self) -> SenderStatistics:
         """Return a frozen snapshot of the counters."""
@@ -214,6 +227,7 @@ class MulticastSender:
             await self._send_channel.send(datagrams)
         except BaseException:
             self._queued -= count
+            self._drained.unpark_all()
             raise
         self._messages += messages
 
@@ -235,6 +249,7 @@ class MulticastSender:
             left += len(item)
         self._queued -= left
         self._unsent += left
+        self._drained.unpark_all()
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The sender task: channel -> socket, in batches, in order."""
@@ -287,8 +302,7 @@ class MulticastSender:
             else:
                 self._waits += 1
                 await endpoint.wait_writable()
-        if self._queued == 0:
-            self._drained.unpark_all()
+        self._drained.unpark_all()  # flush() callers re-check their target
         await trio.lowlevel.checkpoint()
 
     def _close_input(self) -> None:
