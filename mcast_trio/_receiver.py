@@ -391,6 +391,13 @@ class ReceiverService:
         send = self._send
         try:
             send.send_nowait(chunk)
+            state = send.statistics()
+            if state.current_buffer_used * 2 > state.max_buffer_size:
+                # The consumer is falling behind while the socket keeps
+                # delivering: let it run now rather than after max_per_wake
+                # datagrams, or the overflow policy drops what it could have
+                # handled.
+                await trio.lowlevel.checkpoint()
             return
         except trio.WouldBlock:
             pass
