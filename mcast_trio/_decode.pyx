@@ -188,7 +188,8 @@ cdef Py_ssize_t _walk(const uint8_t* d, Py_ssize_t n,
             olen -= 1
         if has_extra:
             if extra_len + olen == 8:
-                memcpy(word, extra, extra_len)
+                if extra_len > 0:  # extra may be NULL when empty: memcpy(NULL) is UB
+                    memcpy(word, extra, extra_len)
                 memcpy(word + extra_len, d + cur, olen)
                 _fill(&out[nh], word, readout_id, timestamp, <uint32_t>nh)
                 nh += 1
