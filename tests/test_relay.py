@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from functools import partial
 
 import pytest
@@ -192,7 +193,8 @@ async def test_relay_between_a_separate_sender_process_and_a_receiver():
         async with open_receiver(group_b, port_b, AstroPix4Readout, queue_size=4096) as rx:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-c", _SENDER, group_a, str(port_a), str(bulk)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=os.environ.copy())
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=os.environ.copy(),
+                cwd=tempfile.gettempdir())  # not the repository: import the installed package
             try:
                 lines = b""
 
