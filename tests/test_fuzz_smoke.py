@@ -120,18 +120,34 @@ def test_engine_catches_and_shrinks_an_undocumented_exception(tmp_path):
     assert "bytes.fromhex('fedcbaff')" in str(crash)
 
 
-def test_engine_catches_memory_growth():
-    kept = []
+_LEAKY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fuzz_engine
 
-    def leaky(data: bytes) -> frozenset:
-        kept.append(bytearray(b"\x01") * 8192)  # touched pages: they count in RSS
-        return frozenset()
+kept = []
 
-    result = fuzz_engine.run_mutational("leaky", runs=3000, seed=0, warmup=500, rss_limit_mb=4.0,
-                                        run=leaky, seeds=[b"x"])
-    kept.clear()
-    assert not result.ok and result.rss_growth_mib > 8, result.line()
-    assert "RSS grew" in result.message
+def leaky(data):
+    kept.append(bytearray(b"\\x01") * 8192)  # 8 KiB of touched pages per input
+    return frozenset()
+
+result = fuzz_engine.run_mutational("leaky", runs=3000, seed=0, warmup=500, rss_limit_mb=4.0,
+                                    run=leaky, seeds=[b"x"])
+print(result.ok, result.rss_growth_mib, repr(result.message))
+"""
+
+
+def test_engine_catches_memory_growth(tmp_path):
+    # In a fresh process: in this long-lived one, freed heap from earlier
+    # tests would absorb the leak without any growth of the RSS.
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _LEAKY, str(FUZZ)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ok, growth, message = proc.stdout.split(maxsplit=2)
+    assert ok == "False" and float(growth) > 8, proc.stdout
+    assert "RSS grew" in message
 
 
 _SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
