@@ -391,3 +391,33 @@ def sendmmsg(int fd, datagrams, const uint8_t[::1] name=None):
         PyMem_Free(views)
         PyMem_Free(ptrs)
         PyMem_Free(lens)
+
+
+from cpython.bytes cimport PyBytes_GET_SIZE, PyBytes_AS_STRING
+
+
+def raw_datagrams(list items, bint readouts):
+    """True if every item of ``items`` is a ``bytes`` object of at most 65507
+    bytes and, with ``readouts``, a well-formed serialized AstroPix readout
+    (header ``fe dc ba``, length field = size - 19): such a list can be sent
+    as it is, one datagram per item, in raw (and auto) framing."""
+    cdef Py_ssize_t n
+    cdef const unsigned char *p
+    cdef object obj
+    cdef uint32_t declared
+    for obj in items:
+        if type(obj) is not bytes:
+            return False
+        n = PyBytes_GET_SIZE(obj)
+        if n > 65507:
+            return False
+        if readouts:
+            if n < 19:
+                return False
+            p = <const unsigned char *>PyBytes_AS_STRING(obj)
+            if p[0] != 0xfe or p[1] != 0xdc or p[2] != 0xba:
+                return False
+            declared = p[15] | (<uint32_t>p[16] << 8) | (<uint32_t>p[17] << 16) | (<uint32_t>p[18] << 24)
+            if declared != <uint32_t>(n - 19):
+                return False
+    return True

@@ -458,7 +458,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 
 def _configure(
     group, port, readout_class=None, *, interface=None, source=None, framing=None, topics=None,
-    filter=None, overflow="drop_oldest", batch_size=64, max_datagram_size=65535,
+    filter=None, overflow="drop_oldest", batch_size=256, max_datagram_size=65535,
     max_per_wake=4096, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
     reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
 ) -> _Config:
@@ -532,6 +532,21 @@ async def serve_receiver(group, port, send_channel, readout_class=None, *, drop_
                 drop_channel.close()
 
 
+async def _next_chunk(channel):
+    """The next chunk of ``channel``, without a schedule point when one is
+    queued (still a cancellation point).
+
+    The receive task queues up to ``max_per_wake / batch_size`` chunks per
+    turn; a consumer that took one chunk per turn would fall behind by that
+    factor and the overflow policy would drop the rest.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        return channel.receive_nowait()
+    except trio.WouldBlock:
+        return await channel.receive()
+
+
 class MulticastReceiver:
     """The consumer side of a receiver; made by :func:`open_receiver`.
 
@@ -579,7 +594,7 @@ class MulticastReceiver:
         Cancellation: safe; nothing is lost when cancelled while waiting.
         """
         while not self._pending:
-            chunk = await self._channel.receive()
+            chunk = await _next_chunk(self._channel)
             self._pending.extend(self._items(chunk))
         return self._pending.popleft()
 
@@ -610,7 +625,7 @@ class MulticastReceiver:
             raise TypeError("receive_batch() needs a receiver opened with readout_class=")
         if self._pending:
             raise RuntimeError("receive_batch() after receive(): use one style per receiver")
-        chunk = await self._channel.receive()
+        chunk = await _next_chunk(self._channel)
         return chunk.batch
 
     async def batches(self) -> AsyncIterator[DecodedBatch]:
@@ -639,7 +654,11 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         readout_class: e.g. :class:`AstroPix4Readout`: items are readouts and
             :meth:`MulticastReceiver.batches` yields decoded batches. None:
             items are :class:`Message` objects.
-        queue_size: bound of the channel to the consumer, in receive batches.
+        queue_size: bound of the channel to the consumer, in receive batches
+            (default 256; a batch holds 1 to ``batch_size`` datagrams, so a
+            consumer that stalls under full load may hold up to
+            ``queue_size * batch_size`` readouts before the overflow policy
+            drops any).
         interface: name, index or address of the interface to join on; the
             default is the loopback interface.
         source: receive only from this source (source-specific multicast).
@@ -651,7 +670,7 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             expression searched in the payload.
         overflow: ``"drop_oldest"`` (default), ``"drop_newest"`` or
             ``"block"`` (stalls the socket; for tests).
-        batch_size: datagrams per ``recvmmsg`` call (1..1024).
+        batch_size: datagrams per ``recvmmsg`` call (1..1024, default 256).
         max_datagram_size: receive slot size; larger datagrams are counted as
             truncated and skipped.
         max_per_wake: datagrams handled before a checkpoint when the socket

@@ -20,6 +20,11 @@ from typing import Any, AsyncIterator
 import trio
 
 from . import _sockets
+
+try:
+    from . import _mmsg
+except ImportError:  # not compiled
+    _mmsg = None
 from ._net import current_network
 from ._format import HEADER, HEADER_SIZE
 from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, encode_raw
@@ -75,7 +80,9 @@ class MulticastSender:
     tasks; datagrams leave in the order they were queued.
     """
 
-    def __init__(self, spec, endpoint, framing: str, topic, encoder, queue_size: int) -> None:
+    def __init__(self, spec, endpoint, framing: str, topic, encoder, queue_size: int,
+                 max_queued: int = 65536) -> None:
+        self._max_queued = max_queued
         self._spec = spec
         self._endpoint = endpoint
         self._framing = framing
@@ -132,6 +139,8 @@ class MulticastSender:
             trio.WouldBlock: the queue is full; nothing was queued.
         """
         datagrams = self._encode(data, topic)
+        if self._queued and self._queued + len(datagrams) > self._max_queued:
+            raise trio.WouldBlock
         self._send_channel.send_nowait(datagrams)
         self._account(datagrams)
 
@@ -158,6 +167,13 @@ class MulticastSender:
 
         Cancellation: if cancelled, none of the messages was queued.
         """
+        if (topic is None and type(messages) is list and messages and self._framing in ("raw", "auto")
+                and _mmsg is not None and not self._closed
+                and _mmsg.raw_datagrams(messages, self._framing == "auto")):
+            # Fast path: a list of serialized readouts (raw: of datagrams) as
+            # bytes: they go as they are, checked in C.
+            await self._put(messages[:], len(messages))
+            return
         datagrams: list[bytes] = []
         count = 0
         for message in messages:
@@ -222,6 +238,10 @@ class MulticastSender:
         # channel has them, the sender task may send them (and count them
         # out) before this task resumes. A send that raises queued nothing.
         count = len(datagrams)
+        # Bound the datagrams waiting, not only the channel items (one
+        # send_many is one item); a batch larger than the bound goes alone.
+        while self._queued and self._queued + count > self._max_queued:
+            await self._drained.park()
         self._queued += count
         try:
             await self._send_channel.send(datagrams)
@@ -323,6 +343,7 @@ async def open_sender(
     sender_id: int | None = None,
     max_datagram: int | None = None,
     queue_size: int = 1024,
+    max_queued: int = 65536,
     sndbuf: int | None = None,
     local_address: str | None = None,
     network: Any = None,
@@ -349,7 +370,10 @@ async def open_sender(
         max_datagram: largest datagram of the framed modes (native default:
             1472 for IPv4, 1452 for IPv6).
         queue_size: bound of the memory channel between callers and the
-            sender task (in messages), >= 1.
+            sender task (in messages: one ``send_many`` is one), >= 1.
+        max_queued: most datagrams waiting to be sent at once; ``send``
+            waits (``send_nowait`` raises ``trio.WouldBlock``) beyond it. A
+            single batch larger than this is accepted when nothing waits.
         sndbuf: SO_SNDBUF to request, or None for the system default.
         local_address: bind to this unicast address of the host first (so
             that receivers with a source-specific membership accept the
@@ -369,6 +393,8 @@ async def open_sender(
         raise ValueError(f"framing={framing!r} is not a framing; allowed: {', '.join(map(repr, FRAMINGS))}")
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size={queue_size!r} is out of range; allowed: an integer >= 1")
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+        raise ValueError(f"max_queued={max_queued!r} is out of range; allowed: an integer >= 1")
     spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl)
     encoder = None
     if framing in ("auto", "native"):
@@ -388,7 +414,7 @@ async def open_sender(
         network = current_network()
     endpoint = network.open_sender(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
     try:
-        sender = MulticastSender(spec, endpoint, framing, topic, encoder, queue_size)
+        sender = MulticastSender(spec, endpoint, framing, topic, encoder, queue_size, max_queued)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(sender._run)

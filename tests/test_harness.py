@@ -338,3 +338,42 @@ def test_link_rules_validation(kwargs, text):
 
 def test_exports():
     assert mcast_trio.testing.MemoryNetwork is MemoryNetwork
+
+
+async def test_sender_bounds_the_datagrams_waiting():
+    net = MemoryNetwork(seed=0)
+    with use_network(net):
+        async with open_sender(GROUP, PORT, max_queued=100) as tx:
+            readouts = DaqSimulator(seed=1, start_ns=0).readouts(150)
+            # The sender task has not run yet: everything sent now waits.
+            for readout in readouts[:100]:
+                tx.send_nowait(readout.to_bytes())
+            with pytest.raises(trio.WouldBlock):
+                tx.send_nowait(readouts[100].to_bytes())
+            assert tx.statistics().queued == 100
+            # send() waits for room instead, and everything leaves in order.
+            await tx.send_many([r.to_bytes() for r in readouts[100:]])
+            await tx.flush()
+        stats = tx.statistics()
+    assert stats.datagrams == 150 and stats.unsent == 0
+    with pytest.raises(ValueError, match="max_queued=0 is out of range"):
+        async with open_sender(GROUP, PORT, max_queued=0):
+            pass
+
+
+async def test_send_many_fast_path_and_mixed_lists_send_the_same_bytes():
+    net = MemoryNetwork(seed=0)
+    readouts = DaqSimulator(seed=2, start_ns=0).readouts(20)
+    wire = [r.to_bytes() for r in readouts]
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="raw") as rx:
+            async with open_sender(GROUP, PORT) as tx:
+                await tx.send_many(wire[:10])  # all serialized readouts: the compiled check
+                await tx.send_many([readouts[10], wire[11], bytearray(wire[12]), *wire[13:]])  # mixed
+                await tx.send_many([b"not a readout"])  # auto framing: native frame
+            got = []
+            with trio.fail_after(2):
+                while len(got) < 21:
+                    got.append((await rx.receive()).payload)
+    assert got[:20] == wire
+    assert got[20].startswith(b"MCTR")
