@@ -421,3 +421,67 @@ def raw_datagrams(list items, bint readouts):
             if declared != <uint32_t>(n - 19):
                 return False
     return True
+
+
+from libc.string cimport memcmp, memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+
+def batch_summary(const int64_t[::1] lengths, const uint8_t[::1] truncated,
+                  const uint8_t[::1] families, const uint8_t[:, ::1] addresses,
+                  const uint16_t[::1] ports, Py_ssize_t n):
+    """``(total_bytes, truncated_count, single_source)`` of the first ``n``
+    datagrams of a receive batch: the per-batch bookkeeping of the receive
+    loop in one pass instead of several numpy calls."""
+    cdef Py_ssize_t i
+    cdef int64_t total = 0
+    cdef Py_ssize_t cut = 0
+    cdef bint same = True
+    if n < 0 or n > lengths.shape[0] or n > truncated.shape[0] or n > families.shape[0] \
+            or n > addresses.shape[0] or n > ports.shape[0] or addresses.shape[1] != 16:
+        raise ValueError(f"n={n} does not fit the batch arrays")
+    with nogil:
+        for i in range(n):
+            total += lengths[i]
+            cut += truncated[i] != 0
+        for i in range(1, n):
+            if (families[i] != families[0] or ports[i] != ports[0]
+                    or memcmp(&addresses[i, 0], &addresses[0, 0], 16) != 0):
+                same = False
+                break
+    return total, cut, same
+
+
+def gather(const uint8_t[::1] buf, const int64_t[::1] offsets, const int64_t[::1] lengths):
+    """The datagrams ``buf[offsets[k]:offsets[k] + lengths[k]]``, back to back,
+    as one ``bytes`` object (one allocation, one copy each)."""
+    cdef Py_ssize_t k, count = lengths.shape[0]
+    cdef int64_t total = 0
+    cdef Py_ssize_t size = buf.shape[0]
+    if offsets.shape[0] != count:
+        raise ValueError("offsets and lengths differ in length")
+    for k in range(count):
+        if offsets[k] < 0 or lengths[k] < 0 or offsets[k] + lengths[k] > size:
+            raise ValueError(f"datagram {k} does not fit in the {size}-byte buffer")
+        total += lengths[k]
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* dst = <char*>out
+    cdef const uint8_t* src = &buf[0] if size > 0 else NULL
+    with nogil:
+        for k in range(count):
+            if lengths[k]:
+                memcpy(dst, src + offsets[k], <size_t>lengths[k])
+                dst += lengths[k]
+    return out
+
+
+def unit_run(const uint32_t[:] ids):
+    """True if every id follows the previous one by exactly 1 (mod 2**32)."""
+    cdef Py_ssize_t i
+    cdef bint ok = True
+    with nogil:
+        for i in range(1, ids.shape[0]):
+            if <uint32_t>(ids[i] - ids[i - 1]) != 1:
+                ok = False
+                break
+    return ok

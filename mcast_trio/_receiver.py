@@ -30,7 +30,8 @@ import trio
 
 from . import _batchio, _sockets
 from ._net import current_network
-from ._batch import DecodedBatch, decode_readouts
+from . import _mmsg
+from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from ._errors import MalformedFrame
 from ._format import HEADER, HEADER_SIZE
 from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
@@ -166,6 +167,10 @@ class ReceiverService:
         self._accept = make_filter(None if config.framing == "native" else config.topics, config.filter)
         self._accept_all = config.filter is None and (config.topics is None or config.framing == "native")
         self.joined = trio.Event()
+        # Whether chunks carry the datagram bytes (consumers of single
+        # readouts need them; receive_batch()/batches() consumers do not).
+        self.want_bytes = True
+        self._same_source = False
 
     # -- snapshot ------------------------------------------------------------
 
@@ -231,10 +236,11 @@ class ReceiverService:
             await endpoint.wait_readable()
 
     def _account(self, batch, n: int, endpoint) -> None:
-        lengths = batch.lengths[:n]
+        total, truncated, self._same_source = _mmsg.batch_summary(
+            batch.lengths, batch.truncated.view(np.uint8), batch._families, batch._addresses,
+            batch._ports, n)
         self._datagrams += n
-        self._bytes += int(lengths.sum())
-        truncated = int(batch.truncated[:n].sum())
+        self._bytes += total
         if truncated:
             self._truncated += truncated
             self._last_error = (f"a datagram longer than max_datagram_size={batch.slot_size}"
@@ -288,8 +294,8 @@ class ReceiverService:
             if rejected:
                 self._track_pairs(batch, rejected)
             return
-        decoded = decode_readouts(batch.buffer, lengths, offsets=offsets, extra_bytes=self._extra,
-                                  last_id=self._last_id, carry="consecutive")
+        decoded = decode_trusted(batch.buffer, offsets, lengths, self._extra, self._last_id,
+                                 CARRY_MODES["consecutive"])
         self._extra = decoded.extra_bytes
         self._last_id = decoded.last_id
         rows = decoded.readouts
@@ -302,8 +308,9 @@ class ReceiverService:
         self._readouts += len(rows) - len(decoded.errors)
         self._hits += len(decoded.hits)
         self._track_readouts(batch, rows, good, index, rejected)
-        view = memoryview(batch.buffer)
-        data = b"".join([view[o:o + m] for o, m in zip(offsets.tolist(), lengths.tolist())])
+        # The bytes are kept only for consumers of single readouts
+        # (receive()/async for); batches() consumers need the decoded batch.
+        data = _mmsg.gather(batch.buffer, offsets, lengths) if self.want_bytes else None
         await self._deliver(_ReadoutChunk(data, lengths.copy(), decoded))
 
     def _track_readouts(self, batch, rows, good, index, rejected=None) -> None:
@@ -319,7 +326,7 @@ class ReceiverService:
         if len(ids) == 0:
             return
         first = int(positions[0])
-        if self._single_source(batch, positions):
+        if self._same_source or self._single_source(batch, positions):
             tracker = self._senders.tracker(self._source(batch, first))
             tracker.observe_many(ids)
             return
@@ -571,13 +578,16 @@ class MulticastReceiver:
 
     def _items(self, chunk) -> list:
         if isinstance(chunk, _ReadoutChunk):
+            if chunk.data is None:
+                raise RuntimeError("receive() after receive_batch()/batches(): use one style per receiver")
             cls = self._service.config.readout_class
             rows = chunk.batch.readouts
+            malformed = rows.malformed.tolist()
             view = memoryview(chunk.data)
             items = []
             start = 0
             for k, length in enumerate(chunk.lengths.tolist()):
-                if not rows.malformed[k]:
+                if not malformed[k]:
                     items.append(cls.from_bytes(view[start:start + length]))
                 start += length
             return items
@@ -625,6 +635,7 @@ class MulticastReceiver:
             raise TypeError("receive_batch() needs a receiver opened with readout_class=")
         if self._pending:
             raise RuntimeError("receive_batch() after receive(): use one style per receiver")
+        self._service.want_bytes = False
         chunk = await _next_chunk(self._channel)
         return chunk.batch
 

@@ -96,11 +96,24 @@ class SenderStats:
     highest: int | None = None
 
 
+try:
+    import numpy as _np
+
+    from ._mmsg import unit_run as _unit_run
+
+    _U32 = _np.dtype(_np.uint32)
+except ImportError:  # pragma: no cover - not compiled
+    _unit_run = None
+    _U32 = None
+
+
 def _is_unit_run(seqs, modulus: int) -> bool:
     """True if every id in ``seqs`` follows the one before it by exactly 1."""
     if len(seqs) < 2:
         return True
     if hasattr(seqs, "dtype") and modulus == 1 << 32 and seqs.dtype.kind in "ui":
+        if seqs.dtype == _U32 and _unit_run is not None:
+            return _unit_run(seqs)
         import numpy as np
 
         steps = np.diff(seqs.astype(np.uint32, copy=False))  # wraps mod 2**32
