@@ -9,7 +9,6 @@ reference was selected explicitly).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -18,7 +18,6 @@ decoded batches to ``batches()``.
 
 from __future__ import annotations
 
-import socket
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field

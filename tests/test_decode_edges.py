@@ -168,7 +168,7 @@ def test_carry_modes():
     assert never.readouts.n_hits.tolist() == [1, 1]
     # Across batches: extra bytes and last id of one batch feed the next.
     one = decode_readouts([first], carry="consecutive")
-    two = decode_readouts([AstroPix4Readout(h(f"34 45 56 67 78"), 2, 20).to_bytes()],
+    two = decode_readouts([AstroPix4Readout(h("34 45 56 67 78"), 2, 20).to_bytes()],
                           extra_bytes=one.extra_bytes, last_id=one.last_id, carry="consecutive")
     assert len(two.hits) == 1 and two.readouts.status[0] == F.ORPHAN_BYTES_MATCHED
 

@@ -31,57 +31,18 @@ from functools import partial
 import pytest
 import trio
 
+from mcast_trio.testing import isolation_problem
 from mcast_trio import AstroPix4Readout, open_receiver, open_sender
 from mcast_trio.sim import DaqSimulator
 from mcast_trio.testing import LinkRules, serve_fault_relay
 
-LINUX = sys.platform.startswith("linux")
-NETNS_RUN = os.environ.get("NETNS_RUN_INSIDE") == "1"
-
 
 # ---------------------------------------------------------------------------
-# Where are we? (the same decision as tests/test_sockets.py)
+# Where are we? (mcast_trio.testing.isolation_problem)
 # ---------------------------------------------------------------------------
 
 
-def _default_route() -> str | None:
-    """A default route of this namespace, if any (then we must not send)."""
-    try:
-        with open("/proc/net/route") as f:
-            for line in list(f)[1:]:
-                fields = line.split()
-                flags = int(fields[3], 16)
-                if fields[1] == "00000000" and fields[7] == "00000000" and flags & 0x1 \
-                        and not flags & 0x200:
-                    return f"IPv4 default route via {fields[0]}"
-    except OSError:
-        pass
-    try:
-        with open("/proc/net/ipv6_route") as f:
-            for line in f:
-                fields = line.split()
-                flags = int(fields[8], 16)
-                if fields[0] == "0" * 32 and fields[1] == "00" and flags & 0x1 \
-                        and not flags & 0x200:
-                    return f"IPv6 default route via {fields[9]}"
-    except OSError:
-        pass
-    return None
-
-
-def _isolation_problem() -> str | None:
-    if not LINUX:
-        return "relay tests use a Linux network namespace (netns-run)"
-    if not (NETNS_RUN or os.environ.get("MCAST_TRIO_TEST_NETNS") == "1"):
-        return ("not inside a private network namespace: run under"
-                " tools/netns-run (or set MCAST_TRIO_TEST_NETNS=1 in one)")
-    route = _default_route()
-    if route is not None:
-        return f"this network namespace has a {route}; refusing to send multicast from it"
-    return None
-
-
-_PROBLEM = _isolation_problem()
+_PROBLEM = isolation_problem()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
 

@@ -31,6 +31,7 @@ import pytest
 import trio
 import trio.testing
 
+from mcast_trio.testing import isolation_problem, veth_problem
 from mcast_trio import _batchio, _constants
 from mcast_trio._batchio import ReceiveBatch, receive_batch, send_batch
 from mcast_trio._sockets import (
@@ -46,7 +47,6 @@ from mcast_trio._sockets import (
 )
 
 LINUX = sys.platform.startswith("linux")
-NETNS_RUN = os.environ.get("NETNS_RUN_INSIDE") == "1"
 
 
 # ---------------------------------------------------------------------------
@@ -54,57 +54,10 @@ NETNS_RUN = os.environ.get("NETNS_RUN_INSIDE") == "1"
 # ---------------------------------------------------------------------------
 
 
-def _default_route() -> str | None:
-    """A default route of this namespace, if any (then we must not send)."""
-    try:
-        with open("/proc/net/route") as f:
-            for line in list(f)[1:]:
-                fields = line.split()
-                flags = int(fields[3], 16)
-                if fields[1] == "00000000" and fields[7] == "00000000" and flags & 0x1 \
-                        and not flags & 0x200:
-                    return f"IPv4 default route via {fields[0]}"
-    except OSError:
-        pass
-    try:
-        with open("/proc/net/ipv6_route") as f:
-            for line in f:
-                fields = line.split()
-                flags = int(fields[8], 16)
-                if fields[0] == "0" * 32 and fields[1] == "00" and flags & 0x1 \
-                        and not flags & 0x200:
-                    return f"IPv6 default route via {fields[9]}"
-    except OSError:
-        pass
-    return None
-
-
-def _isolation_problem() -> str | None:
-    if not LINUX:
-        return "socket tests use a Linux network namespace (netns-run)"
-    if not (NETNS_RUN or os.environ.get("MCAST_TRIO_TEST_NETNS") == "1"):
-        return ("not inside a private network namespace: run under"
-                " /work/shared/tools/netns-run (or set MCAST_TRIO_TEST_NETNS=1 in one)")
-    route = _default_route()
-    if route is not None:
-        return f"this network namespace has a {route}; refusing to send multicast from it"
-    return None
-
-
-_PROBLEM = _isolation_problem()
+_PROBLEM = isolation_problem()
 netns = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
-
-def _veth_problem() -> str | None:
-    names = {name for _, name in socket.if_nameindex()}
-    if {"mc0", "mc1"} <= names:
-        return None
-    if NETNS_RUN:  # netns-run always creates them: their absence is a failure
-        return None
-    return "no veth pair mc0/mc1 in this namespace (netns-run creates one)"
-
-
-_VETH = None if _PROBLEM else _veth_problem()
+_VETH = None if _PROBLEM else veth_problem()
 veth = pytest.mark.skipif(_VETH is not None, reason=_VETH or "")
 
 _ports = itertools.count(41000 + os.getpid() % 1000 * 7)

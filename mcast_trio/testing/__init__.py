@@ -14,6 +14,7 @@
 from .._net import SocketNetwork, current_network, use_network
 from ._memory import FaultCounts, LinkRules, MemoryNetwork, MemoryReceiver, MemorySender
 from ._relay import serve_fault_relay, FaultRelay
+from ._isolation import inside_netns_run, isolation_problem, veth_problem
 
 __all__ = [
     "FaultCounts",
@@ -24,8 +25,11 @@ __all__ = [
     "MemorySender",
     "SocketNetwork",
     "current_network",
+    "inside_netns_run",
+    "isolation_problem",
     "serve_fault_relay",
     "use_network",
+    "veth_problem",
 ]
 
 from .. import _fixup_module_metadata  # noqa: E402
