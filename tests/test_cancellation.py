@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
-import struct
 
 import pytest
 import trio
 
-from mcast_trio.testing import isolation_problem
+from mcast_trio.testing import isolation_problem, joined_ipv4_groups, open_fd_count
 from mcast_trio import AstroPix4Readout, open_receiver, open_sender
 from mcast_trio.sim import DaqSimulator
 
@@ -47,19 +45,8 @@ def readouts_for(n: int, seed: int = 0) -> list[AstroPix4Readout]:
     return DaqSimulator(seed, start_ns=0, mean_hits=1.0).readouts(n)
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
-def igmp_groups() -> set[str]:
-    """IPv4 groups joined in this namespace (/proc/net/igmp prints them in hex)."""
-    out = set()
-    with open("/proc/net/igmp") as f:
-        for line in f:
-            fields = line.split()
-            if line.startswith(("\t", " ")) and fields and len(fields[0]) == 8:
-                out.add(socket.inet_ntoa(struct.pack("=I", int(fields[0], 16))))
-    return out
 
 
 def task_count() -> int:
@@ -117,8 +104,8 @@ async def test_cancellation_at_every_task_step_leaks_nothing(ep, sweep):
     readouts = readouts_for(24, seed=1)
     probe = readouts_for(1, seed=2)[0]
     await receive_one(group, port, probe)  # warm up (first-use allocations)
-    fds, tasks = fd_count(), task_count()
-    assert group not in igmp_groups()
+    fds, tasks = open_fd_count(), task_count()
+    assert group not in joined_ipv4_groups()
 
     for k in range(1, MAX_STEPS + 1):
         state: dict = {"got": [], "completed": False}
@@ -145,8 +132,8 @@ async def test_cancellation_at_every_task_step_leaks_nothing(ep, sweep):
             instrument = await run_cancelled_at(k, scenario)
 
         where = f"cancelled before task step {k}"
-        assert fd_count() == fds, f"{where}: a file descriptor leaked"
-        assert group not in igmp_groups(), f"{where}: the group is still joined"
+        assert open_fd_count() == fds, f"{where}: a file descriptor leaked"
+        assert group not in joined_ipv4_groups(), f"{where}: the group is still joined"
         assert task_count() == tasks, f"{where}: a task was left behind"
         got = state["got"]
         assert got == readouts[:len(got)], f"{where}: received {got}"
@@ -165,7 +152,7 @@ async def test_cancellation_at_every_task_step_leaks_nothing(ep, sweep):
             assert k > 20, "the scenario took suspiciously few task steps"
             break
         await receive_one(group, port, probe)
-        assert fd_count() == fds and group not in igmp_groups()
+        assert open_fd_count() == fds and group not in joined_ipv4_groups()
     else:
         pytest.fail(f"the scenario was still being cancelled after {MAX_STEPS} task steps")
 

@@ -31,7 +31,13 @@ import pytest
 import trio
 import trio.testing
 
-from mcast_trio.testing import isolation_problem, veth_problem
+from mcast_trio.testing import (
+    isolation_problem,
+    joined_ipv4_groups,
+    joined_ipv6_groups,
+    open_fd_count,
+    veth_problem,
+)
 from mcast_trio import _batchio, _constants
 from mcast_trio._batchio import ReceiveBatch, receive_batch, send_batch
 from mcast_trio._sockets import (
@@ -120,29 +126,10 @@ def _send_all(sock, datagrams, address=None) -> None:
             select.select([], [sock], [], 0.5)
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
-def _igmp_groups() -> set[str]:
-    """IPv4 groups joined in this namespace, dotted."""
-    out = set()
-    with open("/proc/net/igmp") as f:
-        for line in f:
-            fields = line.split()
-            if line.startswith(("\t", " ")) and fields and len(fields[0]) == 8:
-                out.add(socket.inet_ntoa(struct.pack("=I", int(fields[0], 16))))
-    return out
 
 
-def _igmp6_groups() -> set[tuple[str, str]]:
-    """(interface, group) of the IPv6 groups joined in this namespace."""
-    out = set()
-    with open("/proc/net/igmp6") as f:
-        for line in f:
-            fields = line.split()
-            out.add((fields[1], socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[2]))))
-    return out
 
 
 def _link_local(ifname: str) -> str:
@@ -557,13 +544,13 @@ def test_source_specific_membership_ipv4():
         assert [(d, s[0]) for d, s, _ in _receive_all(rx_2, ReceiveBatch(4, 64), 1)] == [
             (b"from .2", "127.0.0.2")]
         assert _nothing_arrives(rx_1) and _nothing_arrives(rx_2)
-        assert group in _igmp_groups()
+        assert group in joined_ipv4_groups()
     finally:
         for rx, spec in ((rx_any, spec_any), (rx_1, spec_1), (rx_2, spec_2)):
             close_receiver_socket(rx, spec)
         close_sender_socket(tx_1)
         close_sender_socket(tx_2)
-    assert group not in _igmp_groups()
+    assert group not in joined_ipv4_groups()
 
 
 @netns
@@ -583,12 +570,12 @@ def test_source_specific_membership_ipv6():
         assert [(d, s[0]) for d, s, _ in got] == [(b"ssm6-1", mc0_address),
                                                   (b"ssm6-2", mc0_address)]
         assert _nothing_arrives(rx_other)
-        assert ("mc1", group) in _igmp6_groups()
+        assert ("mc1", group) in joined_ipv6_groups()
     finally:
         close_receiver_socket(rx_ok, spec_ok)
         close_receiver_socket(rx_other, spec_other)
         close_sender_socket(tx)
-    assert ("mc1", group) not in _igmp6_groups()
+    assert ("mc1", group) not in joined_ipv6_groups()
 
 
 @netns
@@ -674,7 +661,7 @@ def test_send_batch_to_an_address_and_python_fallback():
 @netns
 @veth
 def test_closing_drops_membership_and_releases_descriptors():
-    base_fds = _fd_count()
+    base_fds = open_fd_count()
     group4, group6 = _group4(), _group6()
     specs = [
         resolve_group(group4, _port()),
@@ -684,27 +671,27 @@ def test_closing_drops_membership_and_releases_descriptors():
     ]
     opened = [(open_receiver_socket(spec)[0], spec) for spec in specs]
     tx = open_sender_socket(specs[0])
-    assert _fd_count() == base_fds + len(specs) + 1
-    assert group4 in _igmp_groups()
-    assert ("mc1", group6) in _igmp6_groups()
+    assert open_fd_count() == base_fds + len(specs) + 1
+    assert group4 in joined_ipv4_groups()
+    assert ("mc1", group6) in joined_ipv6_groups()
     # membership is dropped explicitly, before the close: check after each
     close_receiver_socket(*opened[0])
-    assert group4 in _igmp_groups()  # the SSM socket still holds it
+    assert group4 in joined_ipv4_groups()  # the SSM socket still holds it
     close_receiver_socket(*opened[1])
-    assert group4 not in _igmp_groups()
+    assert group4 not in joined_ipv4_groups()
     for sock, spec in opened[2:]:
         close_receiver_socket(sock, spec)
-    assert ("mc1", group6) not in _igmp6_groups()
+    assert ("mc1", group6) not in joined_ipv6_groups()
     close_sender_socket(tx)
-    assert _fd_count() == base_fds
+    assert open_fd_count() == base_fds
     # the membership is dropped explicitly, not only by the close: with a
     # second descriptor keeping the socket alive, the group must still go
     sock, _ = open_receiver_socket(specs[0])
     twin = os.dup(sock.fileno())
     try:
-        assert group4 in _igmp_groups()
+        assert group4 in joined_ipv4_groups()
         close_receiver_socket(sock, specs[0])
-        assert group4 not in _igmp_groups()
+        assert group4 not in joined_ipv4_groups()
     finally:
         os.close(twin)
     # idempotent and never raising, also on a stdlib socket or a failed open
@@ -715,12 +702,12 @@ def test_closing_drops_membership_and_releases_descriptors():
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     close_receiver_socket(raw, specs[0])  # never joined
     assert raw.fileno() == -1
-    assert _fd_count() == base_fds
+    assert open_fd_count() == base_fds
 
 
 @netns
 def test_open_failures_leak_nothing():
-    base_fds = _fd_count()
+    base_fds = open_fd_count()
     spec = resolve_group(_group4(), _port())
     blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -733,7 +720,7 @@ def test_open_failures_leak_nothing():
         blocker.close()
     with pytest.raises(ValueError, match=r"local_address='::1' is not an IPv4 address"):
         open_sender_socket(spec, local_address="::1")
-    assert _fd_count() == base_fds
+    assert open_fd_count() == base_fds
 
 
 async def _drain(sock, batch, into: list[bytes], want: int) -> None:
@@ -750,7 +737,7 @@ async def test_trio_receive_loop_and_cancellation():
     spec = resolve_group(_group4(), _port())
     rx, _ = open_receiver_socket(spec)
     tx = open_sender_socket(spec)
-    base_groups = _igmp_groups()
+    base_groups = joined_ipv4_groups()
     assert spec.group in base_groups
     got: list[bytes] = []
     batch = ReceiveBatch(16, 256)
@@ -771,7 +758,7 @@ async def test_trio_receive_loop_and_cancellation():
     finally:
         close_receiver_socket(rx, spec)
         close_sender_socket(tx)
-    assert spec.group not in _igmp_groups()
+    assert spec.group not in joined_ipv4_groups()
     assert rx.fileno() == -1 and tx.fileno() == -1
 
 

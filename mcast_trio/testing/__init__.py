@@ -14,7 +14,14 @@
 from .._net import SocketNetwork, current_network, use_network
 from ._memory import FaultCounts, LinkRules, MemoryNetwork, MemoryReceiver, MemorySender
 from ._relay import serve_fault_relay, FaultRelay
-from ._isolation import inside_netns_run, isolation_problem, veth_problem
+from ._isolation import (
+    inside_netns_run,
+    isolation_problem,
+    joined_ipv4_groups,
+    joined_ipv6_groups,
+    open_fd_count,
+    veth_problem,
+)
 
 __all__ = [
     "FaultCounts",
@@ -27,6 +34,9 @@ __all__ = [
     "current_network",
     "inside_netns_run",
     "isolation_problem",
+    "joined_ipv4_groups",
+    "joined_ipv6_groups",
+    "open_fd_count",
     "serve_fault_relay",
     "use_network",
     "veth_problem",

@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 
-__all__ = ["isolation_problem", "veth_problem", "inside_netns_run"]
+__all__ = [
+    "inside_netns_run",
+    "isolation_problem",
+    "joined_ipv4_groups",
+    "joined_ipv6_groups",
+    "open_fd_count",
+    "veth_problem",
+]
 
 _MARKERS = ("NETNS_RUN_INSIDE", "MCAST_TRIO_NETNS", "MCAST_TRIO_TEST_NETNS")
 
@@ -78,3 +86,34 @@ def veth_problem() -> str | None:
     if {"mc0", "mc1"} <= names or inside_netns_run():
         return None
     return "no veth pair mc0/mc1 in this namespace (netns-run creates one)"
+
+
+# -- what a test checks after cancelling: nothing left open or joined ----------
+
+
+def open_fd_count() -> int:
+    """Number of open file descriptors of this process (``/proc/self/fd``)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def joined_ipv4_groups() -> set[str]:
+    """IPv4 groups joined in this network namespace, dotted
+    (``/proc/net/igmp``, which prints them in hex)."""
+    out = set()
+    with open("/proc/net/igmp") as f:
+        for line in f:
+            fields = line.split()
+            if line.startswith(("\t", " ")) and fields and len(fields[0]) == 8:
+                out.add(socket.inet_ntoa(struct.pack("=I", int(fields[0], 16))))
+    return out
+
+
+def joined_ipv6_groups() -> set[tuple[str, str]]:
+    """``(interface, group)`` of the IPv6 groups joined in this network
+    namespace (``/proc/net/igmp6``)."""
+    out = set()
+    with open("/proc/net/igmp6") as f:
+        for line in f:
+            fields = line.split()
+            out.add((fields[1], socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[2]))))
+    return out
