@@ -132,32 +132,49 @@ def _as_contiguous(datagrams, lengths, offsets):
     return view, offs, lens
 
 
-def decode_trusted(buf, offsets: np.ndarray, lengths: np.ndarray, extra_bytes: bytes | None,
-                   last_id: int, carry: int) -> DecodedBatch:
-    """:func:`decode_readouts` for callers inside the package that hand over
-    arrays they built themselves (int64, contiguous, inside ``buf``): the
-    receive loop. Skips the argument checks; the compiled decoder still
-    checks every offset and length against the buffer."""
-    if not _backend.use_compiled():
-        return decode_readouts(buf, lengths, offsets=offsets, extra_bytes=extra_bytes, last_id=last_id,
-                               carry={v: k for k, v in CARRY_MODES.items()}[carry])
-    count = len(lengths)
-    bound = int(lengths.sum()) // 8 + count
-    hits = np.empty(bound, dtype=HIT_DTYPE)
-    readouts = np.zeros(count, dtype=READOUT_DTYPE)
-    n_hits, extra_out, last = _backend.compiled.decode_batch(
-        buf, offsets, lengths, extra_bytes, carry, last_id,
-        hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
-        readouts.view(np.uint8) if count else np.zeros(1, np.uint8))
+def _decode(buf, offs: np.ndarray, lens: np.ndarray, extra_bytes: bytes | None, last_id: int,
+            mode: int) -> DecodedBatch:
+    """Decode validated input with the active backend; one output allocation
+    per batch (an upper bound of the hit count, then a view)."""
+    count = len(lens)
+    if _backend.use_compiled():
+        bound = int(lens.sum()) // 8 + count  # >= sum(lens // 8) + count
+        hits = np.empty(bound, dtype=HIT_DTYPE)
+        readouts = np.zeros(count, dtype=READOUT_DTYPE)
+        n_hits, extra_out, last = _backend.compiled.decode_batch(
+            buf if len(buf) else b"\0",  # a typed memoryview needs one element
+            offs, lens, extra_bytes, mode, last_id,
+            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
+            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
+        )
+        hits = hits[:n_hits]
+    else:
+        parts = [buf[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+        hits, readouts, extra_out, last = _reference.decode_batch(parts, extra_bytes, mode, last_id)
     errors: tuple[tuple[int, str], ...] = ()
     if count and readouts["malformed"].any():
         errors = tuple(
-            (int(k), readout_error_message(buf[int(offsets[k]):int(offsets[k] + lengths[k])],
-                                           int(readouts["error"][k])))
+            (int(k), readout_error_message(buf[int(offs[k]):int(offs[k] + lens[k])], int(readouts["error"][k])))
             for k in np.flatnonzero(readouts["malformed"])
         )
-    return DecodedBatch(hits=hits[:n_hits].view(np.recarray), readouts=readouts.view(np.recarray),
-                        errors=errors, extra_bytes=extra_out, last_id=int(last), backend="compiled")
+    return DecodedBatch(
+        hits=hits.view(np.recarray),
+        readouts=readouts.view(np.recarray),
+        errors=errors,
+        extra_bytes=extra_out,
+        last_id=int(last),
+        backend=_backend.decoder_backend(),
+    )
+
+
+def decode_trusted(buf, offsets: np.ndarray, lengths: np.ndarray, extra_bytes: bytes | None,
+                   last_id: int, carry: int) -> DecodedBatch:
+    """:func:`decode_readouts` for callers inside the package that hand over
+    arrays they built themselves (int64, contiguous, inside ``buf``) and a
+    carry mode number: the receive loop. Skips the argument checks; the
+    compiled decoder still checks every offset and length against the
+    buffer."""
+    return _decode(buf, offsets, lengths, extra_bytes, last_id, carry)
 
 
 def decode_readouts(
@@ -205,35 +222,4 @@ def decode_readouts(
     if extra_bytes is not None:
         extra_bytes = bytes(extra_bytes)
     buf, offs, lens = _as_contiguous(datagrams, lengths, offsets)
-    count = len(lens)
-    mode = CARRY_MODES[carry]
-    if _backend.use_compiled():
-        bound = int((lens // 8).sum()) + count
-        hits = np.empty(bound, dtype=HIT_DTYPE)
-        readouts = np.zeros(count, dtype=READOUT_DTYPE)
-        if len(buf) == 0:
-            buf = b"\0"  # a typed memoryview needs at least one element
-        n_hits, extra_out, last = _backend.compiled.decode_batch(
-            buf, offs, lens, extra_bytes, mode, int(last_id),
-            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
-            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
-        )
-        hits = hits[:n_hits]
-    else:
-        parts = [buf[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
-        hits, readouts, extra_out, last = _reference.decode_batch(parts, extra_bytes, mode, int(last_id))
-    errors: tuple[tuple[int, str], ...] = ()
-    if count and readouts["malformed"].any():
-        bad = np.flatnonzero(readouts["malformed"])
-        errors = tuple(
-            (int(k), readout_error_message(buf[int(offs[k]):int(offs[k] + lens[k])], int(readouts["error"][k])))
-            for k in bad
-        )
-    return DecodedBatch(
-        hits=hits.view(np.recarray),
-        readouts=readouts.view(np.recarray),
-        errors=errors,
-        extra_bytes=extra_out,
-        last_id=int(last),
-        backend=_backend.decoder_backend(),
-    )
+    return _decode(buf, offs, lens, extra_bytes, int(last_id), CARRY_MODES[carry])
