@@ -10,6 +10,7 @@ importing mcast_trio fails with a message saying how to fix it.
 from __future__ import annotations
 
 import os
+import pathlib
 
 from . import _reference
 from ._format import HIT_DTYPE, READOUT_DTYPE
@@ -24,17 +25,40 @@ if _choice not in _CHOICES:
         f"allowed: 'compiled' (the default) or 'python' (the slow pure-Python reference)"
     )
 
+def _missing_extension_message(exc: BaseException) -> str:
+    """Say why the compiled decoder is missing and what to do about it.
+
+    The usual cause is not a missing compiler but importing the package from
+    its source tree (the repository root is the current directory, or on
+    ``sys.path``), where the extension was never built: the installed copy is
+    shadowed. That case is recognised by the ``.pyx`` source lying beside the
+    package's modules with no built extension next to it.
+    """
+    package = pathlib.Path(__file__).resolve().parent
+    built = any(package.glob("_decode.*.so")) or any(package.glob("_decode.*.pyd"))
+    if (package / "_decode.pyx").is_file() and not built:
+        return (
+            "the compiled decoder mcast_trio._decode cannot be loaded: mcast_trio was "
+            f"imported from its source tree ({package}), where the extension is not built. "
+            "The installed package is shadowed by the source tree: run from another directory "
+            "(or drop the repository from sys.path / PYTHONPATH), or build the extensions in place "
+            "with `python setup.py build_ext --inplace`. "
+            f"{ENV_VAR}=python selects the slow pure-Python reference decoder on purpose."
+        )
+    return (
+        "the compiled decoder mcast_trio._decode is not built or cannot be "
+        f"loaded ({exc}). Reinstall mcast_trio with a C compiler available "
+        f"(`pip install .`), or set {ENV_VAR}=python to use the slow "
+        "pure-Python reference decoder on purpose."
+    )
+
+
 _decode = None
 if _choice == "compiled":
     try:
         from . import _decode  # noqa: F811
     except ImportError as exc:  # pragma: no cover - exercised by packaging checks
-        raise ImportError(
-            "the compiled decoder mcast_trio._decode is not built or cannot be "
-            f"loaded ({exc}). Reinstall mcast_trio with a C compiler available "
-            f"(`pip install .`), or set {ENV_VAR}=python to use the slow "
-            "pure-Python reference decoder on purpose."
-        ) from exc
+        raise ImportError(_missing_extension_message(exc)) from exc
 
     def _check_layout() -> None:
         layout = _decode._layout()

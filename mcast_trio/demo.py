@@ -2,8 +2,11 @@
 
 The DAQ task multicasts simulated AstroPix 4 readouts (``mcast_trio.sim``) at
 a steady rate, exactly as astropix-analysis would (raw framing), plus, on
-purpose, one garbage datagram in every ``--garbage-every`` so that the
-malformed counter has something to count. The monitor receives them with
+purpose, one extra garbage datagram after every ``--garbage-every`` readouts
+so that the malformed counter has something to count (the demo says so when
+it starts, and compares the count with what it injected at the end; the
+garbage is sent in addition to the readouts, so "lost" counts real losses
+only). The monitor receives them with
 ``open_receiver(..., readout_class=AstroPix4Readout)``, consumes the decoded
 batches, and prints one line of statistics per second: readouts/s, hits/s,
 MB/s, lost, malformed, dropped. After ``--seconds`` it stops and exits 0.
@@ -27,8 +30,17 @@ GROUP = "239.255.77.1"
 PORT = 50777
 
 
-async def daq(group: str, port: int, rate: float, garbage_every: int, seed: int) -> None:
-    """Send ``rate`` readouts per second, in ticks of 10 ms, until cancelled."""
+GARBAGE = b"\x00garbage, not a readout"
+
+
+async def daq(group: str, port: int, rate: float, garbage_every: int, seed: int, totals: dict) -> None:
+    """Send ``rate`` readouts per second, in ticks of 10 ms, until cancelled.
+
+    After every ``garbage_every`` readouts one garbage datagram is added on
+    purpose (counted in ``totals["injected"]``).
+
+    Cancellation: the only way to stop it; the sender closes its socket.
+    """
     sim = DaqSimulator(seed=seed, mean_hits=4.0, split_fraction=0.02)
     tick = 0.01
     per_tick = max(1, round(rate * tick))
@@ -36,13 +48,15 @@ async def daq(group: str, port: int, rate: float, garbage_every: int, seed: int)
     async with open_sender(group, port, framing="raw") as sender:
         deadline = trio.current_time()
         while True:
-            datagrams = sim.generate(per_tick).datagrams()
-            if garbage_every:
-                for i in range(len(datagrams)):
-                    if (sent + i + 1) % garbage_every == 0:
-                        datagrams[i] = b"\x00garbage, not a readout"
+            readouts = sim.generate(per_tick).datagrams()
+            datagrams = []
+            for datagram in readouts:
+                datagrams.append(datagram)
+                sent += 1
+                if garbage_every and sent % garbage_every == 0:
+                    datagrams.append(GARBAGE)
             await sender.send_many(datagrams)
-            sent += len(datagrams)
+            totals["injected"] += len(datagrams) - len(readouts)
             deadline += tick
             await trio.sleep_until(deadline)
 
@@ -62,20 +76,24 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
     parser.add_argument("--rate", type=float, default=20000.0, help="readouts per second (default 20000)")
     parser.add_argument("--garbage-every", type=int, default=5000,
-                        help="send one malformed datagram every N (0: never; default 5000)")
+                        help="add one malformed datagram on purpose after every N readouts (0: never; default 5000)")
     parser.add_argument("--group", default=GROUP)
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
-    totals = {"hits": 0, "tot_sum": 0.0, "hitmap": np.zeros((32, 32), dtype=np.int64)}
+    totals = {"injected": 0, "hits": 0, "tot_sum": 0.0, "hitmap": np.zeros((32, 32), dtype=np.int64)}
     print(f"mcast_trio demo: simulated DAQ -> {args.group}:{args.port} on loopback, "
           f"{args.rate:.0f} readouts/s for {args.seconds:.0f} s")
+    if args.garbage_every:
+        print(f"on purpose, the DAQ adds one garbage datagram after every {args.garbage_every:,} readouts: "
+              "'malformed' counts those (--garbage-every 0 turns them off); 'lost' counts readouts that "
+              "never arrived, 'dropped' what the monitor was too slow to take")
     print(f"{'t/s':>4} {'readouts/s':>11} {'hits/s':>10} {'MB/s':>7} {'lost':>6} {'malformed':>9} {'dropped':>8}")
     async with open_receiver(args.group, args.port, readout_class=AstroPix4Readout) as receiver:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(monitor, receiver, totals)
-            nursery.start_soon(daq, args.group, args.port, args.rate, args.garbage_every, args.seed)
+            nursery.start_soon(daq, args.group, args.port, args.rate, args.garbage_every, args.seed, totals)
             before = receiver.statistics()
             start = trio.current_time()
             seconds = 0
@@ -96,8 +114,9 @@ async def main(argv: list[str] | None = None) -> int:
           f"(monitor consumed {totals['hits']:,}), lost {final.lost}, malformed {final.malformed}, "
           f"dropped {final.dropped}, kernel drops {final.kernel_drops}")
     print(f"hit map: busiest pixel row {row} column {col} ({hitmap.max()} hits); mean TOT {mean_tot:.2f} us")
-    if final.malformed:
-        print(f"last malformed datagram: {final.last_error}")
+    if totals["injected"] or final.malformed:
+        print(f"malformed: {final.malformed} received, {totals['injected']} injected on purpose by the demo DAQ "
+              f"(the last ones may still have been in flight at the end); last: {final.last_error}")
     return 0
 
 

@@ -30,3 +30,26 @@ def test_unknown_backend_name_is_rejected(tmp_path):
     assert proc.returncode != 0
     assert "MCAST_TRIO_DECODER='fortran' is not a decoder backend" in proc.stderr
     assert "'compiled'" in proc.stderr and "'python'" in proc.stderr
+
+
+def test_import_from_an_unbuilt_source_tree_says_so(tmp_path):
+    # A user who runs Python in the repository root imports the source tree,
+    # where the extension was never built: the message must name that cause,
+    # not ask for a C compiler.
+    import shutil
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    tree = tmp_path / "checkout"
+    shutil.copytree(repo / "mcast_trio", tree / "mcast_trio",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MCAST_TRIO_DECODER")}
+    proc = subprocess.run([sys.executable, "-c", "import mcast_trio"], env=env, capture_output=True, text=True,
+                          cwd=tree)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "imported from its source tree" in last
+    assert str(tree / "mcast_trio") in last
+    assert "run from another directory" in last
+    assert "C compiler" not in last
