@@ -66,6 +66,8 @@ __all__ = [
     "GroupSpec",
     "close_receiver_socket",
     "close_sender_socket",
+    "open_blocking_receiver_socket",
+    "open_blocking_sender_socket",
     "open_receiver_socket",
     "open_sender_socket",
     "pack_sockaddr",
@@ -993,6 +995,76 @@ def open_sender_socket(
     """
     sock = _open_sender_stdlib(spec, sndbuf, loop, local_address, connect)
     return trio.socket.from_stdlib_socket(sock)
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout={timeout!r} is not a number; allowed: None (wait forever) or"
+                        " seconds > 0")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout={timeout!r} is out of range; allowed: None (wait forever) or"
+                         " seconds > 0")
+    return float(timeout)
+
+
+def open_blocking_receiver_socket(
+    spec: GroupSpec, *, rcvbuf: int | None = DEFAULT_RCVBUF, timeout: float | None = None
+) -> tuple[socket.socket, int]:
+    """:func:`open_receiver_socket` for blocking code: a :mod:`socket` socket.
+
+    Configured exactly like :func:`open_receiver_socket`, then put in
+    blocking mode with ``timeout`` (:meth:`socket.socket.settimeout`).
+    Close it with :func:`close_receiver_socket`.
+
+    Args:
+        spec: from :func:`resolve_group`.
+        rcvbuf: as for :func:`open_receiver_socket`.
+        timeout: seconds a receive may wait before ``TimeoutError``;
+            ``None`` waits forever.
+
+    Returns:
+        (sock, granted): the socket and the receive buffer granted.
+
+    Raises:
+        OSError, ValueError, TypeError: as :func:`open_receiver_socket`, and
+            for a bad ``timeout``.
+    """
+    timeout = _check_timeout(timeout)
+    sock, granted = _open_receiver_stdlib(spec, rcvbuf)
+    sock.settimeout(timeout)
+    return sock, granted
+
+
+def open_blocking_sender_socket(
+    spec: GroupSpec,
+    *,
+    sndbuf: int | None = None,
+    loop: bool = True,
+    local_address: _AddressLike | None = None,
+    timeout: float | None = None,
+) -> socket.socket:
+    """:func:`open_sender_socket` for blocking code: a connected :mod:`socket`
+    socket in blocking mode with ``timeout``.
+
+    Args:
+        spec, sndbuf, loop, local_address: as for :func:`open_sender_socket`.
+        timeout: seconds a send may wait for buffer space before
+            ``TimeoutError``; ``None`` (default) waits as long as needed and
+            costs no ``poll`` per send.
+
+    Returns:
+        socket.socket: the configured, connected socket.
+
+    Raises:
+        OSError, ValueError, TypeError: as :func:`open_sender_socket`, and
+            for a bad ``timeout``.
+    """
+    timeout = _check_timeout(timeout)
+    sock = _open_sender_stdlib(spec, sndbuf, loop, local_address, True)
+    sock.settimeout(timeout)
+    return sock
 
 
 def _close_quietly(sock: Any) -> None:
