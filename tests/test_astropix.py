@@ -11,8 +11,12 @@ import errno
 import inspect
 import itertools
 import os
+import pathlib
+import re
 import socket
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -279,3 +283,51 @@ def test_unicast_sender_survives_nobody_listening():
             for i in range(20, 30):
                 sender.send_readout(AstroPix4Readout(b"\xbc", i))
             assert [receiver.receive().readout_id for _ in range(10)] == list(range(20, 30))
+
+
+# -- docs/porting.rst: the "after" code runs as written -------------------------
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "porting.rst"
+
+
+def _named_block(text: str, name: str) -> str:
+    match = re.search(r"\.\. code-block:: python\n   :name: " + re.escape(name)
+                      + r"\n\n((?:(?:   .*)?\n)+)", text)
+    assert match, f"no code block named {name} in docs/porting.rst"
+    return "\n".join(line[3:] for line in match.group(1).splitlines()) + "\n"
+
+
+@netns
+def test_porting_page_after_code_runs_as_written(tmp_path):
+    text = DOC.read_text()
+    daq = _named_block(text, "porting-after-daq")
+    monitor = _named_block(text, "porting-after-monitor")
+    assert "from mcast_trio.astropix import" in daq and "from mcast_trio.astropix import" in monitor
+    (tmp_path / "daq.py").write_text(daq)
+    (tmp_path / "monitor.py").write_text(monitor)
+    env = dict(os.environ)
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    if "PYTHONPATH" in env:  # a source checkout: keep it importable
+        env["PYTHONPATH"] = os.pathsep.join([root, env["PYTHONPATH"]])
+    mon = subprocess.Popen([sys.executable, "monitor.py"], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert mon.stdout.readline() == "listening\n", mon.stderr.read()
+        ran = subprocess.run([sys.executable, "daq.py"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        out, err = mon.communicate(timeout=60)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
+    assert mon.returncode == 0, err
+    lines = out.splitlines()
+    readout_lines = [line for line in lines if line.startswith("AstroPix4Readout(")]
+    assert len(readout_lines) == 100
+    expected = DaqSimulator(seed=1).readouts(100)
+    n_hits = sum(len(r.decode()) for r in expected)
+    assert n_hits > 0
+    assert len(lines) == 100 + n_hits + 1  # readouts, hits, statistics
+    assert lines[-1].startswith("ReceiverStatistics(") and "readouts=100," in lines[-1]
+    assert " lost=0," in lines[-1] and " malformed=0," in lines[-1]
