@@ -30,6 +30,15 @@ Design choices:
   load-balances *unicast* datagrams across a SO_REUSEPORT group but
   delivers each *multicast* datagram to every member, which is what
   monitors need (tested).
+* **Unicast to loopback.** astropix-analysis defaults to ``127.0.0.1``:
+  a loopback unicast "group" is accepted (``GroupSpec.unicast``); its
+  receiver binds the address without ``SO_REUSEADDR``/``SO_REUSEPORT``
+  (one socket gets a unicast stream; sharing would split it) and joins
+  nothing. Other unicast addresses need ``allow_unicast=True``.
+* **No control groups.** 224.0.0.0/24 and the IPv6 well-known link-local
+  protocol groups are refused unless ``allow_control_groups=True``.
+* **Clear "port in use".** ``EADDRINUSE`` on bind becomes an ``OSError``
+  (same errno) naming the group, the port and the likely cause.
 * **Receive buffer.** The requested ``SO_RCVBUF`` is set and the size the
   kernel granted is read back (Linux reports twice the usable request;
   the value returned here is comparable with the request). A
