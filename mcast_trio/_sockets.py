@@ -30,6 +30,15 @@ Design choices:
   load-balances *unicast* datagrams across a SO_REUSEPORT group but
   delivers each *multicast* datagram to every member, which is what
   monitors need (tested).
+* **Unicast to loopback.** astropix-analysis defaults to ``127.0.0.1``:
+  a loopback unicast "group" is accepted (``GroupSpec.unicast``); its
+  receiver binds the address without ``SO_REUSEADDR``/``SO_REUSEPORT``
+  (one socket gets a unicast stream; sharing would split it) and joins
+  nothing. Other unicast addresses need ``allow_unicast=True``.
+* **No control groups.** 224.0.0.0/24 and the IPv6 well-known link-local
+  protocol groups are refused unless ``allow_control_groups=True``.
+* **Clear "port in use".** ``EADDRINUSE`` on bind becomes an ``OSError``
+  (same errno) naming the group, the port and the likely cause.
 * **Receive buffer.** The requested ``SO_RCVBUF`` is set and the size the
   kernel granted is read back (Linux reports twice the usable request;
   the value returned here is comparable with the request). A
@@ -66,10 +75,13 @@ __all__ = [
     "GroupSpec",
     "close_receiver_socket",
     "close_sender_socket",
+    "open_blocking_receiver_socket",
+    "open_blocking_sender_socket",
     "open_receiver_socket",
     "open_sender_socket",
     "pack_sockaddr",
     "resolve_group",
+    "set_socket_option",
     "socket_drop_count",
 ]
 
@@ -213,6 +225,10 @@ class GroupSpec:
         source: for a source-specific membership, the only source accepted
             (a unicast address of the group's family), else ``None``.
         ttl: IPv4 TTL / IPv6 hop limit for senders, 0..255.
+        unicast: ``group`` is a unicast address (astropix-analysis'
+            default ``127.0.0.1``; see :func:`resolve_group`): receivers bind
+            it alone, without sharing the port and without joining anything;
+            senders send plain unicast datagrams to it.
     """
 
     family: socket.AddressFamily
@@ -224,6 +240,7 @@ class GroupSpec:
     scope_id: int
     source: str | None
     ttl: int
+    unicast: bool = False
 
     @property
     def sockaddr(self) -> tuple[str, int] | tuple[str, int, int, int]:
@@ -239,6 +256,8 @@ class GroupSpec:
         else:
             where = f"{self.group}:{self.port}"
         text = f"{where} on {self.interface_name}"
+        if self.unicast:
+            text = f"unicast {where}"
         if self.source is not None:
             text += f" from source {self.source}"
         return text
@@ -373,13 +392,40 @@ def resolve_group(
     ttl: int = 1,
     source: _AddressLike | None = None,
     family: int | None = None,
+    allow_unicast: bool = False,
+    allow_control_groups: bool = False,
 ) -> GroupSpec:
     """Validate and normalise a multicast group, port and interface.
+
+    **Unicast.** astropix-analysis' tools default to ``--group 127.0.0.1``:
+    its DAQ then sends plain unicast datagrams to ``127.0.0.1:5007``. A
+    loopback unicast address (``127.0.0.0/8``, ``::1``) is therefore
+    accepted as ``group`` and gives a spec with ``unicast=True``; any other
+    unicast address needs ``allow_unicast=True`` (the datagrams then go
+    where the routing table sends them, whatever ``interface`` says). A
+    unicast receiver owns its port alone: no ``SO_REUSEADDR`` /
+    ``SO_REUSEPORT`` (the kernel would split a unicast stream between the
+    sockets sharing it), so a second receiver on the same address and port
+    fails with ``EADDRINUSE`` instead of getting half the data. Use a
+    multicast group for several monitors per host.
+
+    **Control groups.** The IPv4 local network control block 224.0.0.0/24
+    (224.0.0.1 all hosts, 224.0.0.2 all routers, 224.0.0.22 IGMPv3,
+    224.0.0.251 mDNS...) and the IPv6 well-known interface- and link-local
+    protocol groups (``ff01::``/``ff02::`` with group id ``1..ff``, e.g.
+    ``ff02::1`` all nodes, ``ff02::16`` MLDv2, ``ff02::fb`` mDNS; and
+    ``ff02::1:*``, ``ff02::2:*``, including the solicited-node groups
+    ``ff02::1:ffXX:XXXX``) belong to network protocols: a receiver there sees
+    their traffic and a sender disturbs them. They are refused unless
+    ``allow_control_groups=True``. Other ``ff02::`` groups (e.g.
+    ``ff02::1234``) are accepted.
 
     Args:
         group: an IPv4 (224.0.0.0/4) or IPv6 (ff00::/8) multicast address,
             as a string or :mod:`ipaddress` object. An IPv6 group may carry
             the interface as a scope: ``"ff12::1%eth0"`` or ``"ff12::1%2"``.
+            A loopback unicast address (``"127.0.0.1"``, ``"::1"``) is
+            accepted too (see above).
         port: UDP port, 1..65535.
         interface: the interface to join and send on: a name (``"eth0"``),
             an index (``2``) or an address of a local interface
@@ -392,6 +438,10 @@ def resolve_group(
             (source-specific multicast; receivers only).
         family: if given (``socket.AF_INET``/``AF_INET6`` or 4/6), the group
             must be of this family.
+        allow_unicast: accept a unicast ``group`` that is not a loopback
+            address (default False).
+        allow_control_groups: accept the link-local control groups described
+            above (default False).
 
     Returns:
         GroupSpec: the validated, normalised specification.
@@ -399,14 +449,21 @@ def resolve_group(
     Raises:
         ValueError: an argument is invalid; the message names the argument,
             its value and what is allowed. Also when the interface does not
-            exist, or for IPv6 over the loopback interface on Linux.
+            exist, or for IPv6 multicast over the loopback interface on Linux.
         TypeError: an argument has the wrong type.
     """
     want_family = _parse_family(family)
+    allow_unicast = _parse_bool("allow_unicast", allow_unicast)
+    allow_control_groups = _parse_bool("allow_control_groups", allow_control_groups)
     group_addr, group_scope = _parse_address("group", group)
-    if not group_addr.is_multicast:
-        raise ValueError(f"group={group!r} is not a multicast address; allowed: 224.0.0.0/4"
-                         " (IPv4) or ff00::/8 (IPv6)")
+    unicast = not group_addr.is_multicast
+    if unicast:
+        _check_unicast_group(group, group_addr, allow_unicast)
+    elif not allow_control_groups and _is_control_group(group_addr):
+        raise ValueError(
+            f"group={group!r} is a link-local control group reserved for network protocols"
+            f" ({_CONTROL_GROUPS[group_addr.version]}); allowed: an administratively scoped"
+            " group such as 239.255.0.1 or ff12::1, or allow_control_groups=True")
     fam = _family_of(group_addr)
     if want_family is not None and fam != want_family:
         raise ValueError(f"group={group!r} is an {_family_name(fam)} address but family="
@@ -414,6 +471,12 @@ def resolve_group(
                          " multicast address")
     port = _parse_int("port", port, 1, 65535)
     ttl = _parse_int("ttl", ttl, 0, 255)
+    if unicast and source is not None:
+        raise ValueError(f"source={source!r}: a source-specific membership needs a multicast"
+                         f" group, but group={group!r} is a unicast address; allowed: source=None")
+    if unicast and ttl == 0 and not group_addr.is_loopback:
+        raise ValueError(f"ttl=0 keeps multicast on this host but cannot carry a unicast datagram"
+                         f" to group={group!r}; allowed: 1..255")
 
     interfaces = _list_interfaces()
     if group_scope is not None:
@@ -434,13 +497,21 @@ def resolve_group(
     elif interface is not None:
         iface = _find_interface("interface", interface, interfaces, fam)
     else:
+        if unicast and group_addr.version == 6 and group_addr.is_link_local:
+            raise ValueError(f"group={group!r} is a link-local address, which needs its interface;"
+                             " allowed: group='fe80::...%eth0' or interface='eth0'")
         loopbacks = [i for i in interfaces if _is_loopback(i)]
         if not loopbacks:
             raise ValueError("interface=None selects the loopback interface, but none was"
                              f" found; name an interface; available: {_available(interfaces)}")
         iface = loopbacks[0]
 
-    if fam == socket.AF_INET6 and not _c.IPV6_LOOPBACK_MULTICAST and _is_loopback(iface):
+    if unicast and group_addr.is_loopback and not _is_loopback(iface):
+        raise ValueError(f"group={group!r} is a loopback address but interface={interface!r} is"
+                         f" {iface.name}, not the loopback interface; allowed: interface=None")
+
+    if (fam == socket.AF_INET6 and not unicast and not _c.IPV6_LOOPBACK_MULTICAST
+            and _is_loopback(iface)):
         if interface is not None:
             given = f"interface={interface!r} is"
         elif group_scope is not None:
@@ -469,7 +540,10 @@ def resolve_group(
     else:
         iface_address = None
         v6 = ipaddress.IPv6Address(group_addr.packed)
-        scope_id = iface.index if _needs_scope(v6) else 0
+        if unicast:
+            scope_id = iface.index if v6.is_link_local else 0
+        else:
+            scope_id = iface.index if _needs_scope(v6) else 0
         group_text = str(v6)
 
     source_text: str | None = None
@@ -502,7 +576,49 @@ def resolve_group(
         scope_id=scope_id,
         source=source_text,
         ttl=ttl,
+        unicast=unicast,
     )
+
+
+_CONTROL_GROUPS = {
+    4: "224.0.0.0/24, the local network control block: 224.0.0.1 all hosts, 224.0.0.2 all"
+       " routers, 224.0.0.22 IGMPv3, 224.0.0.251 mDNS...",
+    6: "ff01::1..ff and ff02::1..ff, ff02::1:*, ff02::2:*: ff02::1 all nodes, ff02::2 all"
+       " routers, ff02::16 MLDv2, ff02::fb mDNS, ff02::1:ffXX:XXXX solicited-node...",
+}
+_IPV4_CONTROL = ipaddress.IPv4Network("224.0.0.0/24")
+
+
+def _is_control_group(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for the link-local control groups :func:`resolve_group` refuses."""
+    if addr.version == 4:
+        return addr in _IPV4_CONTROL
+    packed = addr.packed
+    flags, scope = packed[1] >> 4, packed[1] & 0x0F
+    if flags != 0 or scope not in (1, 2):  # well-known, interface-/link-local only
+        return False
+    group_id = int.from_bytes(packed[2:], "big")
+    return group_id <= 0xFF or (group_id >> 16) in (1, 2) or (group_id >> 24) in (0x1FF, 0x2FF)
+
+
+def _check_unicast_group(value: Any, addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                         allow_unicast: bool) -> None:
+    """Refuse a unicast ``group`` unless it is loopback or unicast is allowed."""
+    allowed = ("allowed: a multicast group (224.0.0.0/4 or ff00::/8), a loopback unicast"
+               " address (127.0.0.0/8 or ::1; astropix-analysis' default is 127.0.0.1)")
+    if addr.is_unspecified or (addr.version == 4 and addr == ipaddress.IPv4Address(
+            "255.255.255.255")):
+        raise ValueError(f"group={value!r} is not a multicast address nor a destination; {allowed}")
+    if addr.is_loopback or allow_unicast:
+        return
+    raise ValueError(f"group={value!r} is not a multicast address; {allowed}, or another unicast"
+                     " address with allow_unicast=True")
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is not a bool; allowed: True or False")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -624,6 +740,25 @@ def _oserror(exc: OSError, what: str) -> OSError:
     return new
 
 
+def _bind_error(exc: OSError, spec: GroupSpec, address: tuple[Any, ...]) -> OSError:
+    """The OSError to raise when a receiver cannot bind: names the group, the
+    port and, for ``EADDRINUSE``, the likely cause; keeps the errno."""
+    if exc.errno != _errno.EADDRINUSE:
+        return _oserror(exc, f"cannot bind a receiver for {spec} to {address}")
+    if spec.unicast:
+        cause = (f"a unicast receiver owns its port alone, and another socket (another monitor,"
+                 f" or an astropix-analysis receiver?) already holds port {spec.port};"
+                 " stop it, or use a multicast group so that several monitors share the port")
+    else:
+        cause = (f"another program (an astropix-analysis receiver?) holds port {spec.port}"
+                 " without SO_REUSEADDR, or another user's socket holds it with"
+                 " SO_REUSEPORT; stop it or choose another port")
+    new = OSError(exc.errno, f"cannot bind a receiver for {spec} to port {spec.port}: {cause}"
+                             f" ({exc.strerror or exc})")
+    new.__cause__ = exc
+    return new
+
+
 def _set_optional(sock: socket.socket, level: int, option: int | None, value: int) -> bool:
     """setsockopt for an option an older kernel may lack; False if refused."""
     if option is None:
@@ -665,12 +800,14 @@ def _open_receiver_stdlib(spec: GroupSpec, rcvbuf: int | None) -> tuple[socket.s
         rcvbuf = _check_bufsize("rcvbuf", rcvbuf)
     sock = socket.socket(spec.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _set_optional(sock, socket.SOL_SOCKET, _c.SO_REUSEPORT, 1)
+        if not spec.unicast:  # a unicast port is not shared: see resolve_group
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_optional(sock, socket.SOL_SOCKET, _c.SO_REUSEPORT, 1)
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _set_optional(sock, socket.IPPROTO_IPV6, _c.IPV6_MULTICAST_ALL, 0)
-        else:
+            if not spec.unicast:
+                _set_optional(sock, socket.IPPROTO_IPV6, _c.IPV6_MULTICAST_ALL, 0)
+        elif not spec.unicast:
             _set_optional(sock, socket.IPPROTO_IP, _c.IP_MULTICAST_ALL, 0)
         if rcvbuf is not None:
             granted = _set_bufsize(sock, socket.SO_RCVBUF, rcvbuf, "rcvbuf",
@@ -678,7 +815,7 @@ def _open_receiver_stdlib(spec: GroupSpec, rcvbuf: int | None) -> tuple[socket.s
         else:
             granted = _read_bufsize(sock, socket.SO_RCVBUF)
         _set_optional(sock, socket.SOL_SOCKET, _c.SO_RXQ_OVFL, 1)
-        if _c.BIND_TO_GROUP_ADDRESS:
+        if _c.BIND_TO_GROUP_ADDRESS or spec.unicast:
             address: tuple[Any, ...] = spec.sockaddr
         elif spec.family == socket.AF_INET6:
             address = ("::", spec.port, 0, 0)
@@ -687,12 +824,13 @@ def _open_receiver_stdlib(spec: GroupSpec, rcvbuf: int | None) -> tuple[socket.s
         try:
             sock.bind(address)
         except OSError as exc:
-            raise _oserror(exc, f"cannot bind a receiver for {spec} to {address}") from exc
-        level, option, value = _membership(spec, join=True)
-        try:
-            sock.setsockopt(level, option, value)
-        except OSError as exc:
-            raise _oserror(exc, f"cannot join {spec}") from exc
+            raise _bind_error(exc, spec, address) from exc
+        if not spec.unicast:
+            level, option, value = _membership(spec, join=True)
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError as exc:
+                raise _oserror(exc, f"cannot join {spec}") from exc
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -711,6 +849,11 @@ def open_receiver_socket(
     ``spec``'s interface (source-specific if ``spec.source`` is set) and,
     where available, reports kernel drops (``SO_RXQ_OVFL``).
 
+    For a unicast ``spec`` (``spec.unicast``, e.g. astropix-analysis'
+    default ``127.0.0.1``) the socket is bound to that address and port
+    *without* ``SO_REUSEADDR``/``SO_REUSEPORT`` and joins nothing: it alone
+    receives what is sent there, and a second receiver fails (``EADDRINUSE``).
+
     This function does not block. Close the socket with
     :func:`close_receiver_socket`.
 
@@ -728,7 +871,11 @@ def open_receiver_socket(
         BufferSizeWarning: the kernel granted less than ``rcvbuf``.
 
     Raises:
-        OSError: binding or joining failed (the message names the group).
+        OSError: binding or joining failed; the message names the group and
+            the port, and for ``EADDRINUSE`` (kept as ``errno``) the likely
+            cause: a program that holds the port without ``SO_REUSEADDR``
+            (an astropix-analysis receiver is one) or, for unicast, another
+            receiver.
         ValueError, TypeError: ``rcvbuf`` or ``spec`` is invalid.
     """
     sock, granted = _open_receiver_stdlib(spec, rcvbuf)
@@ -758,13 +905,16 @@ def _open_sender_stdlib(spec: GroupSpec, sndbuf: int | None, loop: bool,
         else:
             scope_id = spec.interface_index if (addr.is_link_local or scope) else 0
             bind_to = (str(ipaddress.IPv6Address(addr.packed)), 0, 0, scope_id)
-    if spec.family == socket.AF_INET and spec.interface_address is None and bind_to is None:
+    if (spec.family == socket.AF_INET and spec.interface_address is None and bind_to is None
+            and not spec.unicast):
         raise ValueError(f"spec={spec}: interface {spec.interface_name!r} has no IPv4 address,"
                          " so datagrams would leave with source 0.0.0.0 and be dropped;"
                          " allowed: an interface with an IPv4 address, or local_address=")
     sock = socket.socket(spec.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     try:
-        if spec.family == socket.AF_INET:
+        if spec.unicast:
+            _configure_unicast_sender(sock, spec)
+        elif spec.family == socket.AF_INET:
             if spec.interface_address is not None:
                 ifvalue = socket.inet_aton(spec.interface_address)
             else:  # Linux only (resolve_group checked): struct ip_mreqn by index
@@ -796,6 +946,16 @@ def _open_sender_stdlib(spec: GroupSpec, sndbuf: int | None, loop: bool,
     return sock
 
 
+def _configure_unicast_sender(sock: socket.socket, spec: GroupSpec) -> None:
+    if spec.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if spec.ttl >= 1:  # resolve_group allows ttl=0 only towards loopback
+        if spec.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
+
+
 def open_sender_socket(
     spec: GroupSpec,
     *,
@@ -811,6 +971,12 @@ def open_sender_socket(
     ``IPV6_MULTICAST_HOPS`` from ``spec.ttl`` and the multicast loopback.
     By default the socket is connected to the group, so ``sock.send`` and
     :func:`mcast_trio._batchio.send_batch` without an address work.
+
+    For a unicast ``spec`` (``spec.unicast``) none of the multicast options
+    is set; ``spec.ttl`` becomes ``IP_TTL`` / ``IPV6_UNICAST_HOPS``. A
+    connected unicast socket reports an ICMP "port unreachable" (nobody
+    listens) as ``ConnectionRefusedError`` from the *next* send, which did
+    not send its datagram: sending it again does.
 
     This function does not block. Close the socket with
     :func:`close_sender_socket`.
@@ -838,6 +1004,76 @@ def open_sender_socket(
     """
     sock = _open_sender_stdlib(spec, sndbuf, loop, local_address, connect)
     return trio.socket.from_stdlib_socket(sock)
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout={timeout!r} is not a number; allowed: None (wait forever) or"
+                        " seconds > 0")
+    if not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout={timeout!r} is out of range; allowed: None (wait forever) or"
+                         " seconds > 0")
+    return float(timeout)
+
+
+def open_blocking_receiver_socket(
+    spec: GroupSpec, *, rcvbuf: int | None = DEFAULT_RCVBUF, timeout: float | None = None
+) -> tuple[socket.socket, int]:
+    """:func:`open_receiver_socket` for blocking code: a :mod:`socket` socket.
+
+    Configured exactly like :func:`open_receiver_socket`, then put in
+    blocking mode with ``timeout`` (:meth:`socket.socket.settimeout`).
+    Close it with :func:`close_receiver_socket`.
+
+    Args:
+        spec: from :func:`resolve_group`.
+        rcvbuf: as for :func:`open_receiver_socket`.
+        timeout: seconds a receive may wait before ``TimeoutError``;
+            ``None`` waits forever.
+
+    Returns:
+        (sock, granted): the socket and the receive buffer granted.
+
+    Raises:
+        OSError, ValueError, TypeError: as :func:`open_receiver_socket`, and
+            for a bad ``timeout``.
+    """
+    timeout = _check_timeout(timeout)
+    sock, granted = _open_receiver_stdlib(spec, rcvbuf)
+    sock.settimeout(timeout)
+    return sock, granted
+
+
+def open_blocking_sender_socket(
+    spec: GroupSpec,
+    *,
+    sndbuf: int | None = None,
+    loop: bool = True,
+    local_address: _AddressLike | None = None,
+    timeout: float | None = None,
+) -> socket.socket:
+    """:func:`open_sender_socket` for blocking code: a connected :mod:`socket`
+    socket in blocking mode with ``timeout``.
+
+    Args:
+        spec, sndbuf, loop, local_address: as for :func:`open_sender_socket`.
+        timeout: seconds a send may wait for buffer space before
+            ``TimeoutError``; ``None`` (default) waits as long as needed and
+            costs no ``poll`` per send.
+
+    Returns:
+        socket.socket: the configured, connected socket.
+
+    Raises:
+        OSError, ValueError, TypeError: as :func:`open_sender_socket`, and
+            for a bad ``timeout``.
+    """
+    timeout = _check_timeout(timeout)
+    sock = _open_sender_stdlib(spec, sndbuf, loop, local_address, True)
+    sock.settimeout(timeout)
+    return sock
 
 
 def _close_quietly(sock: Any) -> None:
@@ -869,7 +1105,7 @@ def close_receiver_socket(sock: Any, spec: GroupSpec) -> None:
         spec: the spec it was opened with.
     """
     try:
-        if sock.fileno() >= 0:
+        if sock.fileno() >= 0 and not spec.unicast:
             level, option, value = _membership(spec, join=False)
             sock.setsockopt(level, option, value)
     except (OSError, ValueError):
@@ -884,6 +1120,27 @@ def close_sender_socket(sock: Any) -> None:
         sock: a socket from :func:`open_sender_socket` (trio or stdlib).
     """
     _close_quietly(sock)
+
+
+def set_socket_option(sock: Any, level: int, option: int, value: int | bytes) -> None:
+    """``setsockopt`` on a socket this module opened (one owner for options).
+
+    Args:
+        sock: any socket (trio or stdlib).
+        level, option, value: as for :meth:`socket.socket.setsockopt`.
+
+    Raises:
+        OSError: the kernel refused; the message names the option and value.
+        TypeError: ``value`` is neither an int nor bytes.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, bytes, bytearray)):
+        raise TypeError(f"value={value!r} is not an int or bytes; allowed: an int or the"
+                        " option's C structure as bytes")
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError as exc:
+        raise _oserror(exc, f"setsockopt(level={level}, option={option}, value={value!r})"
+                       ) from exc
 
 
 def socket_drop_count(sock: Any) -> int | None:
