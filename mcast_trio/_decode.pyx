@@ -208,16 +208,19 @@ cdef Py_ssize_t _walk(const uint8_t* d, Py_ssize_t n,
             cur += 1
         if cur == n:
             break
-        # b. fewer than 8 bytes left: EXTRA (exactly 8 is a hit: do better #4).
-        if n - cur < 8:
-            if _valid(d[cur]):
-                extra_start = cur
-                flags |= F_VALID_EXTRA
-            else:
+        # b. 8 bytes or fewer left: EXTRA. No start byte first: all dropped,
+        #    even exactly 8. A start byte first: fewer than 8 are kept; exactly
+        #    8 are a complete word, a hit (do better #4): go on to d.
+        if n - cur <= 8:
+            if not _valid(d[cur]):
                 flags |= F_INVALID_EXTRA
                 dropped += n - cur
-            break
-        # c. stray bytes up to the next start byte.
+                break
+            if n - cur < 8:
+                extra_start = cur
+                flags |= F_VALID_EXTRA
+                break
+        # c. stray bytes (more than 8 left) up to the next start byte.
         if not _valid(d[cur]):
             nxt = cur + 1
             while nxt < n and not _valid(d[nxt]):

@@ -110,17 +110,22 @@ def walk(data: bytes, extra: bytes | None):
             cur += 1
         if cur == n:
             break
-        # b. fewer than 8 bytes left (do better #4: exactly 8 is a hit): EXTRA.
-        if n - cur < HIT_SIZE:
-            if _valid(data[cur]):
-                extra_start = cur
-                flags |= _VALID_EXTRA
-            else:
+        # b. 8 bytes or fewer left: EXTRA. Not beginning with a start byte:
+        #    all of them are dropped, even exactly 8 (they are not walked as
+        #    in c). Beginning with one: fewer than 8 are kept; exactly 8 are a
+        #    complete word, a hit (do better #4): go on to d.
+        if n - cur <= HIT_SIZE:
+            if not _valid(data[cur]):
                 flags |= _INVALID_EXTRA
                 dropped += n - cur
-            break
-        # c. not a start byte: drop bytes up to the next one, then go back to
-        #    a/b (which stops at the end or keeps fewer than 8 as EXTRA).
+                break
+            if n - cur < HIT_SIZE:
+                extra_start = cur
+                flags |= _VALID_EXTRA
+                break
+        # c. not a start byte (more than 8 bytes left): drop bytes up to the
+        #    next one, then go back to a/b (which stops at the end, keeps
+        #    fewer than 8 as EXTRA or goes on with exactly 8 as a word).
         if not _valid(data[cur]):
             nxt = cur + 1
             while nxt < n and not _valid(data[nxt]):

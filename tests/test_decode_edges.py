@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcast_trio import AstroPix4Readout, DecodingStatus, decode_readouts
 from mcast_trio import _decode, _reference
@@ -49,6 +51,39 @@ CASES = [
     ("valid extra with idle inside", "e1 12 bc 34", None, [], F.VALID_EXTRA_BYTES, "e1 12 bc 34", 0),
     # 3c reached with fewer than 8 bytes left is 3b (invalid extra).
     ("invalid extra", f"{A} 12 34", None, [A], F.INVALID_EXTRA_BYTES, None, 2),
+    # -- 3b: exactly 8 bytes left (issue 7). The reference's test is "8 or fewer
+    # bytes remain"; do better #4 makes an exception only for a complete word
+    # that begins with a start byte. 8 bytes that do not are INVALID extra
+    # bytes, all dropped, even when a later one is a start byte (no walk as 3c,
+    # nothing kept for the next readout).
+    ("8 left, no start byte", f"{A} 01 02 03 04 05 06 07 08", None, [A], F.INVALID_EXTRA_BYTES, None, 8),
+    ("8 left, only a later one a start byte", f"{A} 01 02 e1 33 44 55 66 77", None, [A],
+     F.INVALID_EXTRA_BYTES, None, 8),
+    ("8 left, the last one a start byte", f"{A} 01 02 03 04 05 06 07 e1", None, [A],
+     F.INVALID_EXTRA_BYTES, None, 8),
+    ("8 left after idle and padding", f"{A} bc ff bc 01 02 e1 33 44 55 66 77", None, [A],
+     F.INVALID_EXTRA_BYTES, None, 8),
+    ("8 left, trailing idle among them", f"{A} 01 e1 33 44 55 66 bc bc", None, [A],
+     F.INVALID_EXTRA_BYTES, None, 8),
+    ("8 left, trailing padding and idle among them", f"{A} 01 02 e1 33 44 55 ff bc", None, [A],
+     F.INVALID_EXTRA_BYTES, None, 8),
+    # Neighbours: 8 bytes that begin with a start byte are a hit (do better #4),
+    # trailing IDLE/PADDING inside the word or not ...
+    ("8 left with a start byte", f"{A} bc ff {B}", None, [A, B], 0, None, 0),
+    ("8 left with a start byte, idle at its end", f"{A} e1 12 23 34 45 56 bc bc", None,
+     [A, "e1 12 23 34 45 56 bc bc"], 0, None, 0),
+    ("8 left with a start byte, padding and idle at its end", f"{A} e1 12 23 34 45 56 ff bc", None,
+     [A, "e1 12 23 34 45 56 ff bc"], 0, None, 0),
+    ("8 left with a start byte, then trailing idle", f"{A} {B} bc bc", None, [A, B], 0, None, 0),
+    # ... and 9 or more bytes left are walked as 3c: up to the next start byte,
+    # then 3b (fewer than 8: EXTRA; exactly 8 from a start byte: a hit).
+    ("9 left, a later start byte, trailing idle", f"{A} 01 02 e1 33 44 55 66 77 bc", None, [A],
+     F.VALID_EXTRA_BYTES, "e1 33 44 55 66 77 bc", 2),
+    ("9 left, start byte at 1, 8 from it", f"{A} 01 e1 33 44 55 66 77 88 99", None,
+     [A, "e1 33 44 55 66 77 88 99"], 0, None, 1),
+    ("9 left, start byte at 1, trailing idle", f"{A} 01 e1 33 44 55 66 77 bc bc", None,
+     [A, "e1 33 44 55 66 77 bc bc"], 0, None, 1),
+    ("9 left, no start byte, trailing idle", f"{A} 01 02 03 04 05 06 07 08 bc", None, [A], 0, None, 9),
     # -- 2: ORPHAN bytes at the start ---------------------------------------------
     ("orphans, no extra passed", f"67 78 bc {A}", None, [A], F.ORPHAN_BYTES_NOT_USED, None, 2),
     ("orphans after leading idles", f"bc bc 67 78 bc bc {A}", None, [A], F.ORPHAN_BYTES_NOT_USED, None, 2),
@@ -185,3 +220,65 @@ def test_padding_is_stripped_before_decoding():
     datagram = b"\xfe\xdc\xba" + struct.pack("<IQI", 0, 0, len(raw)) + raw
     batch = decode_readouts([datagram])
     assert batch.extra_bytes == h("e1 12") and batch.readouts.length[0] == 10
+
+
+def test_eight_invalid_bytes_at_the_end_leave_nothing_for_the_next_readout():
+    # Issue 7: the walk used to keep "e1 33 44 55 66 77" (after dropping
+    # "01 02") as VALID_EXTRA, which the next readout's 2 orphans then turned
+    # into a hit the reference decoder never produces.
+    first = AstroPix4Readout(h(f"{A} 01 02 e1 33 44 55 66 77"), 1, 10).to_bytes()
+    second = AstroPix4Readout(h(f"88 99 bc {C}"), 2, 20).to_bytes()
+    batch = decode_readouts([first, second])
+    assert batch.readouts.n_hits.tolist() == [1, 1]
+    assert DecodingStatus(int(batch.readouts.status[0])) == F.INVALID_EXTRA_BYTES
+    assert batch.readouts.n_extra.tolist() == [0, 0]
+    assert batch.readouts.dropped_bytes.tolist() == [8, 2]
+    assert DecodingStatus(int(batch.readouts.status[1])) == F.ORPHAN_BYTES_NOT_USED
+    assert batch.hits.readout_id.tolist() == [1, 2]
+    # The readout class, step by step, agrees.
+    readout = AstroPix4Readout.from_bytes(first)
+    readout.decode()
+    assert readout.extra_bytes() is None
+    nxt = AstroPix4Readout.from_bytes(second)
+    assert len(nxt.decode(readout.extra_bytes())) == 1
+
+
+def test_eight_bytes_before_trailing_padding_are_invalid_extra_bytes():
+    # Trailing PADDING is stripped before the walk (by the readout class and
+    # by the batch decoder alike), so 8 bytes before it are the last 8 bytes.
+    import struct
+    raw = h(f"{A} 01 02 e1 33 44 55 66 77 ff ff ff")
+    readout = AstroPix4Readout(raw, 0, 0)
+    assert len(readout.decode()) == 1
+    assert readout.decoding_status() == F.INVALID_EXTRA_BYTES
+    assert readout.extra_bytes() is None and readout.dropped_bytes() == 8
+    # A non-conforming sender that left the padding in the datagram.
+    datagram = b"\xfe\xdc\xba" + struct.pack("<IQI", 0, 0, len(raw)) + raw
+    batch = decode_readouts([datagram])
+    assert len(batch.hits) == 1 and batch.extra_bytes is None
+    assert DecodingStatus(int(batch.readouts.status[0])) == F.INVALID_EXTRA_BYTES
+    assert batch.readouts.length[0] == 16 and batch.readouts.dropped_bytes[0] == 8
+
+
+_FILLER = st.lists(st.sampled_from([0xBC, 0xFF]), max_size=3).map(bytes)
+# 8 bytes whose first is not IDLE/PADDING (step 3a would skip it).
+_TAIL = st.tuples(st.integers(0, 255).filter(lambda b: b not in (0xBC, 0xFF)),
+                  st.lists(st.integers(0, 255), min_size=7, max_size=7)).map(lambda t: bytes([t[0], *t[1]]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_FILLER, _TAIL)
+def test_any_eight_bytes_after_the_last_hit(filler, tail):
+    # Whatever 8 bytes follow the last hit (and IDLE/PADDING after it), spec
+    # 3b applies to all 8 at once: a start byte first makes them a hit (do
+    # better #4), anything else drops all 8 as INVALID extra bytes.
+    data = h(A) + filler + tail
+    if _reference._valid(tail[0]):
+        expected = ([h(A), tail], 0, -1, 0)
+    else:
+        expected = ([h(A)], int(F.INVALID_EXTRA_BYTES), -1, 8)
+    assert _reference.walk(data, None) == expected
+    out = np.zeros(len(data) // 8 + 1, dtype=HIT_DTYPE)
+    n, flags, extra_start, dropped = _decode.decode_one(data, None, 7, 123456789, out.view(np.uint8))
+    assert (flags, extra_start, dropped) == expected[1:]
+    assert (out[:n] == _expected_hits([w.hex(" ") for w in expected[0]])).all()
