@@ -131,10 +131,11 @@ class DecodingStatus(enum.IntFlag):
     #: Orphan bytes at the start, but no extra bytes were passed in.
     ORPHAN_BYTES_NOT_USED = 1 << 2
     #: The readout ends with fewer than 8 bytes beginning with a valid start
-    #: byte: they are kept as ``extra_bytes`` for the next readout.
+    #: byte: they are kept as ``extra_bytes`` for the next readout (exactly 8
+    #: beginning with a start byte are a hit).
     VALID_EXTRA_BYTES = 1 << 3
-    #: The readout ends with fewer than 8 bytes that do not begin with a
-    #: valid start byte: they are dropped.
+    #: The readout ends with 8 bytes or fewer that do not begin with a valid
+    #: start byte: all of them are dropped.
     INVALID_EXTRA_BYTES = 1 << 4
     #: A truncated hit followed by a new one was found inside the data and the
     #: truncated part was dropped.
