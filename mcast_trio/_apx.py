@@ -306,9 +306,11 @@ class ApxReader:
     them, which is what :func:`mcast_trio.decode_readouts` wants. Each new
     iteration starts again at the first record (when the file is seekable).
 
-    A record is delivered only once it is known to be complete: its header
-    is ``fe dc ba`` and its length field leads to the next record header,
-    or to the end of the file. Every reading style (iteration,
+    A record is delivered only once its end is confirmed: its header is
+    ``fe dc ba`` and its length field leads to the next record header (or
+    to a damaged one whose own length field leads on), or to the end of the
+    file. A record followed by garbage is therefore reported as damaged
+    with it: its length field could be what is wrong. Every reading style (iteration,
     :meth:`records`, :meth:`records_with_offsets`, :meth:`batches`,
     :meth:`read_all`) delivers every complete record before a problem, then
     reports it the same way:
@@ -578,17 +580,17 @@ class ApxReader:
         # Not followed by a record header. Either this record's length field
         # is damaged, or the next record's header is: tell them apart by
         # whether the next record, read from its own length field, fits and
-        # is followed by a record header (or fewer than 19 bytes follow).
+        # is followed by a record header or the end of the file. Otherwise
+        # the record is not delivered: its end cannot be confirmed.
         following = w.peek(end, HEADER_SIZE)
-        if len(following) < HEADER_SIZE:
-            return "record", total
-        next_end = end + HEADER_SIZE + _U32.unpack_from(following, 15)[0]
-        if _chains(w.peek(next_end - 1, 4)):
-            return "record", total
+        if len(following) == HEADER_SIZE:
+            next_end = end + HEADER_SIZE + _U32.unpack_from(following, 15)[0]
+            if _chains(w.peek(next_end - 1, 4)):
+                return "record", total
         return "damage", (
-            f"record {index} at offset {p} is damaged: its length field (offset {p + 15}) says "
-            f"{length} data bytes, but the bytes after it at offset {end} are {after[1:].hex(' ')}, "
-            f"not a record header {HEADER.hex(' ')}",
+            f"record {index} at offset {p} is damaged or followed by garbage: its length field "
+            f"(offset {p + 15}) says {length} data bytes, but the bytes after it at offset {end} are "
+            f"{after[1:].hex(' ')}, not a record header {HEADER.hex(' ')} or the end of the file",
             None,
         )
 
