@@ -614,19 +614,19 @@ class ApxReader:
             if len(buf) - rel >= HEADER_SIZE and buf[rel:rel + 3] == HEADER:
                 total = HEADER_SIZE + unpack_from(buf, rel + 15)[0]
                 if buf[rel + total:rel + total + 3] == HEADER:
-                    yield p, buf[rel:rel + total]
-                    p += total
                     index += 1
                     self.records_read = index
                     self._record_bytes += total
+                    yield p, buf[rel:rel + total]
+                    p += total
                     continue
             kind, what = self._classify(w, p, index)
             if kind == "record":
-                yield p, w.get(p, what)
-                p += what
                 index += 1
                 self.records_read = index
                 self._record_bytes += what
+                yield p, w.get(p, what)
+                p += what
                 continue
             if kind == "end":
                 self._finished = True
