@@ -607,19 +607,25 @@ class ApxReader:
         p = self.data_offset
         index = 0
         while True:
-            # Fast path: a record header, and the next one right after it.
-            w.mark = p
+            # Fast path, through what is buffered: a record header, and the
+            # next one right after the record.
             buf = w.buf
-            rel = p - w.base
-            if len(buf) - rel >= HEADER_SIZE and buf[rel:rel + 3] == HEADER:
-                total = HEADER_SIZE + unpack_from(buf, rel + 15)[0]
-                if buf[rel + total:rel + total + 3] == HEADER:
-                    index += 1
-                    self.records_read = index
-                    self._record_bytes += total
-                    yield p, buf[rel:rel + total]
-                    p += total
-                    continue
+            base = w.base
+            rel = p - base
+            limit = len(buf) - HEADER_SIZE
+            # Records and skipped regions tile the file up to here.
+            origin = self.data_offset + self._skipped - base
+            while rel <= limit and buf[rel:rel + 3] == HEADER:
+                end = rel + HEADER_SIZE + unpack_from(buf, rel + 15)[0]
+                if buf[end:end + 3] != HEADER:
+                    break
+                index += 1
+                self.records_read = index
+                self._record_bytes = end - origin
+                yield base + rel, buf[rel:end]
+                rel = end
+            p = base + rel
+            w.mark = p
             kind, what = self._classify(w, p, index)
             if kind == "record":
                 index += 1
