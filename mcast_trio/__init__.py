@@ -17,7 +17,15 @@ from ._format import (
 from ._backend import decoder_backend
 from ._batch import DecodedBatch, decode_readouts
 from ._readout import AstroPix4Readout
-from ._apx import ApxReader, ApxWriter, TruncatedRecord, TruncatedRecordWarning, open_apx
+from ._apx import (
+    ApxReader,
+    ApxStatistics,
+    ApxWriter,
+    DamagedRegion,
+    TruncatedRecord,
+    TruncatedRecordWarning,
+    open_apx,
+)
 from ._framing import (
     Message,
     MclDecoder,
@@ -43,9 +51,11 @@ from . import sim
 __all__ = [
     "__version__",
     "ApxReader",
+    "ApxStatistics",
     "ApxWriter",
     "AstroPix4Readout",
     "BufferSizeWarning",
+    "DamagedRegion",
     "GroupSpec",
     "Message",
     "MclDecoder",

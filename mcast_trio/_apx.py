@@ -8,12 +8,15 @@ This is the format of astropix-analysis (``FileHeader`` /
 writes for the same header and readouts, and the other way round.
 
 :func:`open_apx` returns an :class:`ApxReader` or an :class:`ApxWriter`; both
-are context managers. The reader streams (it never holds more than a chunk
-of the file plus one record), reports a truncated final record (a writer
-killed mid-record) with :attr:`ApxReader.truncated` and a
+are context managers. The reader streams (it holds a chunk of the file plus
+one record), delivers every complete record before a problem in every
+reading style, reports a truncated final record (a writer killed
+mid-record) with :attr:`ApxReader.truncated` and a
 :class:`TruncatedRecordWarning`, and raises :class:`MalformedReadout`, with the
 byte offset, for anything else that is wrong with the bytes: no other
-exception type comes out of it for bad file contents.
+exception type comes out of it for bad file contents. With ``recover=True``
+it skips damaged regions instead, resynchronizing on the next plausible
+record header, and :meth:`ApxReader.statistics` says what it skipped.
 
 These are synchronous, blocking file operations. From trio, run them in a
 worker thread (``trio.to_thread.run_sync``) or use a memory channel feeding a
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 from ._batch import readout_error_message
 from ._errors import MalformedReadout
-from ._format import HEADER, HEADER_SIZE, READOUT_UID
+from ._format import HEADER, HEADER_SIZE, READOUT_UID, ReadoutError
 from ._readout import AstroPix4Readout
 from ._reference import parse_fixed
 
@@ -39,7 +42,9 @@ __all__ = [
     "APX_MAGIC",
     "FLUSH_POLICIES",
     "ApxReader",
+    "ApxStatistics",
     "ApxWriter",
+    "DamagedRegion",
     "TruncatedRecord",
     "TruncatedRecordWarning",
     "open_apx",
@@ -166,6 +171,133 @@ def _is_path(file) -> bool:
     return isinstance(file, (str, bytes, os.PathLike))
 
 
+@dataclass(frozen=True)
+class DamagedRegion:
+    """A stretch of an ``.apx`` file where no readable record starts.
+
+    Attributes:
+        offset: byte offset where a record should start but none does (a
+            record header that is not ``fe dc ba``, or a record whose length
+            field does not lead to the next record header or the end of the
+            file).
+        size: bytes skipped from ``offset`` up to the next plausible record
+            (or the end of the file) with ``recover=True``; None without it,
+            where the reader stops at the damage.
+        index: number of complete records before it (the index the record
+            that should start at ``offset`` would have).
+        reason: what is wrong there; the message of the
+            :exc:`MalformedReadout` raised without ``recover``.
+    """
+
+    offset: int
+    size: int | None
+    index: int
+    reason: str
+
+    @property
+    def end(self) -> int | None:
+        """Offset of the first byte after the region (None if ``size`` is)."""
+        return None if self.size is None else self.offset + self.size
+
+
+@dataclass(frozen=True)
+class ApxStatistics:
+    """What an iteration over an :class:`ApxReader` found
+    (:meth:`ApxReader.statistics`): a snapshot, taken during or after it.
+
+    When an iteration has run to the end of the file, every byte of the file
+    is accounted for:
+    ``data_offset + record_bytes + bytes_skipped + (truncated.size if
+    truncated else 0)`` is the file size.
+
+    Attributes:
+        records: complete records yielded.
+        record_bytes: their bytes.
+        damaged: the damaged regions met, in file order (at most one, with
+            ``size`` None, without ``recover``).
+        bytes_skipped: bytes of the damaged regions skipped (``recover=True``;
+            always 0 without it).
+        truncated: the incomplete record at the end of the file, or None.
+        finished: True once the iteration has reached the end of the file
+            (False while it runs, when it was abandoned, or when it stopped
+            at damage by raising).
+    """
+
+    records: int = 0
+    record_bytes: int = 0
+    damaged: tuple[DamagedRegion, ...] = ()
+    bytes_skipped: int = 0
+    truncated: TruncatedRecord | None = None
+    finished: bool = False
+
+
+def _chains(after: bytes) -> bool:
+    """Whether ``after``, the 4 bytes read from the last byte of a record on,
+    show that the record fits in the file and is followed by a record header,
+    a prefix of one cut by the end of the file, or the end of the file."""
+    return bool(after) and after[1:] == HEADER[: len(after) - 1]
+
+
+class _Window:
+    """A sliding window over the records part of an ``.apx`` file.
+
+    Offsets are absolute file offsets. The window keeps the bytes from
+    ``mark`` (set by the scanner: the earliest byte it may still need) to
+    what has been read so far; :meth:`peek` looks far ahead with a seek
+    instead of buffering everything in between (seekable files only).
+    """
+
+    __slots__ = ("f", "base", "buf", "eof", "mark", "chunk", "seekable")
+
+    def __init__(self, f, start: int, chunk: int) -> None:
+        self.f = f
+        self.base = start  # file offset of buf[0]
+        self.buf = b""
+        self.eof = False
+        self.mark = start
+        self.chunk = chunk
+        try:
+            self.seekable = bool(f.seekable())
+        except (AttributeError, OSError, ValueError):
+            self.seekable = False
+
+    @property
+    def end(self) -> int:
+        """File offset of the first byte not read yet."""
+        return self.base + len(self.buf)
+
+    def fill(self, upto: int) -> None:
+        """Read until the window covers ``upto`` (or the end of the file)."""
+        need = upto - self.end
+        if need <= 0 or self.eof:
+            return
+        want = max(self.chunk, need)
+        more = _read_upto(self.f, want)
+        if len(more) < want:
+            self.eof = True
+        cut = min(max(self.mark - self.base, 0), len(self.buf))
+        self.buf = self.buf[cut:] + more
+        self.base += cut
+
+    def get(self, offset: int, size: int) -> bytes:
+        """The bytes at ``offset`` (fewer at the end of the file)."""
+        self.fill(offset + size)
+        rel = offset - self.base
+        return self.buf[rel:rel + size]
+
+    def peek(self, offset: int, size: int) -> bytes:
+        """Like :meth:`get`, but far ahead in a seekable file, read with a
+        seek and not kept (the window stays small)."""
+        if offset + size <= self.end or self.eof or not self.seekable or offset - self.end <= self.chunk:
+            return self.get(offset, size)
+        f = self.f
+        f.seek(offset)
+        try:
+            return _read_upto(f, size)
+        finally:
+            f.seek(self.end)
+
+
 class ApxReader:
     """Reads an ``.apx`` file: header, then readouts in file order.
 
@@ -174,23 +306,58 @@ class ApxReader:
     them, which is what :func:`mcast_trio.decode_readouts` wants. Each new
     iteration starts again at the first record (when the file is seekable).
 
-    If the file ends inside a record (a writer killed while writing it),
-    iteration yields every complete record before it, then sets
-    :attr:`truncated` and emits a :class:`TruncatedRecordWarning`, or, with
-    ``strict=True``, raises :class:`MalformedReadout`.
+    A record is delivered only once its end is confirmed: its header is
+    ``fe dc ba`` and its length field leads to the next record header (or
+    to a damaged one whose own length field leads on), or to the end of the
+    file. A record followed by garbage is therefore reported as damaged
+    with it: its length field could be what is wrong. Every reading style (iteration,
+    :meth:`records`, :meth:`records_with_offsets`, :meth:`batches`,
+    :meth:`read_all`) delivers every complete record before a problem, then
+    reports it the same way:
+
+    * If the file ends inside a record (a writer killed while writing it),
+      the reader sets :attr:`truncated` and emits a
+      :class:`TruncatedRecordWarning`, or, with ``strict=True``, raises
+      :class:`MalformedReadout`.
+    * Damage in the middle (a record header that is not ``fe dc ba``, a
+      length field that does not lead to the next record header) raises
+      :class:`MalformedReadout` with the byte offset and the record index,
+      also recorded in :meth:`statistics` (``damaged``). :meth:`batches`
+      yields the partial batch before raising; :meth:`read_all` attaches the
+      readouts read before the damage to the exception as ``readouts``.
+    * With ``recover=True`` damage does not raise: the reader skips to the
+      next plausible record header and goes on, and :meth:`statistics` says
+      what was skipped (offsets, sizes, total bytes). A plausible record
+      header is ``fe dc ba`` whose record fits in the file and is followed
+      by another record header or the end of the file, so a chance
+      ``fe dc ba`` inside the data does not resync wrongly. A damaged record
+      is never delivered, but a byte changed inside a record's id, timestamp
+      or data cannot be detected (the format has no checksum).
+
+    A length field that runs past the end of the file is a truncated final
+    record, unless a plausible record header follows it: then it is damage.
+    Damage to the file header (magic, header length, JSON) always raises
+    :class:`MalformedReadout` on opening, ``recover`` or not: without it the
+    file is not known to hold AstroPix 4 records.
+
+    The reader streams: it holds a chunk of the file plus one record (plus,
+    for a file object that is not seekable, what it must read ahead to check
+    a record header while resynchronizing).
 
     Args:
         file: a path, or a binary file object opened for reading (not closed
             by the reader).
         strict: raise instead of warning on a truncated final record.
+        recover: skip damaged regions instead of raising (see above).
         chunk_size: bytes read from the file at a time.
 
     Raises:
         MalformedReadout: bad magic, header length past the end of the file,
             a header that is not a UTF-8 JSON object with ``readout_uid``
-            4000; and, while iterating, a record that does not start with
-            ``fe dc ba`` (with its byte offset). No other exception type is
-            raised for bad file contents.
+            4000; and, while iterating, damage (with its byte offset) unless
+            ``recover=True``, or a truncated final record with
+            ``strict=True``. No other exception type is raised for bad file
+            contents.
         OSError: the file cannot be opened or read.
 
     Attributes:
@@ -200,14 +367,20 @@ class ApxReader:
         truncated: None, or a :class:`TruncatedRecord` once an iteration has
             reached an incomplete final record.
         records_read: complete records yielded by the last iteration.
+        recover: whether damage is skipped (see above).
     """
 
-    def __init__(self, file, *, strict: bool = False, chunk_size: int = _DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, file, *, strict: bool = False, recover: bool = False, chunk_size: int = _DEFAULT_CHUNK
+    ) -> None:
         if not isinstance(strict, bool):
             raise TypeError(f"strict={strict!r} must be a bool")
+        if not isinstance(recover, bool):
+            raise TypeError(f"recover={recover!r} must be a bool")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= _MAX_READ:
             raise ValueError(f"chunk_size={chunk_size!r} is out of range; allowed: 1..{_MAX_READ}")
         self.strict = strict
+        self.recover = recover
         self._chunk_size = chunk_size
         if _is_path(file):
             self.path = os.fspath(file)
@@ -226,6 +399,10 @@ class ApxReader:
             raise
         self.truncated: TruncatedRecord | None = None
         self.records_read = 0
+        self._record_bytes = 0
+        self._damaged: list[DamagedRegion] = []
+        self._skipped = 0
+        self._finished = False
         self._started = False
 
     @property
@@ -250,6 +427,18 @@ class ApxReader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def statistics(self) -> ApxStatistics:
+        """Return what the current or last iteration found: records, damaged
+        regions, bytes skipped, truncation (see :class:`ApxStatistics`)."""
+        return ApxStatistics(
+            records=self.records_read,
+            record_bytes=self._record_bytes,
+            damaged=tuple(self._damaged),
+            bytes_skipped=self._skipped,
+            truncated=self.truncated,
+            finished=self._finished,
+        )
+
     def __iter__(self) -> Iterator[AstroPix4Readout]:
         from_bytes = AstroPix4Readout.from_bytes
         for record in self.records():
@@ -265,21 +454,43 @@ class ApxReader:
         return self._scan()
 
     def batches(self, size: int = 4096) -> Iterator[list[bytes]]:
-        """Yield lists of up to ``size`` serialized records, in file order."""
+        """Yield lists of up to ``size`` serialized records, in file order.
+
+        On damage (without ``recover``) or a truncated final record with
+        ``strict=True``, the records before it come first, as a last, shorter
+        batch; the next step raises :class:`MalformedReadout`.
+        """
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size={size!r} is out of range; allowed: >= 1")
         batch: list[bytes] = []
-        for record in self.records():
-            batch.append(record)
-            if len(batch) >= size:
+        try:
+            for record in self.records():
+                batch.append(record)
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+        except MalformedReadout:
+            if batch:
                 yield batch
-                batch = []
+            raise
         if batch:
             yield batch
 
     def read_all(self) -> list[AstroPix4Readout]:
-        """All the readouts of the file, as a list."""
-        return list(self)
+        """All the readouts of the file, as a list.
+
+        Raises:
+            MalformedReadout: as iterating does; the readouts read before the
+                damage are attached to the exception as its ``readouts``
+                attribute (a list).
+        """
+        readouts: list[AstroPix4Readout] = []
+        try:
+            readouts.extend(self)
+        except MalformedReadout as exc:
+            exc.readouts = readouts
+            raise
+        return readouts
 
     def _rewind(self) -> None:
         f = self._file
@@ -295,65 +506,155 @@ class ApxReader:
             f.seek(self.data_offset)
         self._started = True
 
-    def _truncation(self, offset: int, tail: bytes, index: int) -> None:
-        size = len(tail)
-        # A killed writer leaves a *prefix* of a valid record: its first bytes
-        # must still be the record header.
-        head = tail[:3]
-        if head != HEADER[: len(head)]:
-            raise MalformedReadout(
-                f"bad record header {head.hex(' ')} at offset {offset} (record {index}), "
-                f"expected {HEADER.hex(' ')}"
-            )
-        expected = None
-        if size >= HEADER_SIZE:
-            expected = HEADER_SIZE + _U32.unpack_from(tail, 15)[0]
+    def _truncation(self, offset: int, size: int, expected: int | None, index: int) -> None:
         self.truncated = info = TruncatedRecord(offset, size, expected, index)
         if self.strict:
             raise MalformedReadout(str(info))
         warnings.warn(f"{self.path or 'the .apx file'}: {info}", TruncatedRecordWarning, stacklevel=2)
 
+    @staticmethod
+    def _plausible(w: _Window, q: int) -> bool:
+        """Whether a plausible record header is at ``q``: ``fe dc ba``, its
+        record fits in the file and is followed by a record header (or a
+        prefix of one cut by the end of the file) or the end of the file."""
+        fixed = w.get(q, HEADER_SIZE)
+        if len(fixed) < HEADER_SIZE or parse_fixed(fixed)[0] == ReadoutError.BAD_HEADER:
+            return False
+        end = q + HEADER_SIZE + _U32.unpack_from(fixed, 15)[0]
+        return _chains(w.peek(end - 1, 4))
+
+    def _resync(self, w: _Window, start: int) -> int | None:
+        """Offset of the first plausible record header at or after ``start``,
+        or None (the window then ends at the end of the file)."""
+        q = start
+        while True:
+            w.mark = q
+            i = w.buf.find(HEADER, max(q - w.base, 0))
+            if i < 0:
+                if w.eof:
+                    return None
+                q = max(q, w.end - (len(HEADER) - 1))
+                w.mark = q
+                w.fill(w.end + 1)
+                continue
+            q = w.base + i
+            if self._plausible(w, q):
+                return q
+            q += 1
+
+    def _classify(self, w: _Window, p: int, index: int):
+        """What is at ``p``, where a record should start (the slow path).
+
+        Returns ``("record", size)``, ``("end", 0)``, ``("truncated",
+        (size, expected))`` or ``("damage", (reason, resync offset or None
+        if not searched yet))``.
+        """
+        fixed = w.get(p, HEADER_SIZE)
+        if not fixed:
+            return "end", 0
+        head = fixed[:3]
+        if head != HEADER[: len(head)]:
+            return "damage", (
+                f"bad record header {head.hex(' ')} at offset {p} (record {index}), expected {HEADER.hex(' ')}",
+                None,
+            )
+        if len(fixed) < HEADER_SIZE:  # a killed writer left a prefix of the fixed part
+            return "truncated", (len(fixed), None)
+        length = _U32.unpack_from(fixed, 15)[0]
+        total = HEADER_SIZE + length
+        end = p + total
+        after = w.peek(end - 1, 4)
+        if not after:
+            # The record runs past the end of the file: truncated, unless a
+            # plausible record follows (then its length field is damaged).
+            q = self._resync(w, p + 1)
+            if q is None:
+                return "truncated", (w.end - p, total)
+            return "damage", (
+                f"record {index} at offset {p} is damaged: its length field (offset {p + 15}) says "
+                f"{length} data bytes, past the end of the file, but a record header follows at offset {q}",
+                q,
+            )
+        if _chains(after):
+            return "record", total
+        # Not followed by a record header. Either this record's length field
+        # is damaged, or the next record's header is: tell them apart by
+        # whether the next record, read from its own length field, fits and
+        # is followed by a record header or the end of the file. Otherwise
+        # the record is not delivered: its end cannot be confirmed.
+        following = w.peek(end, HEADER_SIZE)
+        if len(following) == HEADER_SIZE:
+            next_end = end + HEADER_SIZE + _U32.unpack_from(following, 15)[0]
+            if _chains(w.peek(next_end - 1, 4)):
+                return "record", total
+        return "damage", (
+            f"record {index} at offset {p} is damaged or followed by garbage: its length field "
+            f"(offset {p + 15}) says {length} data bytes, but the bytes after it at offset {end} are "
+            f"{after[1:].hex(' ')}, not a record header {HEADER.hex(' ')} or the end of the file",
+            None,
+        )
+
     def _scan(self) -> Iterator[tuple[int, bytes]]:
         self._rewind()
-        f = self._file
-        chunk_size = self._chunk_size
         self.truncated = None
         self.records_read = 0
-        buf = b""
-        pos = 0  # cursor in buf
-        base = self.data_offset  # file offset of buf[0]
+        self._record_bytes = 0
+        self._damaged = []
+        self._skipped = 0
+        self._finished = False
+        w = _Window(self._file, self.data_offset, self._chunk_size)
+        unpack_from = _U32.unpack_from
+        p = self.data_offset
         index = 0
         while True:
-            avail = len(buf) - pos
-            if avail < HEADER_SIZE:
-                more = _read_upto(f, chunk_size)
-                if more:
-                    base += pos
-                    buf = buf[pos:] + more
-                    pos = 0
-                    continue
-                if avail:
-                    self._truncation(base + pos, buf[pos:], index)
+            # Fast path, through what is buffered: a record header, and the
+            # next one right after the record.
+            buf = w.buf
+            base = w.base
+            rel = p - base
+            limit = len(buf) - HEADER_SIZE
+            # Records and skipped regions tile the file up to here.
+            origin = self.data_offset + self._skipped - base
+            while rel <= limit and buf[rel:rel + 3] == HEADER:
+                end = rel + HEADER_SIZE + unpack_from(buf, rel + 15)[0]
+                if buf[end:end + 3] != HEADER:
+                    break
+                index += 1
+                self.records_read = index
+                self._record_bytes = end - origin
+                yield base + rel, buf[rel:end]
+                rel = end
+            p = base + rel
+            w.mark = p
+            kind, what = self._classify(w, p, index)
+            if kind == "record":
+                index += 1
+                self.records_read = index
+                self._record_bytes += what
+                yield p, w.get(p, what)
+                p += what
+                continue
+            if kind == "end":
+                self._finished = True
                 return
-            if buf[pos:pos + 3] != HEADER:
-                raise MalformedReadout(
-                    f"bad record header {buf[pos:pos + 3].hex(' ')} at offset {base + pos} "
-                    f"(record {index}), expected {HEADER.hex(' ')}"
-                )
-            total = HEADER_SIZE + _U32.unpack_from(buf, pos + 15)[0]
-            if avail < total:
-                more = _read_upto(f, max(chunk_size, total - avail))
-                if more:
-                    base += pos
-                    buf = buf[pos:] + more
-                    pos = 0
-                    continue
-                self._truncation(base + pos, buf[pos:], index)
+            if kind == "truncated":
+                size, expected = what
+                self._finished = True
+                self._truncation(p, size, expected, index)
                 return
-            yield base + pos, buf[pos:pos + total]
-            pos += total
-            index += 1
-            self.records_read = index
+            reason, q = what
+            if not self.recover:
+                self._damaged.append(DamagedRegion(p, None, index, reason))
+                raise MalformedReadout(reason)
+            if q is None:
+                q = self._resync(w, p + 1)
+            end = w.end if q is None else q  # at the end of the file if None
+            self._damaged.append(DamagedRegion(p, end - p, index, reason))
+            self._skipped += end - p
+            if q is None:
+                self._finished = True
+                return
+            p = q
 
 
 class ApxWriter:
@@ -586,6 +887,7 @@ def open_apx(
     flush: str | None = None,
     fsync: bool | None = None,
     strict: bool | None = None,
+    recover: bool | None = None,
 ):
     """Open an ``.apx`` file for reading or writing.
 
@@ -600,6 +902,10 @@ def open_apx(
         fsync: also fsync at every flush point (write modes only).
         strict: raise :class:`MalformedReadout` instead of warning on a
             truncated final record (read mode only).
+        recover: skip damaged regions of the file, resynchronizing on the
+            next plausible record header, instead of raising
+            :class:`MalformedReadout` (read mode only); see
+            :class:`ApxReader` and :meth:`ApxReader.statistics`.
 
     Returns:
         An :class:`ApxReader` (``"rb"``) or an :class:`ApxWriter`; both are
@@ -619,10 +925,15 @@ def open_apx(
         for name, value in (("header", header), ("flush", flush), ("fsync", fsync)):
             if value is not None:
                 raise ValueError(f"{name}={value!r} only applies to the write modes 'wb' and 'xb', not mode='rb'")
-        return ApxReader(file, strict=False if strict is None else strict)
+        return ApxReader(
+            file,
+            strict=False if strict is None else strict,
+            recover=False if recover is None else recover,
+        )
     if mode in ("wb", "xb"):
-        if strict is not None:
-            raise ValueError(f"strict={strict!r} only applies to mode='rb', not mode={mode!r}")
+        for name, value in (("strict", strict), ("recover", recover)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} only applies to mode='rb', not mode={mode!r}")
         return ApxWriter(
             file,
             header,
