@@ -81,10 +81,11 @@ import gc as _gc
 import re
 import secrets
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from zlib import crc32 as _crc32
 
 from ._errors import MalformedFrame
 from ._tracking import RESTART, SenderTable
@@ -529,6 +530,9 @@ class ReassemblyStats:
 #: them in ``bytes_buffered`` makes ``max_bytes`` a bound on the memory held,
 #: also for tiny fragments (1-byte fragments cost ~100 times their bytes).
 _FRAGMENT_OVERHEAD = 160
+#: Fragments of a completed message whose CRC-32 is kept to tell a late copy
+#: from a new message that reuses the message's key.
+_FINGERPRINTED = 16
 #: Senders whose restarts a :class:`Reassembler` recognises at once.
 _RESTART_SENDERS = 1024
 _MESSAGE_OVERHEAD = 1024
@@ -555,15 +559,24 @@ class _FragmentStore:
     ``bytes_buffered`` counts fragment bytes plus the per-fragment and
     per-message overheads, so ``max_bytes`` bounds the memory held."""
 
-    def __init__(self, max_messages: int, max_bytes: int, timeout: float, recent: int) -> None:
+    def __init__(
+        self, max_messages: int, max_bytes: int, timeout: float, recent: int, sender_len: int = 0
+    ) -> None:
+        # With sender_len, a fragment that is not a copy of the one held (or
+        # recently completed) under its key proves that the sender (the
+        # first sender_len items of the key) started over.
+        self.sender_len = sender_len
         self.max_messages = _check_int("max_messages", max_messages, 1, 1 << 20)
         self.max_bytes = _check_int("max_bytes", max_bytes, 1, 1 << 40)
         self.timeout = _check_number("timeout", timeout, 0.0)
         self.pending: OrderedDict[Hashable, _Pending] = OrderedDict()
         self.bytes_buffered = 0
-        # Keys of recently completed messages, to recognise late duplicates.
-        self._recent_keys: set[Hashable] = set()
-        self._recent_order: deque[Hashable] = deque()
+        # Recently completed messages, oldest first, to recognise late
+        # duplicate fragments: key -> (count, total, CRC-32 of each of the
+        # first _FINGERPRINTED fragments). A fragment whose bytes differ is
+        # not a duplicate but a new message reusing the key (its sender
+        # started over), even when its sequence number does not say so.
+        self._recent: OrderedDict[Hashable, tuple[int, int, tuple[int, ...]]] = OrderedDict()
         self._recent_max = recent
         self.completed = 0
         self.expired = 0
@@ -616,11 +629,9 @@ class _FragmentStore:
         for key in stale:
             self._drop(key)
         self.superseded += len(stale)
-        if self._recent_keys:
-            keep = deque(key for key in self._recent_order if key[:sender_len] != sender)
-            if len(keep) != len(self._recent_order):
-                self._recent_order = keep
-                self._recent_keys = set(keep)
+        recent = self._recent
+        for key in [key for key in recent if key[:sender_len] == sender]:
+            del recent[key]
 
     def add(
         self,
@@ -661,16 +672,28 @@ class _FragmentStore:
                 if held == fragment:
                     self.duplicate_fragments += 1
                     return None
-                if not ordered:
+                if self.sender_len:
+                    # Another message under this key: its sender started over.
+                    self.forget_sender(key[:self.sender_len], self.sender_len)
+                    entry = None
+                elif not ordered:
                     self.inconsistent += 1
                     return None
-            if ordered and index <= entry.top:
+            if entry is not None and ordered and index <= entry.top:
                 self._drop(key)
                 self.superseded += 1
                 entry = None
-        elif key in self._recent_keys:
-            self.duplicate_fragments += 1
-            return None
+        elif key in self._recent:
+            done_count, done_total, crcs = self._recent[key]
+            if (done_count == count and done_total == total
+                    and (index >= len(crcs) or _crc32(fragment) == crcs[index])):
+                self.duplicate_fragments += 1
+                return None
+            # Not a copy: a new message under this key, its sender started over.
+            if self.sender_len:
+                self.forget_sender(key[:self.sender_len], self.sender_len)
+            else:
+                del self._recent[key]
         size = len(fragment) + _FRAGMENT_OVERHEAD
         if entry is None:
             size += _MESSAGE_OVERHEAD
@@ -698,12 +721,12 @@ class _FragmentStore:
         del pending[key]
         self.bytes_buffered -= entry.nbytes
         self.completed += 1
-        if self._recent_max:
-            self._recent_keys.add(key)
-            self._recent_order.append(key)
-            if len(self._recent_order) > self._recent_max:
-                self._recent_keys.discard(self._recent_order.popleft())
         parts = entry.parts
+        if self._recent_max:
+            recent = self._recent
+            recent[key] = (count, total, tuple(_crc32(parts[i]) for i in range(min(count, _FINGERPRINTED))))
+            if len(recent) > self._recent_max:
+                recent.popitem(last=False)
         return b"".join([parts[i] for i in range(count)])
 
 
@@ -719,14 +742,21 @@ class Reassembler:
 
     A sender that starts over with the same ``sender_id`` and address (a DAQ
     with a fixed id that restarts, its sequence numbers going back to 0) is
-    recognised as :class:`~mcast_trio.SequenceTracker` recognises a restart
-    (a sequence number ``1024`` or more below the highest one, before the
-    first one seen, or more than ``2**20`` above it): its incomplete messages
-    are dropped (counted as ``superseded``) and the record of its completed
-    ones is forgotten, so that its new messages, which reuse their sequence
-    numbers, are reassembled again instead of being taken for duplicates.
-    Restart detection remembers up to 1024 senders (least recently seen
-    forgotten first).
+    reassembled again, not taken for a stream of duplicates:
+
+    * a restart is recognised as :class:`~mcast_trio.SequenceTracker`
+      recognises one (a sequence number ``1024`` or more below the highest
+      one, before the first one seen, or more than ``2**20`` above it): the
+      sender's incomplete messages are dropped (counted as ``superseded``)
+      and the record of its completed ones is forgotten (restart detection
+      remembers up to 1024 senders, least recently seen forgotten first);
+    * a fragment whose key belongs to a recently completed message is a
+      duplicate only if it is a copy (same count and size, same CRC-32 as
+      the fragment it repeats, checked for the first 16 fragments); a
+      fragment whose bytes differ from the fragment held at its index is no
+      copy either. Either proves that the sender started over, with the same
+      consequences. This catches a restart after a short run, whose
+      sequence numbers the tracker cannot tell from duplicates.
 
     Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
     overhead per fragment (160 bytes) and per incomplete message (1024
@@ -751,7 +781,7 @@ class Reassembler:
     def __init__(
         self, max_messages: int = 256, max_bytes: int = 32 << 20, timeout: float = 2.0
     ) -> None:
-        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages)
+        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages, sender_len=2)
         # Restart detection: the tracker's own rule, one tracker per sender.
         self._senders: SenderTable = SenderTable(_RESTART_SENDERS)
 

@@ -351,13 +351,23 @@ def test_inconsistent_fragments_are_counted():
     other_count = enc.encode(bytes(1500))  # same key, 4 fragments
     enc = NativeEncoder(sender_id=SID, max_datagram=512, first_sequence=7)
     other_total = enc.encode(bytes(1001))  # same key, 3 fragments, other total
-    different_bytes = a0[:-1] + b"\x01"  # same index as a0, other bytes
     r = Reassembler()
-    results = feed_all(r, [a0, other_count[1], other_total[2], different_bytes])
-    assert results == [None] * 4
-    assert r.stats == ReassemblyStats(inconsistent=3, pending=1, bytes_buffered=482 + F + M)
+    results = feed_all(r, [a0, other_count[1], other_total[2]])
+    assert results == [None] * 3
+    assert r.stats == ReassemblyStats(inconsistent=2, pending=1, bytes_buffered=482 + F + M)
     # The pending message is intact and completes with its own fragments.
     assert feed_all(r, [a1, a2])[-1] is not None
+
+
+def test_other_bytes_at_a_held_index_start_a_new_message():
+    # Same key, same index, other bytes: the sender started over (a fixed
+    # sender_id that restarts); the held message is superseded, never merged.
+    pa, (a0, a1, a2) = three_fragments(seq=7)
+    b0 = a0[:-1] + bytes([a0[-1] ^ 1])  # the new message: other first fragment, same rest
+    r = Reassembler()
+    assert feed_all(r, [a0, a1, b0]) == [None] * 3
+    assert r.stats == ReassemblyStats(superseded=1, pending=1, bytes_buffered=482 + F + M)
+    assert feed_all(r, [a1, a2]) == [None, b0[30:] + pa[482:]]
 
 
 def test_fragment_size_mismatch_against_header_is_inconsistent():
