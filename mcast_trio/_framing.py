@@ -530,12 +530,12 @@ class ReassemblyStats:
 #: them in ``bytes_buffered`` makes ``max_bytes`` a bound on the memory held,
 #: also for tiny fragments (1-byte fragments cost ~100 times their bytes).
 _FRAGMENT_OVERHEAD = 160
+_MESSAGE_OVERHEAD = 1024
 #: Fragments of a completed message whose CRC-32 is kept to tell a late copy
 #: from a new message that reuses the message's key.
 _FINGERPRINTED = 16
 #: Senders whose restarts a :class:`Reassembler` recognises at once.
 _RESTART_SENDERS = 1024
-_MESSAGE_OVERHEAD = 1024
 
 
 class _Pending:
@@ -621,10 +621,11 @@ class _FragmentStore:
         self._drop(key)
         self.evicted += 1
 
-    def forget_sender(self, sender: tuple, sender_len: int) -> None:
+    def forget_sender(self, sender: tuple) -> None:
         """The sender whose keys start with ``sender`` started over: drop its
         incomplete messages (counted as superseded) and forget its completed
         ones, whose keys its new messages reuse."""
+        sender_len = len(sender)
         stale = [key for key in self.pending if key[:sender_len] == sender]
         for key in stale:
             self._drop(key)
@@ -674,7 +675,7 @@ class _FragmentStore:
                     return None
                 if self.sender_len:
                     # Another message under this key: its sender started over.
-                    self.forget_sender(key[:self.sender_len], self.sender_len)
+                    self.forget_sender(key[:self.sender_len])
                     entry = None
                 elif not ordered:
                     self.inconsistent += 1
@@ -691,7 +692,7 @@ class _FragmentStore:
                 return None
             # Not a copy: a new message under this key, its sender started over.
             if self.sender_len:
-                self.forget_sender(key[:self.sender_len], self.sender_len)
+                self.forget_sender(key[:self.sender_len])
             else:
                 del self._recent[key]
         size = len(fragment) + _FRAGMENT_OVERHEAD
@@ -832,7 +833,7 @@ class Reassembler:
             # The first fragment seen of a message: did its sender start over?
             sender = (address, header.sender_id)
             if self._senders.observe(sender, header.sequence) == RESTART:
-                store.forget_sender(sender, 2)
+                store.forget_sender(sender)
         return store.add(
             key,
             header.index,
@@ -1097,7 +1098,8 @@ class MclDecoder:
     may not build more than the bytes could legitimately hold (msgpack's
     ``max_*_len`` limits set from the size of the bytes: no array of more
     elements, no map of more entries than half, no string longer than the
-    bytes); and the garbage collector is paused while the objects are built.
+    bytes); and the garbage collector is paused while the objects of inputs
+    of 4 KiB or more are built.
     None of this refuses anything MCL (or :class:`MclEncoder`) produces.
 
     Args:

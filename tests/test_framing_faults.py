@@ -222,6 +222,27 @@ async def test_mcl_objects_through_sender_and_receiver():
     assert stats.malformed == 0
 
 
+async def test_mcl_object_payloads_to_a_readout_receiver_are_counted_not_fatal():
+    # A readout receiver in MCL framing expects serialized readouts (bytes):
+    # an object payload is a malformed datagram, counted, and the stream goes on.
+    from mcast_trio import AstroPix4Readout
+    from mcast_trio.sim import DaqSimulator
+
+    readout = DaqSimulator(seed=1).readouts(1)[0]
+    net = MemoryNetwork(seed=8)
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, AstroPix4Readout, framing="mcl") as rx:
+            async with open_sender(GROUP, PORT, framing="mcl") as tx:
+                await tx.send(IMU)
+                await tx.send(readout.to_bytes())
+            with trio.fail_after(5):
+                got = await rx.receive()
+            stats = rx.statistics()
+    assert got.to_bytes() == readout.to_bytes()
+    assert stats.malformed == 1
+    assert stats.last_error == "MCL payload is dict, expected a serialized readout (bytes)"
+
+
 # ============================================================== native: address and restarts
 
 
