@@ -56,7 +56,8 @@ Three framings:
 
 ``mcl``
     Byte-compatible with the UDP layer of MCL (``acfr/mcl``,
-    ``mcl/network/udp.py``): a message is the msgpack array
+    ``mcl/network/udp.py``): a message is any msgpack-serialisable object
+    (bytes, dict, list, number...), sent as the msgpack array
     ``[topic, payload]``; when that is larger than the chunk size (60000
     bytes), the payload is msgpack-packed *again* and the packed bytes are
     cut into chunks sent as ``[topic, i, n, chunk]`` with 1-based ``i`` and
@@ -65,7 +66,9 @@ Three framings:
     ``use_bin_type=False``: topic and payload are written with the msgpack
     *raw/str* family (fixstr, str16, str32; never str8 nor bin), and a missing
     topic is ``nil``. The decoder reads with ``raw=True`` and so accepts the
-    str and the bin family alike. Needs the optional ``msgpack`` package
+    str and the bin family alike, and delivers the unpacked object (byte
+    strings as bytes). Datagrams stay within the 65000 bytes MCL's listener
+    reads. Needs the optional ``msgpack`` package
     (``pip install mcast_trio[mcl]``): :class:`MclEncoder`, :class:`MclDecoder`.
 
 Receivers filter messages with :func:`make_filter` (topics and/or a payload
@@ -74,15 +77,18 @@ predicate or regular expression, as in Lowe's ``multicast``).
 
 from __future__ import annotations
 
+import gc as _gc
 import re
 import secrets
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from zlib import crc32 as _crc32
 
 from ._errors import MalformedFrame
+from ._tracking import RESTART, SenderTable
 
 __all__ = [
     "MAX_UDP_PAYLOAD",
@@ -128,7 +134,13 @@ _MAX_TOPIC = 255
 
 #: MCL's fragmentation threshold and chunk size (``MTU`` in mcl/network/udp.py).
 MCL_CHUNK_SIZE = 60000
-_MCL_MAX_CHUNK = 65000  # MCL's MTU_MAX
+#: MCL's ``MTU_MAX``: its listener's ``recvfrom`` size, so the largest
+#: datagram an MCL listener reads whole.
+_MCL_MAX_DATAGRAM = 65000
+#: Largest chunk size whose chunk datagrams ``[nil, i, n, chunk]`` stay within
+#: 65000 bytes: fixarray (1) + nil (1) + uint16 i (3) + uint16 n (3) + str16
+#: or bin16 header (3).
+_MCL_MAX_CHUNK = _MCL_MAX_DATAGRAM - 11
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -198,14 +210,15 @@ class Message(NamedTuple):
     Attributes:
         topic: The topic (bytes), or None for raw framing and MCL messages
             sent without a topic.
-        payload: The message bytes.
+        payload: The message bytes; in MCL framing, the unpacked msgpack
+            object (bytes for a byte string, else a dict, list, int, ...).
         address: The sender's address as given to the decoder.
         sender_id: Native framing: the sender's random 64-bit id; else None.
         sequence: Native framing: the message's sequence number; else None.
     """
 
     topic: bytes | None
-    payload: bytes
+    payload: Any
     address: Any = None
     sender_id: int | None = None
     sequence: int | None = None
@@ -509,6 +522,22 @@ class ReassemblyStats:
     pending: int = 0
 
 
+#: What holding one fragment costs beyond its bytes (the bytes object's
+#: header, its slot in the message's fragment table, the index), and what one
+#: incomplete message costs beyond its fragments (its record, its table, its
+#: key with the sender's address, its topic, its place in the age order), in
+#: bytes, measured with tracemalloc on CPython 3.11 and rounded up. Counting
+#: them in ``bytes_buffered`` makes ``max_bytes`` a bound on the memory held,
+#: also for tiny fragments (1-byte fragments cost ~100 times their bytes).
+_FRAGMENT_OVERHEAD = 160
+_MESSAGE_OVERHEAD = 1024
+#: Fragments of a completed message whose CRC-32 is kept to tell a late copy
+#: from a new message that reuses the message's key.
+_FINGERPRINTED = 16
+#: Senders whose restarts a :class:`Reassembler` recognises at once.
+_RESTART_SENDERS = 1024
+
+
 class _Pending:
     __slots__ = ("deadline", "count", "total", "chunk", "topic", "parts", "nbytes", "top")
 
@@ -519,23 +548,35 @@ class _Pending:
         self.chunk = chunk
         self.topic = topic
         self.parts: dict[int, bytes] = {}
-        self.nbytes = 0
+        self.nbytes = 0  # bytes charged to bytes_buffered, overheads included
         self.top = -1  # highest index received
 
 
 class _FragmentStore:
     """Bounded, expiring buffer of incomplete messages (shared by the native
-    and the MCL reassembly). Keys are opaque; insertion order is age order."""
+    and the MCL reassembly). Keys are tuples whose first items identify the
+    sender (``sender_len`` of them); insertion order is age order.
+    ``bytes_buffered`` counts fragment bytes plus the per-fragment and
+    per-message overheads, so ``max_bytes`` bounds the memory held."""
 
-    def __init__(self, max_messages: int, max_bytes: int, timeout: float, recent: int) -> None:
+    def __init__(
+        self, max_messages: int, max_bytes: int, timeout: float, recent: int, sender_len: int = 0
+    ) -> None:
+        # With sender_len, a fragment that is not a copy of the one held (or
+        # recently completed) under its key proves that the sender (the
+        # first sender_len items of the key) started over.
+        self.sender_len = sender_len
         self.max_messages = _check_int("max_messages", max_messages, 1, 1 << 20)
         self.max_bytes = _check_int("max_bytes", max_bytes, 1, 1 << 40)
         self.timeout = _check_number("timeout", timeout, 0.0)
         self.pending: OrderedDict[Hashable, _Pending] = OrderedDict()
         self.bytes_buffered = 0
-        # Keys of recently completed messages, to recognise late duplicates.
-        self._recent_keys: set[Hashable] = set()
-        self._recent_order: deque[Hashable] = deque()
+        # Recently completed messages, oldest first, to recognise late
+        # duplicate fragments: key -> (count, total, CRC-32 of each of the
+        # first _FINGERPRINTED fragments). A fragment whose bytes differ is
+        # not a duplicate but a new message reusing the key (its sender
+        # started over), even when its sequence number does not say so.
+        self._recent: OrderedDict[Hashable, tuple[int, int, tuple[int, ...]]] = OrderedDict()
         self._recent_max = recent
         self.completed = 0
         self.expired = 0
@@ -580,6 +621,19 @@ class _FragmentStore:
         self._drop(key)
         self.evicted += 1
 
+    def forget_sender(self, sender: tuple) -> None:
+        """The sender whose keys start with ``sender`` started over: drop its
+        incomplete messages (counted as superseded) and forget its completed
+        ones, whose keys its new messages reuse."""
+        sender_len = len(sender)
+        stale = [key for key in self.pending if key[:sender_len] == sender]
+        for key in stale:
+            self._drop(key)
+        self.superseded += len(stale)
+        recent = self._recent
+        for key in [key for key in recent if key[:sender_len] == sender]:
+            del recent[key]
+
     def add(
         self,
         key: Hashable,
@@ -602,7 +656,11 @@ class _FragmentStore:
         pending = self.pending
         if pending and next(iter(pending.values())).deadline <= now:
             self.expire(now)
-        if count > _MAX_FRAGMENTS or total > self.max_bytes:
+        max_bytes = self.max_bytes
+        # What the whole message would hold at once (for MCL, whose size is
+        # unknown, at least its fragments' overheads).
+        need = max(total, 0) + count * _FRAGMENT_OVERHEAD + _MESSAGE_OVERHEAD
+        if count > _MAX_FRAGMENTS or need > max_bytes:
             self.oversized += 1
             return None
         entry = pending.get(key)
@@ -615,24 +673,38 @@ class _FragmentStore:
                 if held == fragment:
                     self.duplicate_fragments += 1
                     return None
-                if not ordered:
+                if self.sender_len:
+                    # Another message under this key: its sender started over.
+                    self.forget_sender(key[:self.sender_len])
+                    entry = None
+                elif not ordered:
                     self.inconsistent += 1
                     return None
-            if ordered and index <= entry.top:
+            if entry is not None and ordered and index <= entry.top:
                 self._drop(key)
                 self.superseded += 1
                 entry = None
-        elif key in self._recent_keys:
-            self.duplicate_fragments += 1
-            return None
-        size = len(fragment)
-        if size > self.max_bytes:
+        elif key in self._recent:
+            done_count, done_total, crcs = self._recent[key]
+            if (done_count == count and done_total == total
+                    and (index >= len(crcs) or _crc32(fragment) == crcs[index])):
+                self.duplicate_fragments += 1
+                return None
+            # Not a copy: a new message under this key, its sender started over.
+            if self.sender_len:
+                self.forget_sender(key[:self.sender_len])
+            else:
+                del self._recent[key]
+        size = len(fragment) + _FRAGMENT_OVERHEAD
+        if entry is None:
+            size += _MESSAGE_OVERHEAD
+        if size > max_bytes:
             self.oversized += 1
             return None
         if entry is None:
             if len(pending) >= self.max_messages:
                 self._evict_oldest()
-        while self.bytes_buffered + size > self.max_bytes:
+        while self.bytes_buffered + size > max_bytes:
             self._evict_oldest()
             if entry is not None and key not in pending:
                 # The message this fragment belongs to was the oldest: it is
@@ -650,12 +722,12 @@ class _FragmentStore:
         del pending[key]
         self.bytes_buffered -= entry.nbytes
         self.completed += 1
-        if self._recent_max:
-            self._recent_keys.add(key)
-            self._recent_order.append(key)
-            if len(self._recent_order) > self._recent_max:
-                self._recent_keys.discard(self._recent_order.popleft())
         parts = entry.parts
+        if self._recent_max:
+            recent = self._recent
+            recent[key] = (count, total, tuple(_crc32(parts[i]) for i in range(min(count, _FINGERPRINTED))))
+            if len(recent) > self._recent_max:
+                recent.popitem(last=False)
         return b"".join([parts[i] for i in range(count)])
 
 
@@ -663,16 +735,42 @@ class Reassembler:
     """Reassemble native messages from their fragments, in bounded memory and time.
 
     Sans-I/O: the caller passes the current time (any monotonic clock, e.g.
-    ``trio.current_time()``) with every fragment. Fragments are keyed by
-    ``(sender_id, sequence)``, so a lost fragment never lets two messages
-    merge. Single-fragment messages bypass the buffers entirely.
+    ``trio.current_time()``) and the sender's address with every fragment.
+    Fragments are keyed by ``(address, sender_id, sequence)``, so a lost
+    fragment never lets two messages merge, and two senders that happen to
+    use the same ``sender_id`` (from different addresses) are kept apart.
+    Single-fragment messages bypass the buffers entirely.
+
+    A sender that starts over with the same ``sender_id`` and address (a DAQ
+    with a fixed id that restarts, its sequence numbers going back to 0) is
+    reassembled again, not taken for a stream of duplicates:
+
+    * a restart is recognised as :class:`~mcast_trio.SequenceTracker`
+      recognises one (a sequence number ``1024`` or more below the highest
+      one, before the first one seen, or more than ``2**20`` above it): the
+      sender's incomplete messages are dropped (counted as ``superseded``)
+      and the record of its completed ones is forgotten (restart detection
+      remembers up to 1024 senders, least recently seen forgotten first);
+    * a fragment whose key belongs to a recently completed message is a
+      duplicate only if it is a copy (same count and size, same CRC-32 as
+      the fragment it repeats, checked for the first 16 fragments); a
+      fragment whose bytes differ from the fragment held at its index is no
+      copy either. Either proves that the sender started over, with the same
+      consequences. This catches a restart after a short run, whose
+      sequence numbers the tracker cannot tell from duplicates.
+
+    Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
+    overhead per fragment (160 bytes) and per incomplete message (1024
+    bytes), so ``max_bytes`` bounds the memory the buffers hold even when
+    fragments are tiny. Besides, the keys of the last ``max_messages``
+    completed messages are kept (to recognise late duplicate fragments).
 
     Args:
         max_messages: Most incomplete messages held at once (oldest evicted).
             Allowed: ``1 .. 2**20``.
-        max_bytes: Most fragment bytes held at once (oldest incomplete
-            messages evicted; a message larger than this is dropped as
-            oversized). Allowed: ``1 .. 2**40``.
+        max_bytes: Most bytes held at once, overheads included (oldest
+            incomplete messages evicted; a message that could not fit is
+            dropped as oversized). Allowed: ``1 .. 2**40``.
         timeout: Seconds after its first fragment an incomplete message is
             dropped. Allowed: finite and > 0.
 
@@ -684,7 +782,9 @@ class Reassembler:
     def __init__(
         self, max_messages: int = 256, max_bytes: int = 32 << 20, timeout: float = 2.0
     ) -> None:
-        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages)
+        self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages, sender_len=2)
+        # Restart detection: the tracker's own rule, one tracker per sender.
+        self._senders: SenderTable = SenderTable(_RESTART_SENDERS)
 
     @property
     def stats(self) -> ReassemblyStats:
@@ -693,6 +793,7 @@ class Reassembler:
 
     @property
     def bytes_buffered(self) -> int:
+        """Bytes held now, per-fragment and per-message overheads included."""
         return self._store.bytes_buffered
 
     def expire(self, now: float) -> int:
@@ -700,9 +801,20 @@ class Reassembler:
         return self._store.expire(now)
 
     def feed(
-        self, header: FrameHeader, fragment: bytes | bytearray | memoryview, now: float
+        self,
+        header: FrameHeader,
+        fragment: bytes | bytearray | memoryview,
+        now: float,
+        address: Hashable = None,
     ) -> bytes | None:
         """Add one fragment (``datagram[header.payload_offset:]``).
+
+        Args:
+            header: The fragment's parsed header (:func:`parse_header`).
+            fragment: The fragment's bytes.
+            now: The current time, in seconds of the caller's clock.
+            address: The sender's address (any hashable, e.g. ``(host,
+                port)``); fragments from different addresses never mix.
 
         Returns:
             The complete message payload when this fragment completes it
@@ -716,8 +828,14 @@ class Reassembler:
         if len(fragment) != header.fragment_size:
             store.inconsistent += 1
             return None
+        key = (address, header.sender_id, header.sequence)
+        if key not in store.pending:
+            # The first fragment seen of a message: did its sender start over?
+            sender = (address, header.sender_id)
+            if self._senders.observe(sender, header.sequence) == RESTART:
+                store.forget_sender(sender)
         return store.add(
-            (header.sender_id, header.sequence),
+            key,
             header.index,
             header.count,
             header.total_size,
@@ -775,7 +893,7 @@ class NativeDecoder:
         if topics is not None and header.topic not in topics:
             self.filtered += 1
             return None
-        payload = self.reassembler.feed(header, datagram[header.payload_offset:], now)
+        payload = self.reassembler.feed(header, datagram[header.payload_offset:], now, address)
         if payload is None:
             return None
         return Message(header.topic, payload, address, header.sender_id, header.sequence)
@@ -802,16 +920,66 @@ def _msgpack() -> Any:
 
 
 _MCL_ARRAY_STARTS = frozenset((0x92, 0x94, 0xDC, 0xDD))
+_PACK_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+#: Below this size a datagram cannot build enough containers for the garbage
+#: collector's pause to pay off (a collection of the youngest generation
+#: every 700 new containers is cheap; the costly ones come after thousands).
+_GC_PAUSE_MIN = 4096
+
+
+def _unpack_bounded(unpackb: Callable[..., Any], data: bytes | bytearray | memoryview) -> Any:
+    """Unpack ``data`` (exactly one msgpack object) building no more than
+    its ``n`` bytes could legitimately hold: an element, a map entry's key
+    and value, a string's byte take at least 1 byte each, so no array of more
+    than ``n`` elements, no map of more than ``n // 2`` entries, no string,
+    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits, set
+    explicitly rather than relying on the version's defaults).
+
+    For larger inputs the cyclic garbage collector is paused while the
+    objects are built: tens of thousands of containers otherwise trigger a
+    collection every 700 of them, each older-generation one walking the
+    whole heap (measured: up to 250 ms for one 65 KB datagram in a process
+    holding 2 million objects, against 13 ms at most with the pause).
+    """
+    n = len(data)
+    if n < _GC_PAUSE_MIN:
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
+                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+    enabled = _gc.isenabled()
+    if enabled:
+        _gc.disable()
+    try:
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
+                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+    finally:
+        if enabled:
+            _gc.enable()
 
 
 class MclEncoder:
     """Frame messages the way MCL's UDP ``RawBroadcaster`` does.
 
+    A message is any msgpack-serialisable object, as MCL's
+    ``RawBroadcaster.publish`` takes (its ``MessageBroadcaster`` publishes
+    dicts): bytes-like objects are sent as byte strings, anything else
+    (dict, list, tuple, int, float, str, bool, None, nested) as msgpack
+    packs it. A small message goes as one datagram ``[topic, payload]``; a
+    larger one is packed *after* the ``[topic, payload]`` attempt and the
+    packed bytes are cut into chunks ``[topic, i, n, chunk]``, as MCL does.
+
     Args:
         topic: Default topic: None (msgpack nil, MCL's default), str or bytes.
-        chunk_size: Fragmentation threshold and chunk size (MCL's ``MTU``).
-            Allowed: ``64 .. 65000``.
-        use_bin_type: False (default) writes topic and payload with the
+        chunk_size: Fragmentation threshold and chunk size (MCL's ``MTU``,
+            60000 by default). Allowed: ``64 .. 64989``: MCL's listener reads
+            at most 65000 bytes per datagram (``recvfrom(MTU_MAX)``), and a
+            chunk datagram adds up to 11 bytes to its chunk (with a nil
+            topic), so the largest ``chunk_size`` still gives datagrams an
+            MCL listener reads whole. A topic adds its length;
+            :meth:`encode` refuses a message whose datagrams would exceed
+            65000 bytes.
+        use_bin_type: False (default) writes topic and byte strings with the
             msgpack raw/str family, byte for byte as MCL on Python 2; True
             writes bytes as bin (as a Python 3 msgpack>=1.0 port would).
 
@@ -847,24 +1015,34 @@ class MclEncoder:
     def chunk_size(self) -> int:
         return self._chunk_size
 
-    def encode(
-        self, payload: bytes | bytearray | memoryview, topic: str | bytes | None = None
-    ) -> list[bytes]:
+    def encode(self, payload: Any, topic: str | bytes | None = None) -> list[bytes]:
         """Frame one message; return its datagrams.
 
         Args:
-            payload: The message bytes.
+            payload: The message: a bytes-like object (sent as a byte string)
+                or any msgpack-serialisable object.
             topic: Overrides the default topic for this message.
 
         Raises:
-            TypeError, ValueError: Bad ``topic`` or ``payload`` type, or the
-                message needs more than 65535 chunks or a chunk datagram would
-                exceed 65507 bytes (a very long topic).
+            TypeError: Bad ``topic`` type, or ``payload`` is not
+                msgpack-serialisable (the message names it and says why).
+            ValueError: The message needs more than 65535 chunks, or a
+                datagram would exceed the 65000 bytes an MCL listener reads
+                (a very long topic).
         """
         t = self._topic if topic is None else self._check_topic(topic)
-        payload = bytes(_as_payload(payload))
+        if type(payload) is not bytes and not isinstance(payload, str):
+            try:
+                payload = bytes(_as_payload(payload))  # bytes-like: a byte string
+            except TypeError:
+                pass  # any other object: msgpack packs it (or says why not)
         pack = self._packb
-        packet = pack((t, payload))
+        try:
+            packet = pack((t, payload))
+        except _PACK_ERRORS as exc:
+            raise TypeError(
+                f"payload={_short_repr(payload)} is not msgpack-serialisable: {exc}"
+            ) from exc
         chunk = self._chunk_size
         if len(packet) <= chunk:
             return [packet]
@@ -873,20 +1051,33 @@ class MclEncoder:
         count = size // chunk + 1  # as MCL: an exact multiple ends with an empty chunk
         if count > _MAX_FRAGMENTS:
             raise ValueError(
-                f"payload is {len(payload)} bytes; with chunk_size={chunk} MCL framing "
+                f"payload packs to {size} bytes; with chunk_size={chunk} MCL framing "
                 f"allows at most {_MAX_FRAGMENTS} chunks"
             )
         out = [pack((t, i + 1, count, data[i * chunk:(i + 1) * chunk])) for i in range(count)]
-        if len(out[0]) > MAX_UDP_PAYLOAD:
+        longest = max(map(len, out))
+        if longest > _MCL_MAX_DATAGRAM:
             raise ValueError(
-                f"a chunk datagram would be {len(out[0])} bytes (> {MAX_UDP_PAYLOAD}); "
-                f"the topic is too long for chunk_size={chunk}"
+                f"topic={_short_repr(t)}: a chunk datagram would be {longest} bytes, more than the "
+                f"{_MCL_MAX_DATAGRAM} an MCL listener reads; use a shorter topic or a "
+                f"smaller chunk_size (now {chunk})"
             )
         return out
 
 
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class MclDecoder:
     """Decode MCL datagrams, reassembling chunked messages.
+
+    The payload is delivered as msgpack unpacks it, as an MCL listener hands
+    it over: a byte string (MCL's Python 2 ``str``, or bin) as ``bytes``,
+    and any other object (dict, list, int, float, nil, ...) as the
+    corresponding Python object; strings inside it are ``bytes`` too (the
+    raw family carries no encoding). Map keys may be any hashable value.
 
     MCL chunks carry no message id. Chunks are keyed by ``(address, topic,
     n)`` (MCL itself uses ``(host, n, topic)``), and since a sender emits the
@@ -894,17 +1085,28 @@ class MclDecoder:
     highest index held for its key starts a new message: the incomplete one
     is dropped and counted in ``superseded`` (an exact byte-for-byte repeat
     of a held chunk is a duplicate instead). A reassembled message must
-    unpack to exactly one byte string, else it is counted ``inconsistent``.
-    The residual risk inherent to MCL's format: if the tail of one message
-    and the head of the next (same sender, topic and chunk count) are both
-    lost, and the chunk sizes agree, the two could merge; pass the full
-    ``(host, port)`` as ``address`` to keep separate senders apart.
+    unpack to exactly one msgpack object, else it is counted
+    ``inconsistent``. The residual risk inherent to MCL's format: if the
+    tail of one message and the head of the next (same sender, topic and
+    chunk count) are both lost, and the chunk sizes agree, the two could
+    merge; pass the full ``(host, port)`` as ``address`` to keep separate
+    senders apart.
+
+    Bounded work per datagram: a datagram longer than 65000 bytes is
+    refused before it is unpacked (MCL never sends one, and its listener
+    reads at most 65000 bytes, so it could not read one either); unpacking
+    may not build more than the bytes could legitimately hold (msgpack's
+    ``max_*_len`` limits set from the size of the bytes: no array of more
+    elements, no map of more entries than half, no string longer than the
+    bytes); and the garbage collector is paused while the objects of inputs
+    of 4 KiB or more are built.
+    None of this refuses anything MCL (or :class:`MclEncoder`) produces.
 
     Args:
         topics: Accept only these topics (str or bytes, exact match); None
             accepts every topic (including nil).
         max_messages, max_bytes, timeout: Reassembly bounds, as for
-            :class:`Reassembler`.
+            :class:`Reassembler` (overheads included in ``max_bytes``).
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
@@ -935,30 +1137,35 @@ class MclDecoder:
         """Drop incomplete messages whose timeout has passed; return how many."""
         return self._store.expire(now)
 
-    def _unpack(self, data: bytes | bytearray | memoryview, what: str) -> Any:
-        try:
-            return self._unpackb(data, raw=True, use_list=True, strict_map_key=False)
-        except Exception as exc:  # msgpack raises several types for bad bytes
-            raise MalformedFrame(f"offset 0: {what} is not valid msgpack ({exc})") from None
-
     def feed(self, datagram: bytes | bytearray | memoryview, address: Any, now: float) -> Message | None:
         """Decode one datagram.
 
         Returns:
-            The complete :class:`Message`, or None (chunk of an incomplete
-            message, filtered topic, or a dropped chunk).
+            The complete :class:`Message` (its payload the unpacked object),
+            or None (chunk of an incomplete message, filtered topic, or a
+            dropped chunk).
 
         Raises:
             MalformedFrame: The datagram is not an MCL frame (not a msgpack
                 array ``[topic, payload]`` or ``[topic, i, n, chunk]`` with
-                bytes/nil topic, bytes payload and ``1 <= i <= n``).
+                bytes/nil topic, bytes chunk and ``1 <= i <= n``), is longer
+                than 65000 bytes, or holds more than its size allows.
         """
-        if not datagram or datagram[0] not in _MCL_ARRAY_STARTS:
-            first = f"0x{datagram[0]:02x}" if datagram else "end of datagram"
+        n = len(datagram)
+        if not n or datagram[0] not in _MCL_ARRAY_STARTS:
+            first = f"0x{datagram[0]:02x}" if n else "end of datagram"
             raise MalformedFrame(
                 f"offset 0: {first} does not start a msgpack array of 2 or 4 items"
             )
-        frame = self._unpack(datagram, "datagram")
+        if n > _MCL_MAX_DATAGRAM:
+            raise MalformedFrame(
+                f"offset {_MCL_MAX_DATAGRAM}: datagram is {n} bytes; MCL sends and reads "
+                f"at most {_MCL_MAX_DATAGRAM}"
+            )
+        try:
+            frame = _unpack_bounded(self._unpackb, datagram)
+        except Exception as exc:  # msgpack raises several types for bad bytes
+            raise MalformedFrame(f"offset 0: datagram is not valid msgpack ({exc})") from None
         if type(frame) is not list or len(frame) not in (2, 4):
             raise MalformedFrame(
                 f"offset 0: expected a msgpack array of 2 or 4 items, got "
@@ -969,13 +1176,10 @@ class MclDecoder:
             raise MalformedFrame(f"offset 1: topic is {type(topic).__name__}, expected str/bin or nil")
         topics = self._topics
         if len(frame) == 2:
-            payload = frame[1]
-            if type(payload) is not bytes:
-                raise MalformedFrame(f"payload is {type(payload).__name__}, expected str/bin")
             if topics is not None and topic not in topics:
                 self.filtered += 1
                 return None
-            return Message(topic, payload, address)
+            return Message(topic, frame[1], address)
         _, index, count, chunk = frame
         if type(index) is not int or type(count) is not int or not 1 <= index <= count:
             raise MalformedFrame(f"chunk index {index!r} / count {count!r}: expected 1 <= i <= n")
@@ -989,10 +1193,8 @@ class MclDecoder:
         if joined is None:
             return None
         try:
-            payload = self._unpackb(joined, raw=True)
+            payload = _unpack_bounded(self._unpackb, joined)
         except Exception:
-            payload = None
-        if type(payload) is not bytes:
             store.completed -= 1
             store.inconsistent += 1
             return None
@@ -1016,8 +1218,9 @@ def make_filter(
             match. None: no topic condition.
         filter: Either a callable ``(payload, address) -> bool``, or a regular
             expression (str, bytes or compiled) searched (``re.search``) in
-            the payload; a str pattern is encoded as UTF-8. None: no payload
-            condition.
+            the payload; a str pattern is encoded as UTF-8, and never matches
+            a payload that is not bytes (an MCL dict, list, number...). None:
+            no payload condition.
 
     Returns:
         A predicate that is True when every given condition holds.
@@ -1045,8 +1248,9 @@ def make_filter(
             raise ValueError(f"filter={filter!r} is not a valid regular expression: {exc}") from None
         regex_search = regex.search
 
-        def search(payload: bytes, address: Any) -> bool:
-            return regex_search(payload) is not None
+        def search(payload: Any, address: Any) -> bool:
+            # MCL payloads may be any object: a pattern matches byte strings only.
+            return type(payload) is bytes and regex_search(payload) is not None
 
     elif callable(filter):
         search = filter

@@ -369,6 +369,12 @@ class ReceiverService:
                     continue
                 if message.sender_id is not None:
                     self._senders.observe((*source, message.sender_id), message.sequence)
+                elif config.readout_class is not None and type(message.payload) is not bytes:
+                    # An MCL payload that is an object (dict, int...), not a readout.
+                    self._malformed += 1
+                    self._last_error = (f"MCL payload is {type(message.payload).__name__}, "
+                                        f"expected a serialized readout (bytes)")
+                    continue
             if not self._accept_all and not self._accept(message.topic, message.payload, source):
                 self._filtered += 1
                 continue
