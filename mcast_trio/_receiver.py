@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Mapping
 
@@ -129,14 +129,19 @@ def _readout_id(datagram: bytes) -> int | None:
     return None
 
 
-def _well_formed(decoded: DecodedBatch, good: np.ndarray) -> DecodedBatch:
-    """``decoded`` without its malformed rows (``good`` is False there).
+def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
+    """``decoded`` with only the rows at indices ``keep`` (its well-formed
+    ones).
 
     Malformed rows own no hits, so the ``first_hit``/``n_hits`` slices of the
     rows kept still index ``hits``; ``errors`` is emptied (its indices were
     rows of the full batch; the receiver counts them in its statistics).
+    ``take`` with indices: several times faster than a boolean mask on a
+    record array.
     """
-    return replace(decoded, readouts=decoded.readouts[good], errors=())
+    return DecodedBatch(hits=decoded.hits, readouts=decoded.readouts.take(keep), errors=(),
+                        extra_bytes=decoded.extra_bytes, last_id=decoded.last_id,
+                        backend=decoded.backend)
 
 
 def _chunk_size(chunk) -> int:
@@ -345,11 +350,12 @@ class ReceiverService:
         self._track_readouts(batch, rows, good, index, rejected)
         if good is not None:
             # Malformed datagrams are counted, never delivered.
-            if not good.any():
+            keep = np.flatnonzero(good)
+            if len(keep) == 0:
                 return
-            offsets = offsets[good]
-            lengths = lengths[good]
-            decoded = _well_formed(decoded, good)
+            offsets = offsets.take(keep)
+            lengths = lengths.take(keep)
+            decoded = _well_formed(decoded, keep)
         # The bytes are kept only for consumers of single readouts
         # (receive()/async for); batches() consumers need the decoded batch.
         data = _mmsg.gather(batch.buffer, offsets, lengths) if self.want_bytes else None
@@ -438,11 +444,11 @@ class ReceiverService:
             if decoded.errors:
                 self._last_error = decoded.errors[-1][1]
                 # Malformed readouts are counted, never delivered.
-                good = ~decoded.readouts.malformed
-                out = [m for m, ok in zip(out, good.tolist()) if ok]
-                if not out:
+                keep = np.flatnonzero(~decoded.readouts.malformed)
+                if len(keep) == 0:
                     return
-                decoded = _well_formed(decoded, good)
+                out = [out[k] for k in keep.tolist()]
+                decoded = _well_formed(decoded, keep)
             lengths = np.fromiter((len(m.payload) for m in out), dtype=np.int64, count=len(out))
             await self._deliver(_ReadoutChunk(b"".join(m.payload for m in out), lengths, decoded))
         else:
