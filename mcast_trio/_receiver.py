@@ -763,7 +763,7 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         max_per_wake: datagrams handled before a checkpoint when the socket
             never empties.
         max_busy: seconds (default 0.005) the receive task may run without a
-            checkpoint, measured with :func:`time.perf_counter` (real time:
+            checkpoint, measured with ``time.perf_counter()`` (real time:
             the time it holds the trio loop, which a virtual clock such as
             ``autojump_clock`` does not see); checked between batches and,
             where datagrams are handled one by one in Python (a ``filter=``
