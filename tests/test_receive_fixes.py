@@ -276,6 +276,36 @@ def _slow_filter(payload, address) -> bool:
     return True
 
 
+async def _heartbeat_gaps(sock, datagrams, address, handled) -> list[float]:
+    """Send ``datagrams`` from a worker thread (so that sending does not hold
+    the trio loop) while a heartbeat task sleeps 2 ms at a time; return the
+    gaps between its beats (real time) until ``handled()`` is true."""
+    gaps: list[float] = []
+
+    async def heartbeat():
+        last = time.perf_counter()
+        try:
+            while True:
+                await trio.sleep(0.002)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+        finally:
+            gaps.append(time.perf_counter() - last)  # the gap until it was stopped
+
+    def send_all():
+        for data in datagrams:
+            sock.sendto(data, address)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat)
+        await trio.sleep(0.01)
+        await trio.to_thread.run_sync(send_all)
+        await wait_until(handled, "every datagram handled", 60)
+        nursery.cancel_scope.cancel()
+    return gaps
+
+
 @pytest.mark.parametrize("framing", ["raw", "native"])
 async def test_a_slow_receive_path_does_not_starve_other_tasks(ep, framing):
     group, port = ep
@@ -289,39 +319,19 @@ async def test_a_slow_receive_path_does_not_starve_other_tasks(ep, framing):
         datagrams = [r.to_bytes() for r in readouts]
         options = dict(readout_class=AstroPix4Readout)
     assert len(datagrams) == count
-    gaps = []
     sock = plain_sender()
     try:
         async with open_receiver(group, port, filter=_slow_filter, **options) as rx:
-            async with trio.open_nursery() as nursery:
-
-                async def heartbeat():
-                    last = time.perf_counter()
-                    try:
-                        while True:
-                            await trio.sleep(0.002)
-                            now = time.perf_counter()
-                            gaps.append(now - last)
-                            last = now
-                    finally:
-                        # The gap until it was stopped counts too.
-                        gaps.append(time.perf_counter() - last)
-
-                nursery.start_soon(heartbeat)
-                await trio.sleep(0.01)
-                for data in datagrams:
-                    sock.sendto(data, (group, port))
-                await wait_until(lambda: rx.statistics().datagrams == count, "every datagram", 30)
-                # The flood was handled while the heartbeat kept beating.
-                await wait_until(lambda: (rx.statistics().readouts or rx.statistics().messages) == count,
-                                 "every datagram handled", 30)
-                nursery.cancel_scope.cancel()
+            # 1 ms per datagram: about 0.6 s of filter time in all.
+            gaps = await _heartbeat_gaps(
+                sock, datagrams, (group, port),
+                lambda: (rx.statistics().readouts or rx.statistics().messages) == count)
             stats = rx.statistics()
     finally:
         sock.close()
     assert stats.filtered == 0 and stats.kernel_drops == 0
     assert max(gaps) < 0.1, f"the heartbeat waited {max(gaps) * 1000:.0f} ms"
-    assert len(gaps) > 50  # it beat all along (about 0.6 s of filter time)
+    assert len(gaps) > 50  # it beat all along
 
 
 async def test_max_busy_is_validated_before_anything_opens(ep):
@@ -332,3 +342,42 @@ async def test_max_busy_is_validated_before_anything_opens(ep):
             async with open_receiver(group, port, max_busy=value):
                 pytest.fail(f"open_receiver accepted max_busy={value!r}")
     assert group not in joined_ipv4_groups()
+
+
+async def test_mcl_array_bombs_do_not_starve_other_tasks(ep):
+    # The issue's datagram: [nil, [[], [], ... 65024 times]]. Unpacking it
+    # costs milliseconds (another change bounds that); whatever one costs,
+    # other tasks must wait about one datagram's cost plus max_busy at most,
+    # not a whole batch of them.
+    msgpack = pytest.importorskip("msgpack", reason="framing='mcl' needs the optional msgpack package")
+    from mcast_trio import MclDecoder
+
+    group, port = ep
+    bomb = b"\x92\xc0\xdc\xfe\x00" + b"\x90" * 65024
+    legit = [msgpack.packb(["apx", b"message %d" % k], use_bin_type=True) for k in range(30)]
+    datagrams = [d for pair in zip([bomb] * 30, legit) for d in pair]
+    cost = 0.0  # what one bomb costs the receive path, on this machine, now
+    for _ in range(3):
+        start = time.perf_counter()
+        try:
+            MclDecoder().feed(memoryview(bomb), ("127.0.0.1", 1), 0.0)
+        except ValueError:  # MalformedFrame, or delivered: either way it cost
+            pass
+        cost = max(cost, time.perf_counter() - start)
+    sock = plain_sender()
+    try:
+        async with open_receiver(group, port, framing="mcl") as rx:
+            gaps = await _heartbeat_gaps(
+                sock, datagrams, (group, port),
+                lambda: rx.statistics().messages + rx.statistics().malformed == len(datagrams))
+            stats = rx.statistics()
+            got = [(await rx.receive()).payload for _ in range(stats.messages)]
+    finally:
+        sock.close()
+    # Whether a bomb is refused (malformed) or delivered, every legitimate
+    # message arrived.
+    assert stats.kernel_drops == 0
+    assert [p for p in got if isinstance(p, bytes)] == [b"message %d" % k for k in range(30)]
+    bound = 0.1 + 3 * cost  # 30 bombs in one batch cost 30 * cost
+    assert max(gaps) < bound, (f"the heartbeat waited {max(gaps) * 1000:.0f} ms; one bomb costs "
+                               f"{cost * 1000:.0f} ms")
