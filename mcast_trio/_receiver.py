@@ -6,8 +6,10 @@ The receive task (:func:`serve_receiver`) never blocks on its consumer: it
 uses ``send_nowait`` and applies the overflow policy when the channel is full,
 counting every datagram it drops. It drains the socket with non-blocking
 ``recvmmsg`` calls until the socket is empty, then waits with
-``trio.lowlevel.wait_readable``; a cap per wake-up plus a checkpoint keeps a
-socket that never empties from starving other tasks.
+``trio.lowlevel.wait_readable``; caps per wake-up, on datagrams
+(``max_per_wake``) and on elapsed time (``max_busy``), plus a checkpoint keep a
+socket that never empties, or datagrams that are slow to handle, from starving
+other tasks.
 
 Items in the channel are *chunks*, one per receive batch: decoded readouts
 (:class:`DecodedBatch` plus the bytes) in readout mode, lists of
@@ -18,6 +20,8 @@ decoded batches to ``batches()``.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ from . import _batchio, _sockets
 from ._net import current_network
 from . import _mmsg
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
-from ._errors import MalformedFrame
+from ._errors import MalformedFrame, unwrap_single
 from ._format import HEADER, HEADER_SIZE
 from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
 from ._tracking import SenderStats, SenderTable
@@ -67,7 +71,8 @@ class ReceiverStatistics:
             consumer's channel was full (overflow policy).
         dropped_chunks: channel items dropped.
         kernel_drops: datagrams the kernel dropped for lack of buffer space
-            (``SO_RXQ_OVFL``), or None where the OS does not report it.
+            (``SO_RXQ_OVFL``): 0 from the start where the OS reports it
+            (Linux), None only where it does not.
         lost: sum over ``senders``.
         duplicates: sum over ``senders``.
         reordered: sum over ``senders``.
@@ -124,6 +129,21 @@ def _readout_id(datagram: bytes) -> int | None:
     return None
 
 
+def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
+    """``decoded`` with only the rows at indices ``keep`` (its well-formed
+    ones).
+
+    Malformed rows own no hits, so the ``first_hit``/``n_hits`` slices of the
+    rows kept still index ``hits``; ``errors`` is emptied (its indices were
+    rows of the full batch; the receiver counts them in its statistics).
+    ``take`` with indices: several times faster than a boolean mask on a
+    record array.
+    """
+    return DecodedBatch(hits=decoded.hits, readouts=decoded.readouts.take(keep), errors=(),
+                        extra_bytes=decoded.extra_bytes, last_id=decoded.last_id,
+                        backend=decoded.backend)
+
+
 def _chunk_size(chunk) -> int:
     return chunk.size() if isinstance(chunk, _ReadoutChunk) else len(chunk)
 
@@ -170,6 +190,10 @@ class ReceiverService:
         # readouts need them; receive_batch()/batches() consumers do not).
         self.want_bytes = True
         self._same_source = False
+        # Time budget per wake-up (time.perf_counter(): the real time the
+        # receive task holds the loop, which a virtual trio clock does not see).
+        self._max_busy = config.max_busy
+        self._busy_since = 0.0
 
     # -- snapshot ------------------------------------------------------------
 
@@ -199,16 +223,26 @@ class ReceiverService:
 
     # -- the receive loop ----------------------------------------------------
 
+    async def _pause(self) -> None:
+        """Checkpoint (let other tasks run) and start a new time budget."""
+        await trio.lowlevel.checkpoint()
+        self._busy_since = time.perf_counter()
+
     async def _run(self, endpoint, task_status) -> None:
         config = self.config
         batch = _batchio.ReceiveBatch(config.batch_size, config.max_datagram_size)
         receive_batch = endpoint.receive_batch
         readout_mode = config.readout_class is not None
         max_per_wake = config.max_per_wake
+        max_busy = self._max_busy
+        perf_counter = time.perf_counter
+        # 0 where the OS counts kernel drops, None only where it does not.
+        self._kernel_drops = endpoint.kernel_drops(batch)
         self.joined.set()
         task_status.started(self)
         while True:
             received = 0
+            self._busy_since = perf_counter()
             while True:
                 n = receive_batch(batch)
                 if n == 0:
@@ -219,9 +253,10 @@ class ReceiverService:
                 else:
                     await self._message_batch(batch, n)
                 received += n
-                if received >= max_per_wake:
-                    # The socket never empties: let other tasks run.
-                    await trio.lowlevel.checkpoint()
+                if received >= max_per_wake or perf_counter() - self._busy_since >= max_busy:
+                    # The socket never empties, or its datagrams are slow to
+                    # handle: let other tasks run.
+                    await self._pause()
                     received = 0
             decoder = self._decoder
             if decoder is not None:
@@ -273,9 +308,15 @@ class ReceiverService:
         if not self._accept_all:
             view = memoryview(batch.buffer)
             rejected = []
+            perf_counter = time.perf_counter
+            max_busy = self._max_busy
             for i in range(n):
                 if not keep[i]:
                     continue
+                if perf_counter() - self._busy_since >= max_busy:
+                    # A slow filter: yield between datagrams, not only
+                    # between batches.
+                    await self._pause()
                 payload = view[offsets[i]:offsets[i] + lengths[i]].tobytes()
                 if not self._accept(None, payload, self._source(batch, i)):
                     keep[i] = False
@@ -307,6 +348,14 @@ class ReceiverService:
         self._readouts += len(rows) - len(decoded.errors)
         self._hits += len(decoded.hits)
         self._track_readouts(batch, rows, good, index, rejected)
+        if good is not None:
+            # Malformed datagrams are counted, never delivered.
+            keep = np.flatnonzero(good)
+            if len(keep) == 0:
+                return
+            offsets = offsets.take(keep)
+            lengths = lengths.take(keep)
+            decoded = _well_formed(decoded, keep)
         # The bytes are kept only for consumers of single readouts
         # (receive()/async for); batches() consumers need the decoded batch.
         data = _mmsg.gather(batch.buffer, offsets, lengths) if self.want_bytes else None
@@ -344,10 +393,17 @@ class ReceiverService:
         decoder = self._decoder
         native = isinstance(decoder, NativeDecoder)
         now = trio.current_time()
+        perf_counter = time.perf_counter
+        max_busy = self._max_busy
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
                 continue
+            if perf_counter() - self._busy_since >= max_busy:
+                # Datagrams slow to parse (an MCL "array bomb") or a slow
+                # filter: yield between datagrams, not only between batches.
+                await self._pause()
+                now = trio.current_time()
             datagram = view[offsets[i]:offsets[i] + lengths[i]]
             source = self._source(batch, i)
             if decoder is None:
@@ -389,10 +445,16 @@ class ReceiverService:
             self._extra = decoded.extra_bytes
             self._last_id = decoded.last_id
             self._malformed += len(decoded.errors)
-            if decoded.errors:
-                self._last_error = decoded.errors[-1][1]
             self._readouts += len(decoded.readouts) - len(decoded.errors)
             self._hits += len(decoded.hits)
+            if decoded.errors:
+                self._last_error = decoded.errors[-1][1]
+                # Malformed readouts are counted, never delivered.
+                keep = np.flatnonzero(~decoded.readouts.malformed)
+                if len(keep) == 0:
+                    return
+                out = [out[k] for k in keep.tolist()]
+                decoded = _well_formed(decoded, keep)
             lengths = np.fromiter((len(m.payload) for m in out), dtype=np.int64, count=len(out))
             await self._deliver(_ReadoutChunk(b"".join(m.payload for m in out), lengths, decoded))
         else:
@@ -409,7 +471,7 @@ class ReceiverService:
                 # delivering: let it run now rather than after max_per_wake
                 # datagrams, or the overflow policy drops what it could have
                 # handled.
-                await trio.lowlevel.checkpoint()
+                await self._pause()
             return
         except trio.WouldBlock:
             pass
@@ -455,6 +517,7 @@ class _Config:
     batch_size: int
     max_datagram_size: int
     max_per_wake: int
+    max_busy: float
     rcvbuf: int | None
     max_senders: int
     loss_window: int
@@ -471,7 +534,7 @@ def _check_int(name: str, value, low: int, high: int) -> int:
 def _configure(
     group, port, readout_class=None, *, interface=None, source=None, framing=None, topics=None,
     filter=None, overflow="drop_oldest", batch_size=256, max_datagram_size=65535,
-    max_per_wake=4096, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
+    max_per_wake=4096, max_busy=0.005, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
     reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
@@ -491,6 +554,12 @@ def _configure(
     _check_int("batch_size", batch_size, 1, 1024)
     _check_int("max_datagram_size", max_datagram_size, 64, 65535)
     _check_int("max_per_wake", max_per_wake, 1, 1 << 30)
+    if isinstance(max_busy, bool) or not isinstance(max_busy, (int, float)):
+        raise TypeError(f"max_busy={max_busy!r} is not a number; allowed: seconds in 0..1")
+    if not (math.isfinite(max_busy) and 0 <= max_busy <= 1):
+        raise ValueError(f"max_busy={max_busy!r} is out of range; allowed: seconds in 0..1")
+    if rcvbuf is not None:
+        rcvbuf = _sockets._check_bufsize("rcvbuf", rcvbuf)
     _check_int("max_senders", max_senders, 1, 1 << 20)
     _check_int("loss_window", loss_window, 1, 1 << 16)
     if framing == "mcl":
@@ -504,7 +573,7 @@ def _configure(
     if network is None:
         network = current_network()
     return _Config(spec, readout_class, framing, topics, filter, overflow, batch_size, max_datagram_size,
-                   max_per_wake, rcvbuf, max_senders, loss_window, reassembly, network)
+                   max_per_wake, float(max_busy), rcvbuf, max_senders, loss_window, reassembly, network)
 
 
 def _sockets_msgpack_check() -> None:
@@ -524,6 +593,12 @@ async def serve_receiver(group, port, send_channel, readout_class=None, *, drop_
     :func:`open_receiver`. The overflow policy ``"drop_oldest"`` needs
     ``drop_channel``, a clone of the receive side of ``send_channel``.
 
+    It opens no nursery of its own, so its exceptions are never wrapped by
+    it: an invalid argument, or an error from opening the socket (e.g. the
+    port is held by a socket without ``SO_REUSEADDR``), is raised as itself
+    by ``nursery.start()``. What fails after it started travels through your
+    nursery, which groups it as trio nurseries do.
+
     Cancellation: on cancellation (its only way to stop) the group is left,
     the socket closed and ``send_channel`` closed, so consumers see the end of
     the channel.
@@ -533,7 +608,10 @@ async def serve_receiver(group, port, send_channel, readout_class=None, *, drop_
         raise ValueError("overflow='drop_oldest' needs drop_channel= (a clone of the receive side of "
                          "send_channel); or use overflow='drop_newest'")
     service = ReceiverService(config, send_channel, drop_channel)
-    async with send_channel:
+    # A plain ``with``: ``async with`` would checkpoint on the way out, and a
+    # cancellation arriving then would replace (and so hide) the exception
+    # the receive task is failing with.
+    with send_channel:
         endpoint = config.network.open_receiver(config.spec, rcvbuf=config.rcvbuf)
         try:
             service._rcvbuf = endpoint.granted_rcvbuf
@@ -585,15 +663,14 @@ class MulticastReceiver:
         if isinstance(chunk, _ReadoutChunk):
             if chunk.data is None:
                 raise RuntimeError("receive() after receive_batch()/batches(): use one style per receiver")
-            cls = self._service.config.readout_class
-            rows = chunk.batch.readouts
-            malformed = rows.malformed.tolist()
+            # A chunk holds well-formed readouts only (malformed ones were
+            # counted by the receive task).
+            from_bytes = self._service.config.readout_class.from_bytes
             view = memoryview(chunk.data)
             items = []
             start = 0
-            for k, length in enumerate(chunk.lengths.tolist()):
-                if not malformed[k]:
-                    items.append(cls.from_bytes(view[start:start + length]))
+            for length in chunk.lengths.tolist():
+                items.append(from_bytes(view[start:start + length]))
                 start += length
             return items
         return chunk
@@ -691,6 +768,15 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             truncated and skipped.
         max_per_wake: datagrams handled before a checkpoint when the socket
             never empties.
+        max_busy: seconds (default 0.005) the receive task may run without a
+            checkpoint, measured with ``time.perf_counter()`` (real time:
+            the time it holds the trio loop, which a virtual clock such as
+            ``autojump_clock`` does not see); checked between batches and,
+            where datagrams are handled one by one in Python (a ``filter=``
+            callable or regular expression, framed modes), between datagrams.
+            Other tasks then wait at most about ``max_busy`` plus the cost of
+            one datagram (one ``recvmmsg`` batch for raw readouts without a
+            filter). 0 checkpoints after every such step.
         rcvbuf: SO_RCVBUF to request (the granted size is in
             ``statistics().rcvbuf``; a warning says when the kernel capped it).
         max_senders, loss_window: bounds of the per-sender loss accounting.
@@ -705,6 +791,15 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
     Raises:
         ValueError, TypeError, OSError: for invalid arguments (naming them)
             before anything is opened.
+        OSError: the socket could not be opened, e.g. the port is held by
+            a socket without ``SO_REUSEADDR``.
+
+    Exceptions come out as themselves, not wrapped in an
+    ``ExceptionGroup``: an error from opening the socket, and an exception
+    raised by the code inside the ``async with`` block, are raised as they
+    are (``except KeyError`` or ``except OSError`` catches them). Only
+    genuinely concurrent failures (two or more exceptions at once, e.g. one
+    from the block and one from the receive task) stay grouped.
 
     Cancellation: leaving the block, normally or by cancellation, stops the
     receive task, leaves the group and closes the socket.
@@ -713,14 +808,15 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
     config = _configure(group, port, readout_class, **options)
     send_channel, receive_channel = trio.open_memory_channel(queue_size)
     drop_channel = receive_channel.clone() if config.overflow == "drop_oldest" else None
-    async with trio.open_nursery() as nursery:
-        service = await nursery.start(
-            lambda task_status: serve_receiver(group, port, send_channel, readout_class,
-                                               drop_channel=drop_channel, task_status=task_status,
-                                               _config=config))
-        receiver = MulticastReceiver(service, receive_channel)
-        try:
-            yield receiver
-        finally:
-            nursery.cancel_scope.cancel()
-            receive_channel.close()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            service = await nursery.start(
+                lambda task_status: serve_receiver(group, port, send_channel, readout_class,
+                                                   drop_channel=drop_channel, task_status=task_status,
+                                                   _config=config))
+            receiver = MulticastReceiver(service, receive_channel)
+            try:
+                yield receiver
+            finally:
+                nursery.cancel_scope.cancel()
+                receive_channel.close()

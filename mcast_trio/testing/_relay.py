@@ -15,6 +15,7 @@ import math
 import trio
 
 from .. import _batchio, _sockets
+from .._errors import unwrap_single
 from .._net import current_network
 from ._memory import FaultCounts, LinkRules, _Link
 
@@ -114,6 +115,11 @@ async def serve_fault_relay(
     ``task_status.started()`` gets the :class:`FaultRelay` once the source
     group is joined. Interfaces default to loopback.
 
+    A single exception (an invalid argument, an error from opening a socket or
+    from sending) comes out as itself, not wrapped in an ``ExceptionGroup`` by
+    the relay's own nursery; only concurrent failures of its receive and emit
+    tasks stay grouped.
+
     Cancellation: the only way to stop it; datagrams not yet re-emitted are
     dropped, the group is left and both sockets are closed.
     """
@@ -129,20 +135,21 @@ async def serve_fault_relay(
         sender = network.open_sender(out_spec)
         try:
             batch = _batchio.ReceiveBatch(64, 65536)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(relay._emit, sender)
-                task_status.started(relay)
-                while True:
-                    n = receiver.receive_batch(batch)
-                    if n == 0:
-                        await receiver.wait_readable()
-                        continue
-                    now = trio.current_time()
-                    for i in range(n):
-                        link = relay._link(batch.source(i))
-                        relay._schedule(link.process(bytes(batch.datagram(i)), now), link)
-                    relay.received += n
-                    await trio.lowlevel.checkpoint()
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(relay._emit, sender)
+                    task_status.started(relay)
+                    while True:
+                        n = receiver.receive_batch(batch)
+                        if n == 0:
+                            await receiver.wait_readable()
+                            continue
+                        now = trio.current_time()
+                        for i in range(n):
+                            link = relay._link(batch.source(i))
+                            relay._schedule(link.process(bytes(batch.datagram(i)), now), link)
+                        relay.received += n
+                        await trio.lowlevel.checkpoint()
         finally:
             sender.close()
     finally:
