@@ -536,9 +536,11 @@ def _configure(
     filter=None, overflow="drop_oldest", batch_size=256, max_datagram_size=65535,
     max_per_wake=4096, max_busy=0.005, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
     reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
+    allow_unicast=False, allow_control_groups=False,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
-    spec = _sockets.resolve_group(group, port, interface=interface, source=source)
+    spec = _sockets.resolve_group(group, port, interface=interface, source=source,
+                                  allow_unicast=allow_unicast, allow_control_groups=allow_control_groups)
     if framing is None:
         framing = "raw" if readout_class is not None else "native"
     if framing not in _FRAMINGS:
@@ -783,7 +785,16 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         network: the network to use (default: the current network, i.e.
             real sockets unless ``mcast_trio.testing`` installed another).
         reassembly_timeout, max_pending_messages, max_reassembly_bytes:
-            bounds of fragment reassembly (framed modes).
+            bounds of fragment reassembly (framed modes);
+            ``max_reassembly_bytes`` counts a fixed overhead per fragment
+            and per incomplete message besides the payload bytes, so that
+            it bounds memory, not only payload.
+        allow_unicast: accept a unicast ``group`` that is not a loopback
+            address (loopback unicast, astropix-analysis' ``127.0.0.1``
+            default, is always accepted). A unicast receiver owns its port:
+            a second one fails with ``OSError`` (EADDRINUSE).
+        allow_control_groups: accept link-local control groups
+            (224.0.0.0/24, well-known ``ff02::`` groups), refused by default.
 
     Yields:
         A :class:`MulticastReceiver`.
