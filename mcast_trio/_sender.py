@@ -35,6 +35,10 @@ try:
     from . import _mmsg
 except ImportError:  # not compiled
     _mmsg = None
+# The compiled check of a list of serialized readouts (header, length field,
+# at most 65507 bytes): the quick test of the common case; what it refuses
+# goes through parse_fixed, which says what is wrong.
+_raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
 from ._batch import readout_error_message
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
@@ -59,24 +63,23 @@ def _check_readout(payload) -> None:
         raise MalformedReadout(readout_error_message(payload, error))
 
 
-def _readout_payload(readout) -> bytes | memoryview:
-    """What :meth:`MulticastSender.send_readout` sends: the serialized,
-    checked readout."""
-    if type(readout) is bytes:
-        payload = readout
-    else:
+def _serialized(readout):
+    """What :meth:`MulticastSender.send_readout` sends, not yet checked:
+    ``readout.to_bytes()``, or the serialized readout itself (bytes or a flat
+    byte view)."""
+    if not isinstance(readout, (bytes, bytearray, memoryview, int)):
         to_bytes = getattr(readout, "to_bytes", None)
-        if to_bytes is not None and not isinstance(readout, int):
+        if to_bytes is not None:
             readout = to_bytes()
-        try:
-            payload = _as_payload(readout)
-        except TypeError:
-            raise TypeError(
-                f"readout={readout!r:.80} is a {type(readout).__name__}; allowed: a readout object"
-                " with to_bytes() (e.g. AstroPix4Readout) or a serialized readout (bytes-like)"
-            ) from None
-    _check_readout(payload)
-    return payload
+            if type(readout) is bytes:
+                return readout
+    try:
+        return _as_payload(readout)
+    except TypeError:
+        raise TypeError(
+            f"readout={readout!r:.80} is a {type(readout).__name__}; allowed: a readout object"
+            " with to_bytes() (e.g. AstroPix4Readout) or a serialized readout (bytes-like)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,11 @@ class MulticastSender:
     def _encode(self, data, topic) -> list[bytes]:
         if self._closed:
             raise trio.ClosedResourceError("this sender is closed")
+        if type(data) is bytes and topic is None and _raw_readouts is not None:
+            # The common case, checked in C: bytes of a well-formed readout
+            # (auto), any bytes that fit one datagram (raw).
+            if (self._auto or self._raw) and _raw_readouts([data], self._auto):
+                return [data]
         if self._raw:
             return encode_raw(data)
         if self._auto and topic is None:
@@ -248,13 +256,15 @@ class MulticastSender:
 
         Cancellation: as :meth:`send`.
         """
-        payload = _readout_payload(readout)
+        data = readout if type(readout) is bytes else _serialized(readout)
         if self._closed:
             raise trio.ClosedResourceError("this sender is closed")
-        if self._raw or self._auto:
-            datagrams = encode_raw(payload)
+        raw = self._raw or self._auto
+        if raw and type(data) is bytes and _raw_readouts is not None and _raw_readouts([data], True):
+            datagrams = [data]  # the common case, checked in C
         else:
-            datagrams = self._encoder.encode(bytes(payload), self._topic)
+            _check_readout(data)
+            datagrams = encode_raw(data) if raw else self._encoder.encode(bytes(data), self._topic)
         await self._submit(datagrams, 1)
 
     async def send_many(self, messages: Iterable, *, topic=None) -> None:
