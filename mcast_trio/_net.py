@@ -17,11 +17,11 @@ A network has two methods:
   leaves the group);
 * ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
   with ``send_batch(datagrams) -> int`` (non-blocking; how many left, 0 when
-  the buffer is full), ``send_one(datagram) -> bool`` (non-blocking; one
-  datagram, False when the buffer is full; optional: without it the sender
-  calls ``send_batch([datagram])``), ``async wait_writable()`` and
-  ``close()``. ``send_batch`` and ``send_one`` raise ``OSError`` for a
-  datagram the network refuses (the sender counts it and goes on).
+  the buffer is full), ``send_one(datagram)`` (non-blocking, one datagram;
+  raises ``BlockingIOError`` when the buffer is full; optional: without it
+  the sender calls ``send_batch([datagram])``), ``async wait_writable()``
+  and ``close()``. ``send_batch`` and ``send_one`` raise another ``OSError``
+  for a datagram the network refuses (the sender counts it and goes on).
 """
 
 from __future__ import annotations
@@ -61,23 +61,24 @@ class _SocketReceiver:
 
 
 class _SocketSender:
-    __slots__ = ("sock", "_send")
+    __slots__ = ("sock", "send_one")
 
     def __init__(self, spec, sndbuf, loop, local_address) -> None:
         self.sock = _sockets.open_sender_socket(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
         try:
             # A second, plain socket object on a duplicate of the descriptor
-            # (the same socket): its bound ``send`` is the cheapest way to
-            # hand one datagram to the kernel from Python. Closed with the
-            # endpoint; being a duplicate, it can never close someone
-            # else's descriptor.
+            # (the same socket): its bound ``send`` is ``send_one``, the
+            # cheapest way to hand one datagram to the kernel from Python
+            # (non-blocking: BlockingIOError when the buffer is full).
+            # Closed with the endpoint; being a duplicate, it can never close
+            # someone else's descriptor.
             plain = socket.socket(self.sock.family, self.sock.type, self.sock.proto,
                                   fileno=os.dup(self.sock.fileno()))
             plain.setblocking(False)
         except BaseException:
             _sockets.close_sender_socket(self.sock)
             raise
-        self._send = plain.send
+        self.send_one = plain.send
 
     def send_batch(self, datagrams) -> int:
         try:
@@ -85,19 +86,12 @@ class _SocketSender:
         except BlockingIOError:
             return 0
 
-    def send_one(self, datagram) -> bool:
-        try:
-            self._send(datagram)
-        except BlockingIOError:
-            return False
-        return True
-
     async def wait_writable(self) -> None:
         await trio.lowlevel.wait_writable(self.sock)
 
     def close(self) -> None:
         try:
-            self._send.__self__.close()
+            self.send_one.__self__.close()
         except OSError:  # never raises: the descriptor is our own duplicate
             pass
         _sockets.close_sender_socket(self.sock)

@@ -64,15 +64,8 @@ def _check_readout(payload) -> None:
 
 
 def _serialized(readout):
-    """What :meth:`MulticastSender.send_readout` sends, not yet checked:
-    ``readout.to_bytes()``, or the serialized readout itself (bytes or a flat
-    byte view)."""
-    if not isinstance(readout, (bytes, bytearray, memoryview, int)):
-        to_bytes = getattr(readout, "to_bytes", None)
-        if to_bytes is not None:
-            readout = to_bytes()
-            if type(readout) is bytes:
-                return readout
+    """A serialized readout (bytes-like) as bytes or a flat byte view, not
+    yet checked; a TypeError that says what to pass otherwise."""
     try:
         return _as_payload(readout)
     except TypeError:
@@ -128,11 +121,13 @@ class MulticastSender:
         send_one = getattr(endpoint, "send_one", None)
         if send_one is None:  # an endpoint without it (see _net): one-item batches
             def send_one(datagram, _send_batch=endpoint.send_batch):
-                return _send_batch([datagram]) == 1
+                if _send_batch([datagram]) != 1:
+                    raise BlockingIOError
         self._send_one = send_one
         self._framing = framing
         self._raw = framing == "raw"
         self._auto = framing == "auto"
+        self._quick = (self._raw or self._auto) and _raw_readouts is not None
         self._topic = topic
         self._encoder = encoder
         # The queue: one item (a list of datagrams, owned by the sender) per
@@ -171,11 +166,10 @@ class MulticastSender:
     def _encode(self, data, topic) -> list[bytes]:
         if self._closed:
             raise trio.ClosedResourceError("this sender is closed")
-        if type(data) is bytes and topic is None and _raw_readouts is not None:
+        if self._quick and type(data) is bytes and topic is None and _raw_readouts([data], self._auto):
             # The common case, checked in C: bytes of a well-formed readout
             # (auto), any bytes that fit one datagram (raw).
-            if (self._auto or self._raw) and _raw_readouts([data], self._auto):
-                return [data]
+            return [data]
         if self._raw:
             return encode_raw(data)
         if self._auto and topic is None:
@@ -233,10 +227,18 @@ class MulticastSender:
         """
         datagrams = self._encode(data, topic)
         queued = self._queued
+        items = self._items
         if queued and (queued + len(datagrams) > self._max_queued
-                       or len(self._items) - self._handed >= self._queue_size):
+                       or len(items) - self._handed >= self._queue_size):
             raise trio.WouldBlock
-        self._append(datagrams, 1)
+        # _append(datagrams, 1), inlined: this is the hot path of a DAQ loop.
+        items.append(datagrams)
+        self._queued = queued + len(datagrams)
+        self._messages += 1
+        if self._idle:
+            self._idle = False
+            self._handed = 1
+            self._wakeup.unpark()
 
     async def send_readout(self, readout) -> None:
         """Send one readout, as astropix-analysis'
@@ -256,7 +258,16 @@ class MulticastSender:
 
         Cancellation: as :meth:`send`.
         """
-        data = readout if type(readout) is bytes else _serialized(readout)
+        if type(readout) is bytes:
+            data = readout
+        else:
+            to_bytes = getattr(readout, "to_bytes", None)
+            if to_bytes is not None and not isinstance(readout, int):
+                data = to_bytes()
+                if type(data) is not bytes:
+                    data = _serialized(data)
+            else:
+                data = _serialized(readout)
         if self._closed:
             raise trio.ClosedResourceError("this sender is closed")
         raw = self._raw or self._auto
@@ -369,7 +380,20 @@ class MulticastSender:
         # no other task can send in between, and no Cancelled can arrive.
         n = len(datagrams)
         if n == 1:
-            done = self._send_single(datagrams[0])
+            datagram = datagrams[0]
+            try:
+                self._send_one(datagram)
+            except BlockingIOError:
+                self._syscalls += 1
+                done = 0
+            except OSError as exc:
+                self._count_error(exc, datagram)
+                done = 1
+            else:
+                self._syscalls += 1
+                self._datagrams += 1
+                self._bytes += len(datagram)
+                done = 1
         else:
             done = self._send_now(datagrams, 0, _MAX_PER_CALL)
         if done < n:
@@ -399,21 +423,6 @@ class MulticastSender:
     def _count_error(self, exc: OSError, datagram) -> None:
         self._errors += 1
         self._last_error = f"{exc} (datagram of {len(datagram)} bytes)"
-
-    def _send_single(self, datagram) -> int:
-        """Hand one datagram to the kernel now: 1 if it is done with (sent,
-        or refused and counted as an error), 0 if the buffer is full."""
-        try:
-            sent = self._send_one(datagram)
-        except OSError as exc:
-            self._count_error(exc, datagram)
-            return 1
-        self._syscalls += 1
-        if sent:
-            self._datagrams += 1
-            self._bytes += len(datagram)
-            return 1
-        return 0
 
     def _send_now(self, datagrams: list, i: int, limit: int | None = None) -> int:
         """Hand ``datagrams[i:]`` (at most ``limit`` of them) to the kernel

@@ -296,7 +296,8 @@ class MemorySender:
     """A sender endpoint of :class:`MemoryNetwork`.
 
     :meth:`pause` makes it behave like a socket whose send buffer is full:
-    nothing leaves (``send_batch`` returns 0, ``send_one`` False) and
+    nothing leaves (``send_batch`` returns 0, ``send_one`` raises
+    ``BlockingIOError``) and
     ``wait_writable`` waits until :meth:`resume`. Tests use it to make a
     sender queue.
     """
@@ -336,13 +337,12 @@ class MemorySender:
             count += 1
         return count
 
-    def send_one(self, datagram) -> bool:
+    def send_one(self, datagram) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this memory sender is closed")
         if self._writable is not None:
-            return False
+            raise BlockingIOError("the memory sender is paused")
         self.network._transmit(self, bytes(datagram))
-        return True
 
     async def wait_writable(self) -> None:
         writable = self._writable
