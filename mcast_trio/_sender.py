@@ -12,7 +12,7 @@ The per-message path: ``await send()`` / ``send_readout()`` / ``send_many()``
 send directly from the calling task (one non-blocking ``send`` or
 ``sendmmsg``) when no datagram is queued or in flight, so that they cannot
 overtake anything; they check for cancellation every time but yield to the
-scheduler only every :data:`_DIRECT_BURST` directly sent datagrams, or when
+scheduler only every 64 directly sent datagrams (``_DIRECT_BURST``), or when
 something had to be queued. ``send_nowait`` always queues (a ``deque``
 append); the sender task takes up to 1024 queued datagrams per ``sendmmsg``.
 """
@@ -208,9 +208,9 @@ class MulticastSender:
         raise :exc:`trio.Cancelled`. It is a schedule point (lets other tasks
         run) when it has to wait or queue, and otherwise once every 64
         datagrams sent directly: a loop of ``await send()`` cannot starve the
-        other tasks, but not every call yields (trio allows a checkpoint to
-        skip the schedule point; ``trio.testing.assert_checkpoints`` sees
-        the cancel point only).
+        other tasks, but not every call yields (trio's own checkpoint says
+        the scheduler may skip the schedule point for efficiency), so
+        ``trio.testing.assert_checkpoints`` around a single call may fail.
         """
         await self._submit(self._encode(data, topic), 1)
 
