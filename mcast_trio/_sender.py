@@ -35,16 +35,17 @@ try:
     from . import _mmsg
 except ImportError:  # not compiled
     _mmsg = None
-# The compiled check of a list of serialized readouts (header, length field,
-# at most 65507 bytes): the quick test of the common case; what it refuses
-# goes through parse_fixed, which says what is wrong.
-_raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
 from ._batch import readout_error_message
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
 from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
 from ._net import current_network
 from ._reference import parse_fixed
+
+# The compiled check of a list of serialized readouts (header, length field,
+# at most 65507 bytes): the quick test of the common case; what it refuses
+# goes through parse_fixed, which says what is wrong.
+_raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
 
 __all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender", "FRAMINGS"]
 
