@@ -266,6 +266,11 @@ def main() -> None:
                 except ImportError as exc:
                     missing[name] = f"not available ({exc})"
                     continue
+                except Exception as exc:  # noqa: BLE001 - report the row, keep the others
+                    if method != "run_astropix":
+                        raise
+                    missing[name] = f"failed: {type(exc).__name__}: {exc}"
+                    continue
                 old = best.get(name, (float("inf"), float("inf")))
                 best[name] = (min(old[0], wall), min(old[1], cpu))
     finally:

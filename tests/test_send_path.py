@@ -180,6 +180,41 @@ async def test_a_fragmented_message_goes_out_directly_and_whole():
     assert message.payload == payload
 
 
+class _BatchOnlyEndpoint:
+    """A sender endpoint with only the required methods of the network seam
+    (no ``send_one``), over a memory network endpoint."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.send_batch = inner.send_batch
+        self.wait_writable = inner.wait_writable
+        self.close = inner.close
+
+
+class _BatchOnlyNetwork(MemoryNetwork):
+    def open_sender(self, spec, **options):
+        return _BatchOnlyEndpoint(super().open_sender(spec, **options))
+
+
+async def test_an_endpoint_without_send_one_gets_one_item_batches():
+    net = _BatchOnlyNetwork()
+    data = wire(4)
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, readout_class=AstroPix4Readout) as rx:
+            async with open_sender(GROUP, PORT) as tx:
+                await tx.send(data[0])
+                assert tx.statistics().datagrams == 1
+                net.senders[-1].pause()
+                await tx.send(data[1])
+                await tx.send(data[2])
+                assert tx.statistics().queued == 2
+                net.senders[-1].resume()
+                await tx.send(data[3])
+            s = tx.statistics()
+            assert (s.messages, s.datagrams, s.queued, s.unsent) == (4, 4, 0, 0)
+            assert await receive_ids(rx, 4) == list(range(4))
+
+
 # ---------------------------------------------------------------------------
 # Cancellation of the fast path
 # ---------------------------------------------------------------------------
