@@ -44,6 +44,7 @@ demo: install
 bench: install
 	$(NETNS) $(VPY) benchmarks/bench_decode.py
 	$(NETNS) $(VPY) benchmarks/bench_transport.py
+	$(NETNS) $(VPY) benchmarks/bench_send.py
 
 docs: install
 	$(VPY) -m pip install -q ".[docs]"

@@ -17,13 +17,19 @@ A network has two methods:
   leaves the group);
 * ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
   with ``send_batch(datagrams) -> int`` (non-blocking; how many left, 0 when
-  the buffer is full), ``async wait_writable()`` and ``close()``.
+  the buffer is full), ``send_one(datagram)`` (non-blocking, one datagram;
+  raises ``BlockingIOError`` when the buffer is full; optional: without it
+  the sender calls ``send_batch([datagram])``), ``async wait_writable()``
+  and ``close()``. ``send_batch`` and ``send_one`` raise another ``OSError``
+  for a datagram the network refuses (the sender counts it and goes on).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,10 +61,24 @@ class _SocketReceiver:
 
 
 class _SocketSender:
-    __slots__ = ("sock",)
+    __slots__ = ("sock", "send_one")
 
     def __init__(self, spec, sndbuf, loop, local_address) -> None:
         self.sock = _sockets.open_sender_socket(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
+        try:
+            # A second, plain socket object on a duplicate of the descriptor
+            # (the same socket): its bound ``send`` is ``send_one``, the
+            # cheapest way to hand one datagram to the kernel from Python
+            # (non-blocking: BlockingIOError when the buffer is full).
+            # Closed with the endpoint; being a duplicate, it can never close
+            # someone else's descriptor.
+            plain = socket.socket(self.sock.family, self.sock.type, self.sock.proto,
+                                  fileno=os.dup(self.sock.fileno()))
+            plain.setblocking(False)
+        except BaseException:
+            _sockets.close_sender_socket(self.sock)
+            raise
+        self.send_one = plain.send
 
     def send_batch(self, datagrams) -> int:
         try:
@@ -70,6 +90,10 @@ class _SocketSender:
         await trio.lowlevel.wait_writable(self.sock)
 
     def close(self) -> None:
+        try:
+            self.send_one.__self__.close()
+        except OSError:  # never raises: the descriptor is our own duplicate
+            pass
         _sockets.close_sender_socket(self.sock)
 
 

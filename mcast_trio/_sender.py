@@ -1,17 +1,27 @@
-"""The multicast sender: a trio task that drains a bounded memory channel into
-the socket in batches (``sendmmsg``), in order.
+"""The multicast sender: callers hand datagrams to the kernel themselves when
+nothing is waiting, otherwise a trio task drains a bounded queue into the
+socket in batches (``sendmmsg``), in order.
 
 ``open_sender`` is an async context manager: it resolves and validates the
 group, opens the socket, starts the sender task in a nursery of its own and
 yields a :class:`MulticastSender`. Leaving the block normally sends everything
 queued before closing; cancellation closes at once and counts what was still
 queued as ``unsent``.
+
+The per-message path: ``await send()`` / ``send_readout()`` / ``send_many()``
+send directly from the calling task (one non-blocking ``send`` or
+``sendmmsg``) when no datagram is queued or in flight, so that they cannot
+overtake anything; they check for cancellation every time but yield to the
+scheduler only every 64 directly sent datagrams (``_DIRECT_BURST``), or when
+something had to be queued. ``send_nowait`` always queues (a ``deque``
+append); the sender task takes up to 1024 queued datagrams per ``sendmmsg``.
 """
 
 from __future__ import annotations
 
 import secrets
 import socket
+from collections import deque
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,25 +35,45 @@ try:
     from . import _mmsg
 except ImportError:  # not compiled
     _mmsg = None
+from ._batch import readout_error_message
+from ._errors import MalformedReadout, unwrap_single
+from ._format import HEADER
+from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
 from ._net import current_network
-from ._format import HEADER, HEADER_SIZE
-from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, encode_raw
+from ._reference import parse_fixed
+
+# The compiled check of a list of serialized readouts (header, length field,
+# at most 65507 bytes): the quick test of the common case; what it refuses
+# goes through parse_fixed, which says what is wrong.
+_raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
 
 __all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender", "FRAMINGS"]
 
 #: Framings a sender can use (``framing=``).
 FRAMINGS = ("auto", "raw", "native", "mcl")
 _MAX_PER_CALL = 1024  # datagrams handed to one sendmmsg call
+#: Datagrams callers may send directly between two schedule points.
+_DIRECT_BURST = 64
 
 
-def _is_readout(data) -> bool:
-    """True if ``data`` is one well-formed serialized AstroPix readout."""
+def _check_readout(payload) -> None:
+    """Raise MalformedReadout unless ``payload`` (bytes or a flat byte view)
+    is one well-formed serialized readout (the header parse of ``_reference``)."""
+    error = parse_fixed(payload)[0]
+    if error:
+        raise MalformedReadout(readout_error_message(payload, error))
+
+
+def _serialized(readout):
+    """A serialized readout (bytes-like) as bytes or a flat byte view, not
+    yet checked; a TypeError that says what to pass otherwise."""
     try:
-        size = len(data)
-        return (size >= HEADER_SIZE and data[:3] == HEADER
-                and int.from_bytes(data[15:19], "little") == size - HEADER_SIZE)
+        return _as_payload(readout)
     except TypeError:
-        return False
+        raise TypeError(
+            f"readout={readout!r:.80} is a {type(readout).__name__}; allowed: a readout object"
+            " with to_bytes() (e.g. AstroPix4Readout) or a serialized readout (bytes-like)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -58,7 +88,8 @@ class SenderStatistics:
         waits: times the socket buffer was full and the task waited.
         errors: datagrams the kernel refused (the last error is ``last_error``).
         unsent: datagrams still queued when the sender was cancelled.
-        queued: datagrams waiting in the channel now.
+        queued: datagrams queued or being sent by the sender task now
+            (datagrams a caller sends directly are never counted here).
         last_error: the last OSError text, or None.
     """
 
@@ -76,19 +107,39 @@ class SenderStatistics:
 class MulticastSender:
     """Send datagrams to one multicast group; made by :func:`open_sender`.
 
-    ``send``, ``send_readout`` and ``send_many`` may be called from several
-    tasks; datagrams leave in the order they were queued.
+    ``send``, ``send_readout``, ``send_many`` and ``send_nowait`` may be
+    called from several tasks; datagrams leave in the order they were sent
+    or queued: a call sends directly from its own task only while no
+    datagram is queued or in flight, otherwise it queues behind them.
     """
 
     def __init__(self, spec, endpoint, framing: str, topic, encoder, queue_size: int,
                  max_queued: int = 65536) -> None:
         self._max_queued = max_queued
+        self._queue_size = queue_size
         self._spec = spec
         self._endpoint = endpoint
+        send_one = getattr(endpoint, "send_one", None)
+        if send_one is None:  # an endpoint without it (see _net): one-item batches
+            def send_one(datagram, _send_batch=endpoint.send_batch):
+                if _send_batch([datagram]) != 1:
+                    raise BlockingIOError
+        self._send_one = send_one
         self._framing = framing
+        self._raw = framing == "raw"
+        self._auto = framing == "auto"
+        self._quick = (self._raw or self._auto) and _raw_readouts is not None
         self._topic = topic
         self._encoder = encoder
-        self._send_channel, self._receive_channel = trio.open_memory_channel[list](queue_size)
+        # The queue: one item (a list of datagrams, owned by the sender) per
+        # message or send_many call. ``_handed`` is 1 while the item that
+        # woke the idle sender task has not been taken yet: like a trio
+        # memory channel, the queue holds ``queue_size`` items besides it.
+        self._items: deque[list] = deque()
+        self._handed = 0
+        self._idle = False  # the sender task is parked on an empty queue
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self._burst = 0  # datagrams sent directly since the last schedule point
         self._messages = 0
         self._datagrams = 0
         self._bytes = 0
@@ -96,11 +147,11 @@ class MulticastSender:
         self._waits = 0
         self._errors = 0
         self._unsent = 0
-        self._queued = 0
+        self._queued = 0  # datagrams in _items plus _inflight
         self._inflight = 0  # datagrams of the batch being transmitted, not yet sent
         self._last_error: str | None = None
         self._closed = False
-        self._drained = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()  # room, progress, or closing
 
     # -- public API --------------------------------------------------------
 
@@ -116,63 +167,135 @@ class MulticastSender:
     def _encode(self, data, topic) -> list[bytes]:
         if self._closed:
             raise trio.ClosedResourceError("this sender is closed")
-        if self._framing == "raw" or (self._framing == "auto" and topic is None and _is_readout(data)):
+        if self._quick and type(data) is bytes and topic is None and _raw_readouts([data], self._auto):
+            # The common case, checked in C: bytes of a well-formed readout
+            # (auto), any bytes that fit one datagram (raw).
+            return [data]
+        if self._raw:
             return encode_raw(data)
+        if self._auto and topic is None:
+            payload = _as_payload(data)
+            if payload[:3] == HEADER:
+                # A serialized readout goes raw; one that begins like a
+                # readout but is malformed is refused, not framed silently.
+                _check_readout(payload)
+                return encode_raw(payload)
+            return self._encoder.encode(payload, self._topic)
         return self._encoder.encode(data, topic if topic is not None else self._topic)
 
     async def send(self, data, *, topic=None) -> None:
-        """Queue one message (bytes-like) for sending.
+        """Send one message (bytes-like).
 
         In ``raw`` framing the message is the datagram (at most 65507 bytes);
         in ``native`` and ``mcl`` framing it is fragmented as needed and
-        ``topic`` overrides the sender's default topic.
+        ``topic`` overrides the sender's default topic. In ``auto`` framing
+        (without ``topic``) bytes that begin with the readout header go raw
+        and must be one well-formed serialized readout.
 
-        Blocks while the queue is full. Cancellation: if cancelled, the
-        message was not queued.
-        """
-        await self._put(self._encode(data, topic))
-
-    def send_nowait(self, data, *, topic=None) -> None:
-        """Like :meth:`send` but never blocks.
+        When no datagram is queued or in flight, the calling task hands the
+        message to the kernel itself (non-blocking) and returns; what the
+        socket buffer cannot take is queued for the sender task. Otherwise
+        the message is queued behind the others, waiting while the queue is
+        full (``queue_size`` messages or ``max_queued`` datagrams).
 
         Raises:
-            trio.WouldBlock: the queue is full; nothing was queued.
+            MalformedReadout: ``auto`` framing, and ``data`` begins with the
+                readout header but is not a well-formed readout.
+            trio.ClosedResourceError: the sender is closed.
+
+        Cancellation: every call checks for cancellation before doing
+        anything: if it raises :exc:`trio.Cancelled`, no part of the message
+        was sent or queued; once it sent or queued the message it does not
+        raise :exc:`trio.Cancelled`. It is a schedule point (lets other tasks
+        run) when it has to wait or queue, and otherwise once every 64
+        datagrams sent directly: a loop of ``await send()`` cannot starve the
+        other tasks, but not every call yields (trio's own checkpoint says
+        the scheduler may skip the schedule point for efficiency), so
+        ``trio.testing.assert_checkpoints`` around a single call may fail.
+        """
+        await self._submit(self._encode(data, topic), 1)
+
+    def send_nowait(self, data, *, topic=None) -> None:
+        """Queue one message for the sender task; never blocks, never sends
+        from the calling task (the sender task sends it, batched with the
+        others, once this task yields).
+
+        Raises:
+            trio.WouldBlock: the queue is full (``queue_size`` messages or
+                ``max_queued`` datagrams); nothing was queued.
+            MalformedReadout: as :meth:`send`.
+            trio.ClosedResourceError: the sender is closed.
         """
         datagrams = self._encode(data, topic)
-        if self._queued and self._queued + len(datagrams) > self._max_queued:
+        queued = self._queued
+        items = self._items
+        if queued and (queued + len(datagrams) > self._max_queued
+                       or len(items) - self._handed >= self._queue_size):
             raise trio.WouldBlock
-        self._send_channel.send_nowait(datagrams)
-        self._account(datagrams)
+        # _append(datagrams, 1), inlined: this is the hot path of a DAQ loop.
+        items.append(datagrams)
+        self._queued = queued + len(datagrams)
+        self._messages += 1
+        if self._idle:
+            self._idle = False
+            self._handed = 1
+            self._wakeup.unpark()
 
     async def send_readout(self, readout) -> None:
-        """Send one readout (anything with ``to_bytes()``, e.g.
-        :class:`AstroPix4Readout`), as astropix-analysis'
+        """Send one readout, as astropix-analysis'
         ``MulticastSender.send_readout`` does: in raw (and auto) framing the
-        datagram is exactly ``readout.to_bytes()``.
+        datagram is exactly the serialized readout.
+
+        Args:
+            readout: an object with ``to_bytes()`` (e.g.
+                :class:`AstroPix4Readout`, or astropix-analysis' own class),
+                or a serialized readout (bytes-like).
+
+        Raises:
+            TypeError: ``readout`` is neither.
+            MalformedReadout: the serialized readout is malformed (too short,
+                bad header, or a length field that disagrees with its size);
+                nothing was sent.
 
         Cancellation: as :meth:`send`.
         """
-        data = readout.to_bytes()
-        if self._framing == "auto":
-            await self._put(encode_raw(data))
+        if type(readout) is bytes:
+            data = readout
         else:
-            await self.send(data)
+            to_bytes = getattr(readout, "to_bytes", None)
+            if to_bytes is not None and not isinstance(readout, int):
+                data = to_bytes()
+                if type(data) is not bytes:
+                    data = _serialized(data)
+            else:
+                data = _serialized(readout)
+        if self._closed:
+            raise trio.ClosedResourceError("this sender is closed")
+        raw = self._raw or self._auto
+        if raw and type(data) is bytes and _raw_readouts is not None and _raw_readouts([data], True):
+            datagrams = [data]  # the common case, checked in C
+        else:
+            _check_readout(data)
+            datagrams = encode_raw(data) if raw else self._encoder.encode(bytes(data), self._topic)
+        await self._submit(datagrams, 1)
 
     async def send_many(self, messages: Iterable, *, topic=None) -> None:
-        """Queue many messages at once (one channel item, one batch).
+        """Send many messages at once (one queue item, one batch).
 
-        The fastest way to send: the sender task hands them to the kernel
-        with as few ``sendmmsg`` calls as possible. Readouts (objects with
+        The fastest way to send: when nothing is queued, the calling task
+        hands up to 1024 datagrams to the kernel in one ``sendmmsg`` and
+        queues the rest for the sender task. Readouts (objects with
         ``to_bytes()``) and bytes-like objects may be mixed.
 
-        Cancellation: if cancelled, none of the messages was queued.
+        Cancellation: as :meth:`send`, for all the messages together: if it
+        raises :exc:`trio.Cancelled`, none of them was sent or queued.
         """
-        if (topic is None and type(messages) is list and messages and self._framing in ("raw", "auto")
+        if (topic is None and type(messages) is list and messages and (self._raw or self._auto)
                 and _mmsg is not None and not self._closed
-                and _mmsg.raw_datagrams(messages, self._framing == "auto")):
+                and _mmsg.raw_datagrams(messages, self._auto)):
             # Fast path: a list of serialized readouts (raw: of datagrams) as
             # bytes: they go as they are, checked in C.
-            await self._put(messages[:], len(messages))
+            await self._submit(messages[:], len(messages))
             return
         datagrams: list[bytes] = []
         count = 0
@@ -180,14 +303,14 @@ class MulticastSender:
             count += 1
             if hasattr(message, "to_bytes") and not isinstance(message, (bytes, bytearray, memoryview)):
                 message = message.to_bytes()
-                if self._framing == "auto":
+                if self._auto:
                     datagrams.extend(encode_raw(message))
                     continue
             datagrams.extend(self._encode(message, topic))
         if not datagrams:
             await trio.lowlevel.checkpoint()
             return
-        await self._put(datagrams, count)
+        await self._submit(datagrams, count)
 
     async def flush(self) -> None:
         """Wait until every datagram queued so far has been handed to the
@@ -229,105 +352,164 @@ class MulticastSender:
 
     # -- internals -----------------------------------------------------------
 
-    def _account(self, datagrams: list[bytes], messages: int = 1) -> None:
-        self._messages += messages
+    def _append(self, datagrams: list, messages: int) -> None:
+        """Queue one item (no checks: the caller made sure there is room)."""
+        self._items.append(datagrams)
         self._queued += len(datagrams)
-
-    async def _put(self, datagrams: list[bytes], messages: int = 1) -> None:
-        # Count the datagrams as queued *before* the hand-off: once the
-        # channel has them, the sender task may send them (and count them
-        # out) before this task resumes. A send that raises queued nothing.
-        count = len(datagrams)
-        # Bound the datagrams waiting, not only the channel items (one
-        # send_many is one item); a batch larger than the bound goes alone.
-        while self._queued and self._queued + count > self._max_queued:
-            await self._drained.park()
-        self._queued += count
-        try:
-            await self._send_channel.send(datagrams)
-        except BaseException:
-            self._queued -= count
-            self._drained.unpark_all()
-            raise
         self._messages += messages
+        if self._idle:
+            self._idle = False
+            self._handed = 1
+            self._wakeup.unpark()
+
+    def _has_room(self, count: int) -> bool:
+        queued = self._queued
+        if queued and queued + count > self._max_queued:
+            # Bound the datagrams waiting, not only the items (one send_many
+            # is one); a batch larger than the bound goes alone.
+            return False
+        return len(self._items) - self._handed < self._queue_size
+
+    async def _submit(self, datagrams: list, messages: int) -> None:
+        """Send ``datagrams`` (one call's worth) directly if nothing is queued
+        or in flight, else queue them; see :meth:`send` for the checkpoint."""
+        if self._queued or self._closed:
+            await self._put(datagrams, messages)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # From here on nothing awaits until the datagrams are sent or queued:
+        # no other task can send in between, and no Cancelled can arrive.
+        n = len(datagrams)
+        if n == 1:
+            datagram = datagrams[0]
+            try:
+                self._send_one(datagram)
+            except BlockingIOError:
+                self._syscalls += 1
+                done = 0
+            except OSError as exc:
+                self._count_error(exc, datagram)
+                done = 1
+            else:
+                self._syscalls += 1
+                self._datagrams += 1
+                self._bytes += len(datagram)
+                done = 1
+        else:
+            done = self._send_now(datagrams, 0, _MAX_PER_CALL)
+        if done < n:
+            # The socket buffer is full (or the call was large): the sender
+            # task sends the rest, in order, when the socket is writable.
+            self._append(datagrams[done:], messages)
+        else:
+            self._messages += messages
+            self._burst += n
+            if self._burst < _DIRECT_BURST:
+                return
+        self._burst = 0
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _put(self, datagrams: list, messages: int) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        count = len(datagrams)
+        while not self._has_room(count):
+            if self._closed:
+                break
+            await self._drained.park()  # cancelled here: nothing was queued
+        if self._closed:
+            raise trio.ClosedResourceError("this sender is closed")
+        self._append(datagrams, messages)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _count_error(self, exc: OSError, datagram) -> None:
+        self._errors += 1
+        self._last_error = f"{exc} (datagram of {len(datagram)} bytes)"
+
+    def _send_now(self, datagrams: list, i: int, limit: int | None = None) -> int:
+        """Hand ``datagrams[i:]`` (at most ``limit`` of them) to the kernel
+        without waiting; count them. Returns the index of the first datagram
+        not done with (sent, or refused and counted as an error): ``len``
+        when all are, less when the socket buffer is full."""
+        endpoint = self._endpoint
+        size = len(datagrams)
+        end = size if limit is None else min(size, i + limit)
+        while i < end:
+            stop = min(end, i + _MAX_PER_CALL)
+            chunk = datagrams if (i == 0 and stop == size) else datagrams[i:stop]
+            try:
+                sent = endpoint.send_batch(chunk)
+            except OSError as exc:
+                # The kernel refused datagram i (e.g. EMSGSIZE): count, skip.
+                self._count_error(exc, datagrams[i])
+                i += 1
+                continue
+            self._syscalls += 1
+            if not sent:
+                break
+            self._datagrams += sent
+            self._bytes += sum(map(len, chunk if sent == len(chunk) else chunk[:sent]))
+            i += sent
+        return i
 
     def _drop_queued(self) -> None:
         """The sender task has stopped: count what it never sent as unsent.
 
-        Counts exactly the datagrams still in the channel (taking over those
-        of senders blocked on it, whose ``send`` then succeeds) and the rest
-        of the batch being transmitted; a concurrent ``send`` that fails
-        un-counts its own datagrams.
+        Counts exactly the datagrams still queued and the rest of the batch
+        being transmitted.
         """
-        left = self._inflight
+        left = self._inflight + sum(map(len, self._items))
+        self._items.clear()
         self._inflight = 0
-        while True:
-            try:
-                item = self._receive_channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            left += len(item)
+        self._handed = 0
         self._queued -= left
         self._unsent += left
         self._drained.unpark_all()
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The sender task: channel -> socket, in batches, in order."""
-        receive = self._receive_channel
+        """The sender task: queue -> socket, in batches, in order."""
+        items = self._items
         task_status.started()
         try:
-            async for first in receive:
-                batch = first
-                copied = False
-                # Gather what else is queued, without waiting, into one batch.
-                while len(batch) < _MAX_PER_CALL:
-                    try:
-                        more = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if not copied:
-                        batch = list(batch)
-                        copied = True
-                    batch.extend(more)
+            while True:
+                if not items:
+                    if self._closed:
+                        return
+                    self._idle = True
+                    await self._wakeup.park()
+                    continue
+                batch = items.popleft()  # the sender's own list: extend it
+                while items and len(batch) < _MAX_PER_CALL:
+                    batch.extend(items.popleft())
+                self._handed = 0
                 self._inflight = len(batch)
+                self._drained.unpark_all()  # room in the queue
                 await self._transmit(batch)
         except BaseException:
             # Cancelled (or failed): whatever was queued never left.
+            self._idle = False
             self._drop_queued()
             raise
 
     async def _transmit(self, datagrams: list[bytes]) -> None:
-        endpoint = self._endpoint
         i = 0
         n = len(datagrams)
-        while i < n:
-            chunk = datagrams[i:i + _MAX_PER_CALL] if (i or n > _MAX_PER_CALL) else datagrams
-            try:
-                sent = endpoint.send_batch(chunk)
-            except OSError as exc:
-                # The kernel refused datagram i (e.g. EMSGSIZE): count, skip.
-                self._errors += 1
-                self._last_error = f"{exc} (datagram of {len(datagrams[i])} bytes)"
-                self._queued -= 1
-                self._inflight -= 1
-                i += 1
-                continue
-            self._syscalls += 1
-            if sent:
-                self._datagrams += sent
-                self._bytes += sum(map(len, datagrams[i:i + sent]))
-                self._queued -= sent
-                self._inflight -= sent
-                i += sent
-            else:
-                self._waits += 1
-                await endpoint.wait_writable()
+        while True:
+            j = self._send_now(datagrams, i)
+            self._queued -= j - i
+            self._inflight -= j - i
+            i = j
+            if i >= n:
+                break
+            self._waits += 1
+            await self._endpoint.wait_writable()
         self._drained.unpark_all()  # flush() callers re-check their target
         await trio.lowlevel.checkpoint()
 
     def _close_input(self) -> None:
         self._closed = True
-        self._send_channel.close()
+        self._idle = False
+        self._wakeup.unpark_all()
+        self._drained.unpark_all()
 
 
 @asynccontextmanager
@@ -369,8 +551,8 @@ async def open_sender(
         sender_id: native framing's 64-bit sender id (random by default).
         max_datagram: largest datagram of the framed modes (native default:
             1472 for IPv4, 1452 for IPv6).
-        queue_size: bound of the memory channel between callers and the
-            sender task (in messages: one ``send_many`` is one), >= 1.
+        queue_size: bound of the queue between callers and the sender
+            task (in messages: one ``send_many`` is one), >= 1.
         max_queued: most datagrams waiting to be sent at once; ``send``
             waits (``send_nowait`` raises ``trio.WouldBlock``) beyond it. A
             single batch larger than this is accepted when nothing waits.
@@ -383,6 +565,17 @@ async def open_sender(
 
     Yields:
         A :class:`MulticastSender`.
+
+    Raises:
+        ValueError, TypeError: an argument is invalid (before anything is
+            opened).
+        OSError: the socket could not be opened or configured.
+
+    Exceptions come out as themselves: an error on opening, an exception
+    raised by the code inside the ``async with`` block (``except KeyError``
+    catches a ``KeyError`` raised there) or a failure of the sender task is
+    not wrapped in an ``ExceptionGroup``. Only genuinely concurrent failures
+    (e.g. the block and the sender task failing at once) arrive grouped.
 
     Cancellation: leaving the block normally waits until every queued
     datagram was handed to the kernel; if the block is cancelled, queued
@@ -416,12 +609,15 @@ async def open_sender(
     try:
         sender = MulticastSender(spec, endpoint, framing, topic, encoder, queue_size, max_queued)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sender._run)
-                try:
-                    yield sender
-                finally:
-                    sender._close_input()
+            # A lone exception (from the block or the sender task) leaves
+            # as itself, not wrapped in an ExceptionGroup by the nursery.
+            with unwrap_single():
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(sender._run)
+                    try:
+                        yield sender
+                    finally:
+                        sender._close_input()
         finally:
             # Anything queued after the sender task stopped never leaves.
             sender._drop_queued()

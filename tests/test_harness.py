@@ -233,7 +233,7 @@ async def test_stuck_consumer_never_blocks_the_receive_task(policy):
 async def test_crashing_consumer_leaves_everything_closed():
     net = MemoryNetwork(seed=0)
     with use_network(net):
-        with pytest.RaisesGroup(pytest.RaisesExc(ZeroDivisionError), flatten_subgroups=True):
+        with pytest.raises(ZeroDivisionError):  # a lone exception comes out as itself
             async with open_sender(GROUP, PORT) as tx:
                 async with open_receiver(GROUP, PORT, readout_class=AstroPix4Readout) as rx:
                     await tx.send_many(DaqSimulator(seed=1, start_ns=0).generate(10).datagrams())

@@ -293,7 +293,14 @@ class MemoryReceiver:
 
 
 class MemorySender:
-    """A sender endpoint of :class:`MemoryNetwork`."""
+    """A sender endpoint of :class:`MemoryNetwork`.
+
+    :meth:`pause` makes it behave like a socket whose send buffer is full:
+    nothing leaves (``send_batch`` returns 0, ``send_one`` raises
+    ``BlockingIOError``) and
+    ``wait_writable`` waits until :meth:`resume`. Tests use it to make a
+    sender queue.
+    """
 
     def __init__(self, network: MemoryNetwork, spec, source: tuple, number: int) -> None:
         self.network = network
@@ -301,21 +308,52 @@ class MemorySender:
         self.source = source
         self.number = number
         self._closed = False
+        self._writable: trio.Event | None = None  # an unset Event while paused
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` holds the datagrams back."""
+        return self._writable is not None
+
+    def pause(self) -> None:
+        """Behave as if the send buffer were full until :meth:`resume`."""
+        if self._writable is None:
+            self._writable = trio.Event()
+
+    def resume(self) -> None:
+        """End :meth:`pause`: sending works again, waiters wake up."""
+        writable, self._writable = self._writable, None
+        if writable is not None:
+            writable.set()
 
     def send_batch(self, datagrams) -> int:
         if self._closed:
             raise trio.ClosedResourceError("this memory sender is closed")
+        if self._writable is not None:
+            return 0
         count = 0
         for datagram in datagrams:
             self.network._transmit(self, bytes(datagram))
             count += 1
         return count
 
+    def send_one(self, datagram) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this memory sender is closed")
+        if self._writable is not None:
+            raise BlockingIOError("the memory sender is paused")
+        self.network._transmit(self, bytes(datagram))
+
     async def wait_writable(self) -> None:
-        await trio.lowlevel.checkpoint()
+        writable = self._writable
+        if writable is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await writable.wait()
 
     def close(self) -> None:
         self._closed = True
+        self.resume()
 
     def __repr__(self) -> str:
         return f"<MemorySender #{self.number} {self.source[0]}:{self.source[1]} -> {self.spec.group}>"
