@@ -61,7 +61,7 @@ class _SocketReceiver:
 
 
 class _SocketSender:
-    __slots__ = ("sock", "send_one")
+    __slots__ = ("sock", "send_one", "_plain")
 
     def __init__(self, spec, sndbuf, loop, local_address) -> None:
         self.sock = _sockets.open_sender_socket(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)
@@ -78,20 +78,42 @@ class _SocketSender:
         except BaseException:
             _sockets.close_sender_socket(self.sock)
             raise
+        self._plain = plain
         self.send_one = plain.send
+        if getattr(spec, "unicast", False):
+            # A unicast sender's socket is connected, so an ICMP "port
+            # unreachable" (nobody listening yet) is reported by the *next*
+            # send, which then did not send its own datagram. The error is
+            # cleared by being reported: send once more, so that nothing is
+            # lost once a receiver starts (as mcast_trio.astropix does).
+            send = plain.send
+
+            def send_one(datagram, _send=send):
+                try:
+                    return _send(datagram)
+                except ConnectionRefusedError:
+                    return _send(datagram)
+
+            self.send_one = send_one
 
     def send_batch(self, datagrams) -> int:
         try:
             return _batchio.send_batch(self.sock, datagrams)
         except BlockingIOError:
             return 0
+        except ConnectionRefusedError:
+            # See send_one: the error belonged to an earlier datagram.
+            try:
+                return _batchio.send_batch(self.sock, datagrams)
+            except BlockingIOError:
+                return 0
 
     async def wait_writable(self) -> None:
         await trio.lowlevel.wait_writable(self.sock)
 
     def close(self) -> None:
         try:
-            self.send_one.__self__.close()
+            self._plain.close()
         except OSError:  # never raises: the descriptor is our own duplicate
             pass
         _sockets.close_sender_socket(self.sock)

@@ -529,12 +529,16 @@ async def open_sender(
     sndbuf: int | None = None,
     local_address: str | None = None,
     network: Any = None,
+    allow_unicast: bool = False,
+    allow_control_groups: bool = False,
 ) -> AsyncIterator[MulticastSender]:
     """Open a multicast sender for ``group``:``port``.
 
     Args:
         group: IPv4 or IPv6 multicast group (``"ff12::1%mc0"`` may carry the
-            interface as a scope).
+            interface as a scope), or a loopback unicast address
+            (``"127.0.0.1"``, astropix-analysis' default: the datagrams go
+            to the one receiver bound there).
         port: UDP port, 1..65535.
         interface: name, index or address of the interface to send on; the
             default is the loopback interface, so nothing leaves the host
@@ -562,6 +566,10 @@ async def open_sender(
             datagrams); None lets the kernel choose.
         network: the network to use (default: the current network, i.e.
             real sockets unless ``mcast_trio.testing`` installed another).
+        allow_unicast: accept a unicast ``group`` that is not a loopback
+            address (``ttl`` is then the IP TTL).
+        allow_control_groups: accept link-local control groups
+            (224.0.0.0/24, well-known ``ff02::`` groups), refused by default.
 
     Yields:
         A :class:`MulticastSender`.
@@ -588,7 +596,8 @@ async def open_sender(
         raise ValueError(f"queue_size={queue_size!r} is out of range; allowed: an integer >= 1")
     if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
         raise ValueError(f"max_queued={max_queued!r} is out of range; allowed: an integer >= 1")
-    spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl)
+    spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
+                                  allow_control_groups=allow_control_groups)
     encoder = None
     if framing in ("auto", "native"):
         kwargs = {}

@@ -213,3 +213,41 @@ def test_control_group_allowed_explicitly():
     assert not spec.unicast and spec.group == "224.0.0.1"
     # other ff02:: groups stay usable (the docs recommend ff02::/ff12:: for local work)
     assert resolve_group("ff02::1234", port, interface="mc0").scope_id == socket.if_nametoindex("mc0")
+
+
+async def test_open_sender_unicast_loses_nothing_after_nobody_was_listening():
+    # A connected unicast socket reports an ICMP "port unreachable" on the
+    # *next* send, which then sends nothing: the endpoint sends again, so
+    # every datagram sent once a receiver listens arrives.
+    port = next(_ports)
+    readouts = DaqSimulator(seed=9).readouts(40)
+    async with open_sender("127.0.0.1", port, framing="raw") as sender:
+        for readout in readouts[:10]:  # nobody listens: refused, not an error of ours to keep
+            await sender.send_readout(readout)
+        await sender.flush()
+        plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        plain.bind(("127.0.0.1", port))
+        plain.settimeout(5)
+        try:
+            for readout in readouts[10:20]:      # the direct path (send_one)
+                await sender.send_readout(readout)
+            await sender.send_many(readouts[20:])  # the batched path (send_batch)
+            await sender.flush()
+            got = [AstroPix4Readout.from_bytes(plain.recv(65535)) for _ in readouts[10:]]
+        finally:
+            plain.close()
+    assert got == readouts[10:]
+
+
+async def test_open_sender_and_receiver_take_the_group_options():
+    port = next(_ports)
+    for opener in (open_sender, open_receiver):
+        with pytest.raises(ValueError, match="allow_control_groups=True"):
+            async with opener("224.0.0.1", port):
+                pytest.fail("a link-local control group was accepted without the option")
+    async with open_receiver("224.0.0.250", port, allow_control_groups=True, framing="raw") as receiver:
+        async with open_sender("224.0.0.250", port, allow_control_groups=True, framing="raw") as sender:
+            await sender.send(b"x" * 32)
+        with trio.fail_after(5):
+            message = await receiver.receive()
+    assert message.payload == b"x" * 32
