@@ -222,14 +222,16 @@ async def test_open_sender_unicast_loses_nothing_after_nobody_was_listening():
     port = next(_ports)
     readouts = DaqSimulator(seed=9).readouts(40)
     async with open_sender("127.0.0.1", port, framing="raw") as sender:
-        for readout in readouts[:10]:  # nobody listens: refused, not an error of ours to keep
-            await sender.send_readout(readout)
+        # Nobody listens: the kernel answers this one datagram with an ICMP
+        # port unreachable, pending on the socket until the next send.
+        await sender.send_readout(readouts[0])
         await sender.flush()
+        await trio.sleep(0.05)
         plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         plain.bind(("127.0.0.1", port))
         plain.settimeout(5)
         try:
-            for readout in readouts[10:20]:      # the direct path (send_one)
+            for readout in readouts[10:20]:  # the direct path (send_one)
                 await sender.send_readout(readout)
             await sender.send_many(readouts[20:])  # the batched path (send_batch)
             await sender.flush()
