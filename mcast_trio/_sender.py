@@ -184,7 +184,9 @@ class MulticastSender:
         return self._encoder.encode(data, topic if topic is not None else self._topic)
 
     async def send(self, data, *, topic=None) -> None:
-        """Send one message (bytes-like).
+        """Send one message: bytes-like, or in ``mcl`` framing any
+        msgpack-serialisable object (a dict, a list, a number, ...; MCL's
+        listeners hand it back as that object).
 
         In ``raw`` framing the message is the datagram (at most 65507 bytes);
         in ``native`` and ``mcl`` framing it is fragmented as needed and
@@ -301,7 +303,7 @@ class MulticastSender:
         count = 0
         for message in messages:
             count += 1
-            if hasattr(message, "to_bytes") and not isinstance(message, (bytes, bytearray, memoryview)):
+            if hasattr(message, "to_bytes") and not isinstance(message, (bytes, bytearray, memoryview, int)):
                 message = message.to_bytes()
                 if self._auto:
                     datagrams.extend(encode_raw(message))
@@ -554,7 +556,9 @@ async def open_sender(
         topic: default topic of framed messages.
         sender_id: native framing's 64-bit sender id (random by default).
         max_datagram: largest datagram of the framed modes (native default:
-            1472 for IPv4, 1452 for IPv6).
+            1472 for IPv4, 1452 for IPv6); in ``mcl`` framing the chunk size
+            of large messages (MCL's 60000 by default; at most 64989, so that
+            MCL's listener, which reads 65000 bytes, reads every datagram).
         queue_size: bound of the queue between callers and the sender
             task (in messages: one ``send_many`` is one), >= 1.
         max_queued: most datagrams waiting to be sent at once; ``send``
@@ -608,8 +612,12 @@ async def open_sender(
         encoder = NativeEncoder(sender_id=sender_id if sender_id is not None else secrets.randbits(64),
                                 topic=topic if topic is not None else b"", **kwargs)
     elif framing == "mcl":
-        encoder = MclEncoder(topic=topic) if max_datagram is None else MclEncoder(topic=topic,
-                                                                                   chunk_size=max_datagram)
+        try:
+            encoder = MclEncoder(topic=topic) if max_datagram is None else MclEncoder(topic=topic,
+                                                                                       chunk_size=max_datagram)
+        except (TypeError, ValueError) as exc:
+            # MclEncoder calls it chunk_size; the caller wrote max_datagram.
+            raise type(exc)(str(exc).replace("chunk_size=", "max_datagram=")) from None
     elif max_datagram is not None and not 1 <= max_datagram <= MAX_UDP_PAYLOAD:
         raise ValueError(f"max_datagram={max_datagram!r} is out of range; allowed: 1..{MAX_UDP_PAYLOAD}")
     if network is None:

@@ -222,6 +222,23 @@ async def test_mcl_objects_through_sender_and_receiver():
     assert stats.malformed == 0
 
 
+async def test_mcl_send_many_carries_numbers_as_numbers():
+    # int has a to_bytes() method: it must still go as the msgpack number,
+    # not as the bytes of int.to_bytes().
+    net = MemoryNetwork(seed=4)
+    sent = [5, 300, True, {"a": 1}, [2, 3]]
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="mcl") as rx:
+            async with open_sender(GROUP, PORT, framing="mcl") as tx:
+                await tx.send_many(sent)
+            got = []
+            with trio.fail_after(5):
+                while len(got) < len(sent):
+                    got.append((await rx.receive()).payload)
+    # (a str goes as Python 2's str, as MCL sends it, and comes back as bytes)
+    assert got == [5, 300, True, {b"a": 1}, [2, 3]]
+
+
 async def test_mcl_object_payloads_to_a_readout_receiver_are_counted_not_fatal():
     # A readout receiver in MCL framing expects serialized readouts (bytes):
     # an object payload is a malformed datagram, counted, and the stream goes on.

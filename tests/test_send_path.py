@@ -439,3 +439,12 @@ async def test_real_socket_mixed_calls_keep_order_and_count_exactly():
         assert rx.statistics().lost == rx.statistics().dropped == 0
     assert got == list(range(n))
     assert open_fd_count() == fds  # the endpoint's second descriptor is closed too
+
+
+@pytest.mark.parametrize("value, allowed", [(70000, "64..64989"), (10, "64..64989")])
+async def test_mcl_max_datagram_errors_name_max_datagram(value, allowed):
+    with pytest.raises(ValueError) as info:
+        async with open_sender("239.255.0.1", 5007, framing="mcl", max_datagram=value):
+            pytest.fail("open_sender accepted a bad max_datagram")
+    assert f"max_datagram={value}" in str(info.value) and allowed in str(info.value)
+    assert "chunk_size" not in str(info.value)
