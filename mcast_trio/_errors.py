@@ -33,22 +33,54 @@ class _SingleExceptionUnwrapper:
     context managers of this package (``open_sender``, ``open_receiver``, ...)
     promise plain exceptions: an error from the caller's own block, or from
     opening a socket, comes out as itself so that ``except OSError`` works.
-    Only genuinely concurrent failures (two or more leaf exceptions) stay
-    grouped. Nested groups of one are unwrapped all the way down.
+    Only genuinely concurrent failures (two or more exceptions) stay grouped.
+
+    Only the wrappers a nursery added are removed: what the caller's block
+    raised is passed on exactly as raised, an ``ExceptionGroup`` of the
+    caller's own included. The context manager's code marks it by setting
+    :attr:`body` to the exception leaving its ``yield``.
     """
 
-    __slots__ = ()
+    __slots__ = ("body",)
 
-    def __enter__(self) -> None:
-        return None
+    def __init__(self) -> None:
+        #: The exception the caller's block raised, if any: never unwrapped.
+        self.body: BaseException | None = None
+
+    def __enter__(self) -> "_SingleExceptionUnwrapper":
+        return self
+
+    def _as_body(self, group: BaseExceptionGroup) -> BaseException | None:
+        """``body`` if ``group`` is the caller's group as the nursery passes
+        it on, else None. trio re-derives a group it passes through (to
+        strip ``Cancelled``), so the object differs but its message and its
+        exceptions (the same objects) do not; if only ``Cancelled`` was
+        stripped, the derived group is what is left of the caller's."""
+        body = self.body
+        if group is body:
+            return body
+        if not isinstance(body, BaseExceptionGroup) or type(group) is not type(body) \
+                or group.message != body.message:
+            return None
+        mine = [id(e) for e in body.exceptions]
+        theirs = [id(e) for e in group.exceptions]
+        if theirs == mine:
+            return body
+        return group if set(theirs) <= set(mine) else None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or not isinstance(exc, BaseExceptionGroup):
+        if exc is None or exc is self.body or not isinstance(exc, BaseExceptionGroup):
             return False
         single = exc
-        while isinstance(single, BaseExceptionGroup) and len(single.exceptions) == 1:
+        while isinstance(single, BaseExceptionGroup):
+            body = self._as_body(single)
+            if body is not None:
+                single = body
+                break
+            if len(single.exceptions) != 1:
+                break
             single = single.exceptions[0]
-        if single is exc or isinstance(single, BaseExceptionGroup):
+        if single is exc or (isinstance(single, BaseExceptionGroup) and self._as_body(single) is None):
             return False
         cause = single.__cause__
         suppress = single.__suppress_context__
@@ -64,7 +96,9 @@ class _SingleExceptionUnwrapper:
             del single, exc, cause, context
 
 
-def unwrap_single():
-    """Return a context manager that re-raises a single-exception group as
-    that exception (see :class:`_SingleExceptionUnwrapper`)."""
+def unwrap_single() -> _SingleExceptionUnwrapper:
+    """Return a context manager that re-raises a nursery's single-exception
+    group as that exception (see :class:`_SingleExceptionUnwrapper`); set
+    its ``body`` to the exception of the caller's block, to pass it on as
+    raised."""
     return _SingleExceptionUnwrapper()

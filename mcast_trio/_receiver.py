@@ -819,7 +819,7 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
     config = _configure(group, port, readout_class, **options)
     send_channel, receive_channel = trio.open_memory_channel(queue_size)
     drop_channel = receive_channel.clone() if config.overflow == "drop_oldest" else None
-    with unwrap_single():
+    with unwrap_single() as unwrap:
         async with trio.open_nursery() as nursery:
             service = await nursery.start(
                 lambda task_status: serve_receiver(group, port, send_channel, readout_class,
@@ -828,6 +828,9 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             receiver = MulticastReceiver(service, receive_channel)
             try:
                 yield receiver
+            except BaseException as exc:
+                unwrap.body = exc  # passed on exactly as raised
+                raise
             finally:
                 nursery.cancel_scope.cancel()
                 receive_channel.close()

@@ -628,11 +628,14 @@ async def open_sender(
         try:
             # A lone exception (from the block or the sender task) leaves
             # as itself, not wrapped in an ExceptionGroup by the nursery.
-            with unwrap_single():
+            with unwrap_single() as unwrap:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(sender._run)
                     try:
                         yield sender
+                    except BaseException as exc:
+                        unwrap.body = exc  # passed on exactly as raised
+                        raise
                     finally:
                         sender._close_input()
         finally:
