@@ -43,10 +43,16 @@ of the processes of a test, printing JSON events one per line:
     readouts), record the readout ids in arrival order; stop when stdin
     closes (after 50 ms without datagrams), after ``leave_after`` readouts
     (then report, and wait for stdin to close before exiting: the process
-    lives on after leaving the group) or after ``seconds``.
+    lives on after leaving the group) or after ``seconds``. Before it
+    stops it also takes what the receive task has already decoded and
+    queued, so that the ids and the statistics it reports describe the same
+    readouts. With ``progress_every`` it reports ``progress`` (the count and
+    the last id consumed so far) every that many readouts.
 ``send``: send readouts from :class:`mcast_trio.sim.DaqSimulator` in
     *phases*, each with its own sender (group, interface, TTL, loop, first
-    readout id, count or "until stdin closes", rate).
+    readout id, count or "until stdin closes", rate). With
+    ``progress_every`` it reports ``progress`` every that many readouts,
+    once all of them up to ``last_id`` have been handed to the kernel.
 ``route``: a static multicast router through the kernel's MRT/MRT6 API
     (what smcroute does), for R.
 
@@ -548,8 +554,17 @@ async def _receive(spec: dict) -> None:
     from mcast_trio import AstroPix4Readout, open_receiver
 
     leave_after = spec.get("leave_after")
+    every = spec.get("progress_every")
     ranges = _Ranges()
     stop = trio.Event()
+
+    def consume(batch) -> None:
+        before = ranges.count
+        rows = batch.readouts
+        ranges.add(rows.readout_id[~rows.malformed].tolist())
+        if every and ranges.count // every != before // every:
+            _emit("progress", count=ranges.count, last_id=ranges.runs[-1][1])
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stdin_closed, stop)
         with trio.move_on_after(spec.get("seconds", 20.0)):
@@ -559,13 +574,24 @@ async def _receive(spec: dict) -> None:
                 _emit("joined", group=str(rx.group), interface=rx.group.interface_name)
                 while leave_after is None or ranges.count < leave_after:
                     with trio.move_on_after(0.05):
-                        batch = await rx.receive_batch()
-                        rows = batch.readouts
-                        ranges.add(rows.readout_id[~rows.malformed].tolist())
+                        consume(await rx.receive_batch())
                         continue
                     if stop.is_set():
                         break  # asked to stop, and 50 ms without datagrams
-                stats = rx.statistics()
+                # The receive task decodes (and counts in its statistics)
+                # without waiting for this consumer: batches it has queued
+                # are received but not yet consumed. Take them, so that the
+                # ids and the statistics reported describe the same readouts.
+                # A queued batch is returned without a schedule point, so the
+                # receive task cannot add more meanwhile; and the snapshot
+                # kept is the one the loop test just compared. (One readout
+                # per datagram here: readouts - dropped - count is what is
+                # still queued.)
+                while True:
+                    stats = rx.statistics()
+                    if ranges.count >= stats.readouts - stats.dropped:
+                        break
+                    consume(await rx.receive_batch())
         result = {"ids": ranges.runs, "count": ranges.count, **_stats(stats)}
         if leave_after is not None:
             # The group is left and the socket closed; the process lives on.
@@ -599,6 +625,9 @@ async def _send(spec: dict) -> None:
                     n = chunk if count is None else min(chunk, count - sent)
                     await tx.send_many(sim.generate(n).datagrams())
                     if every and (sent + n) // every != sent // every:
+                        # Reported once every readout up to last_id is in
+                        # the kernel's hands, not merely queued.
+                        await tx.flush()
                         _emit("progress", phase=number, sent=sent + n, last_id=sim.next_readout_id - 1)
                     sent += n
                     if rate:
