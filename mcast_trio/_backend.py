@@ -40,9 +40,9 @@ def _missing_extension_message(exc: BaseException) -> str:
         return (
             "the compiled decoder mcast_trio._decode cannot be loaded: mcast_trio was "
             f"imported from its source tree ({package}), where the extension is not built. "
-            "The installed package is shadowed by the source tree: run from another directory "
-            "(or drop the repository from sys.path / PYTHONPATH), or build the extensions in place "
-            "with `python setup.py build_ext --inplace`. "
+            "If mcast_trio is installed (`pip install .`), the source tree shadows it: run from "
+            "another directory (or drop the repository from sys.path / PYTHONPATH); or build the "
+            "extensions in place with `python setup.py build_ext --inplace`. "
             f"{ENV_VAR}=python selects the slow pure-Python reference decoder on purpose."
         )
     return (

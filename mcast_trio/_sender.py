@@ -618,8 +618,11 @@ async def open_sender(
         except (TypeError, ValueError) as exc:
             # MclEncoder calls it chunk_size; the caller wrote max_datagram.
             raise type(exc)(str(exc).replace("chunk_size=", "max_datagram=")) from None
-    elif max_datagram is not None and not 1 <= max_datagram <= MAX_UDP_PAYLOAD:
-        raise ValueError(f"max_datagram={max_datagram!r} is out of range; allowed: 1..{MAX_UDP_PAYLOAD}")
+    elif max_datagram is not None:
+        if isinstance(max_datagram, bool) or not isinstance(max_datagram, int):
+            raise TypeError(f"max_datagram={max_datagram!r} is not an integer; allowed: 1..{MAX_UDP_PAYLOAD}")
+        if not 1 <= max_datagram <= MAX_UDP_PAYLOAD:
+            raise ValueError(f"max_datagram={max_datagram!r} is out of range; allowed: 1..{MAX_UDP_PAYLOAD}")
     if network is None:
         network = current_network()
     endpoint = network.open_sender(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)

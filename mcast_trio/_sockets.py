@@ -61,6 +61,7 @@ import ipaddress
 import operator
 import os
 import socket
+import threading
 import struct
 import warnings
 from typing import Any, NamedTuple, Union
@@ -888,8 +889,7 @@ def _open_sender_stdlib(spec: GroupSpec, sndbuf: int | None, loop: bool,
         raise TypeError(f"spec={spec!r} is not a GroupSpec; build one with resolve_group()")
     if sndbuf is not None:
         sndbuf = _check_bufsize("sndbuf", sndbuf)
-    if not isinstance(loop, bool):
-        raise TypeError(f"loop={loop!r} is not a bool; allowed: True or False")
+    loop = _parse_bool("loop", loop)
     bind_to: tuple[Any, ...] | None = None
     if local_address is not None:
         addr, scope = _parse_address("local_address", local_address)
@@ -1012,9 +1012,9 @@ def _check_timeout(timeout: Any) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout={timeout!r} is not a number; allowed: None (wait forever) or"
                         " seconds > 0")
-    if not 0 < timeout < float("inf"):
+    if not 0 < timeout <= threading.TIMEOUT_MAX:
         raise ValueError(f"timeout={timeout!r} is out of range; allowed: None (wait forever) or"
-                         " seconds > 0")
+                         f" seconds in (0, {threading.TIMEOUT_MAX:g}]")
     return float(timeout)
 
 

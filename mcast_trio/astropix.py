@@ -139,6 +139,8 @@ class MulticastSender:
         sndbuf: ``SO_SNDBUF`` to request, bytes; ``None`` keeps the default.
         allow_unicast: accept a unicast ``group`` that is not a loopback
             address (see :func:`mcast_trio.resolve_group`).
+        allow_control_groups: accept link-local control groups
+            (224.0.0.0/24, well-known ``ff02::`` groups), refused by default.
 
     Raises:
         ValueError, TypeError: an argument is invalid (the message names it,
@@ -149,9 +151,10 @@ class MulticastSender:
     def __init__(self, group: str = LOCAL_HOST, port: int = DEFAULT_PORT, ttl: int = 2, *,
                  interface: str | int | None = None, loop: bool = True,
                  timeout: float | None = None, sndbuf: int | None = None,
-                 allow_unicast: bool = False) -> None:
+                 allow_unicast: bool = False, allow_control_groups: bool = False) -> None:
         self._spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl,
-                                            allow_unicast=allow_unicast)
+                                            allow_unicast=allow_unicast,
+                                            allow_control_groups=allow_control_groups)
         self._sock = _sockets.open_blocking_sender_socket(self._spec, sndbuf=sndbuf, loop=loop,
                                                           timeout=timeout)
         self._send = self._sock.send
@@ -273,6 +276,8 @@ class MulticastReceiver:
             (source-specific multicast).
         allow_unicast: accept a unicast ``group`` that is not a loopback
             address.
+        allow_control_groups: accept link-local control groups
+            (224.0.0.0/24, well-known ``ff02::`` groups), refused by default.
         max_senders: senders whose losses are tracked at once (default 64).
         loss_window: readout ids a late datagram may be behind and still
             count as reordered rather than lost (default 1024).
@@ -287,14 +292,15 @@ class MulticastReceiver:
     def __init__(self, readout_class: type, group: str = LOCAL_HOST, port: int = DEFAULT_PORT, *,
                  interface: str | int | None = None, timeout: float | None = None,
                  rcvbuf: int | None = _sockets.DEFAULT_RCVBUF, source: str | None = None,
-                 allow_unicast: bool = False, max_senders: int = 64,
-                 loss_window: int = 1024) -> None:
+                 allow_unicast: bool = False, allow_control_groups: bool = False,
+                 max_senders: int = 64, loss_window: int = 1024) -> None:
         if not callable(getattr(readout_class, "from_bytes", None)):
             raise TypeError(f"readout_class={readout_class!r} has no from_bytes(); allowed: a"
                             " readout class such as AstroPix4Readout")
         self._readout_class = readout_class
         self._spec = _sockets.resolve_group(group, port, interface=interface, source=source,
-                                            allow_unicast=allow_unicast)
+                                            allow_unicast=allow_unicast,
+                                            allow_control_groups=allow_control_groups)
         self._senders: SenderTable = SenderTable(max_senders, window=loss_window)
         self._timeout = _sockets._check_timeout(timeout)
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(

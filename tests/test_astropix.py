@@ -82,6 +82,12 @@ def test_signatures_and_defaults_match_astropix_analysis():
         (lambda: MulticastReceiver(AstroPix4Readout, group="no-such"), ValueError, ["group='no-such'"]),
         (lambda: MulticastReceiver(AstroPix4Readout, timeout="1"), TypeError, ["timeout='1'"]),
         (lambda: MulticastReceiver(AstroPix4Readout, port=0), ValueError, ["port=0"]),
+        (lambda: MulticastSender(timeout=1e12), ValueError, ["timeout=1000000000000.0", "seconds in (0,"]),
+        (lambda: MulticastReceiver(AstroPix4Readout, timeout=1e12), ValueError, ["timeout=1000000000000.0"]),
+        (lambda: MulticastSender(group="224.0.0.1", allow_control_groups="yes"), TypeError,
+         ["allow_control_groups='yes'"]),
+        (lambda: MulticastReceiver(AstroPix4Readout, group="224.0.0.1", allow_control_groups=1), TypeError,
+         ["allow_control_groups=1"]),
     ],
 )
 def test_bad_arguments_raise_before_anything_opens(factory, exc, fragments):
@@ -331,3 +337,16 @@ def test_porting_page_after_code_runs_as_written(tmp_path):
     assert len(lines) == 100 + n_hits + 1  # readouts, hits, statistics
     assert lines[-1].startswith("ReceiverStatistics(") and "readouts=100," in lines[-1]
     assert " lost=0," in lines[-1] and " malformed=0," in lines[-1]
+
+
+@netns
+def test_control_groups_when_asked_for():
+    # The error message says allow_control_groups=True overrides the refusal:
+    # both classes take it.
+    port = _port()
+    with MulticastReceiver(AstroPix4Readout, "224.0.0.251", port, timeout=5,
+                           allow_control_groups=True) as receiver, \
+            MulticastSender("224.0.0.251", port, allow_control_groups=True) as sender:
+        readout = AstroPix4Readout(b"\xe1\x02\x03\x04\x05\x06\x07\x08", 3, 1000)
+        assert sender.send_readout(readout) == len(readout.to_bytes())
+        assert receiver.receive() == readout

@@ -448,3 +448,14 @@ async def test_mcl_max_datagram_errors_name_max_datagram(value, allowed):
             pytest.fail("open_sender accepted a bad max_datagram")
     assert f"max_datagram={value}" in str(info.value) and allowed in str(info.value)
     assert "chunk_size" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, error", [("x", TypeError), (True, TypeError), (0, ValueError),
+                                          (70000, ValueError)])
+async def test_raw_max_datagram_is_checked_before_opening(value, error):
+    before = open_fd_count()
+    with pytest.raises(error) as info:
+        async with open_sender("239.255.0.1", 5007, framing="raw", max_datagram=value):
+            pytest.fail("open_sender accepted a bad max_datagram")
+    assert f"max_datagram={value!r}" in str(info.value) and "1..65507" in str(info.value)
+    assert open_fd_count() == before
