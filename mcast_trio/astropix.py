@@ -54,6 +54,12 @@ from typing import Any, Mapping
 
 from . import _sockets
 from ._errors import MalformedDatagram
+
+try:  # the compiled send of a readout (Linux); elsewhere to_bytes() + send
+    from ._mmsg import HAVE_MMSG as _HAVE_MMSG, send_readout as _send_readout_c
+except ImportError:  # pragma: no cover - not compiled
+    _HAVE_MMSG = False
+    _send_readout_c = None
 from ._readout import AstroPix4Readout
 from ._tracking import SenderStats, SenderTable
 
@@ -70,6 +76,11 @@ __all__ = [
 LOCAL_HOST = "127.0.0.1"
 #: astropix-analysis' default port.
 DEFAULT_PORT = 5007
+
+# The most data one readout datagram carries (65507 bytes of UDP payload
+# over IPv4, less the 19-byte header); longer goes through to_bytes() and
+# gets the kernel's EMSGSIZE.
+_MAX_READOUT_DATA = 65507 - 19
 
 # What a readout class's from_bytes may raise on bad bytes: ours raises
 # MalformedReadout only; a foreign class (astropix-analysis' own) may raise
@@ -158,6 +169,11 @@ class MulticastSender:
         self._sock = _sockets.open_blocking_sender_socket(self._spec, sndbuf=sndbuf, loop=loop,
                                                           timeout=timeout)
         self._send = self._sock.send
+        # An AstroPix4Readout goes out without being serialized in Python:
+        # the header is built in C and sent with the data in one sendmsg
+        # (the same bytes as to_bytes()). Only on a blocking socket: with a
+        # timeout, socket.send does the waiting.
+        self._fd = self._sock.fileno() if (_HAVE_MMSG and self._sock.gettimeout() is None) else -1
 
     @property
     def spec(self) -> _sockets.GroupSpec:
@@ -200,6 +216,13 @@ class MulticastSender:
                 bytes with :meth:`send_data`).
             OSError, TimeoutError: as :meth:`send_data`.
         """
+        if type(readout) is AstroPix4Readout and self._fd >= 0:
+            data = readout.data()
+            if len(data) <= _MAX_READOUT_DATA:
+                try:
+                    return _send_readout_c(self._fd, data, readout.readout_id, readout.timestamp)
+                except ConnectionRefusedError:  # see send_data
+                    return _send_readout_c(self._fd, data, readout.readout_id, readout.timestamp)
         try:
             to_bytes = readout.to_bytes
         except AttributeError:
@@ -230,6 +253,7 @@ class MulticastSender:
 
     def close(self) -> None:
         """Close the socket; idempotent, never raises."""
+        self._fd = -1  # never a descriptor number that may be reused
         _sockets.close_sender_socket(self._sock)
 
     def __enter__(self) -> MulticastSender:

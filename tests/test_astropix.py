@@ -350,3 +350,51 @@ def test_control_groups_when_asked_for():
         readout = AstroPix4Readout(b"\xe1\x02\x03\x04\x05\x06\x07\x08", 3, 1000)
         assert sender.send_readout(readout) == len(readout.to_bytes())
         assert receiver.receive() == readout
+
+
+@netns
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["blocking: compiled send", "timeout: socket.send"])
+def test_send_readout_sends_exactly_to_bytes(timeout):
+    # Both paths (the compiled sendmsg of header + data, and to_bytes() with
+    # socket.send) put the same bytes on the wire as to_bytes(), for empty,
+    # odd and large readouts.
+    readouts = [AstroPix4Readout(b"", 0, 0),
+                AstroPix4Readout(b"\xe1\x02\x03", 2**32 - 1, 2**64 - 1),
+                AstroPix4Readout(bytes(range(250)) * 200, 123456, 1_700_000_000_123_456_789)]
+    readouts += DaqSimulator(seed=5).readouts(20)
+    port = _port()
+    plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    plain.bind(("127.0.0.1", port))
+    plain.settimeout(5)
+    try:
+        with MulticastSender("127.0.0.1", port, timeout=timeout) as sender:
+            for readout in readouts:
+                assert sender.send_readout(readout) == len(readout.to_bytes())
+        got = [plain.recv(65535) for _ in readouts]
+    finally:
+        plain.close()
+    assert got == [r.to_bytes() for r in readouts]
+
+
+@netns
+def test_a_closed_sender_never_writes_to_a_reused_descriptor():
+    # After close() the descriptor number may be reused by another socket of
+    # the program: a send must fail, not go out through that socket.
+    port, other = _port(), _port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", other))
+    listener.setblocking(False)
+    sender = MulticastSender("127.0.0.1", port)
+    fd = sender.fileno()
+    sender.close()
+    victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the lowest free number: fd
+    try:
+        victim.connect(("127.0.0.1", other))
+        assert victim.fileno() == fd
+        with pytest.raises(OSError):
+            sender.send_readout(AstroPix4Readout(b"\xe1\x02", 1, 1))
+        with pytest.raises(BlockingIOError):
+            listener.recv(100)  # nothing went out through the reused number
+    finally:
+        victim.close()
+        listener.close()
