@@ -566,6 +566,10 @@ class _FragmentStore:
         # recently completed) under its key proves that the sender (the
         # first sender_len items of the key) started over.
         self.sender_len = sender_len
+        # Called with the key of that fragment when it proves a restart (the
+        # owner decides what a restart means); by default the sender's
+        # messages are forgotten.
+        self.restarted: Callable[[tuple], None] = lambda key: self.forget_sender(key[:sender_len])
         self.max_messages = _check_int("max_messages", max_messages, 1, 1 << 20)
         self.max_bytes = _check_int("max_bytes", max_bytes, 1, 1 << 40)
         self.timeout = _check_number("timeout", timeout, 0.0)
@@ -675,7 +679,7 @@ class _FragmentStore:
                     return None
                 if self.sender_len:
                     # Another message under this key: its sender started over.
-                    self.forget_sender(key[:self.sender_len])
+                    self.restarted(key)
                     entry = None
                 elif not ordered:
                     self.inconsistent += 1
@@ -692,7 +696,7 @@ class _FragmentStore:
                 return None
             # Not a copy: a new message under this key, its sender started over.
             if self.sender_len:
-                self.forget_sender(key[:self.sender_len])
+                self.restarted(key)
             else:
                 del self._recent[key]
         size = len(fragment) + _FRAGMENT_OVERHEAD
@@ -759,6 +763,21 @@ class Reassembler:
       consequences. This catches a restart after a short run, whose
       sequence numbers the tracker cannot tell from duplicates.
 
+    Either way, ``on_restart(address, sender_id)`` is called (if given),
+    before the fragment that proved the restart is stored, so that a
+    receiver resets its own loss accounting for that sender (its
+    :class:`~mcast_trio.SequenceTracker` would otherwise count the new run's
+    messages as duplicates of the old one's).
+
+    The limit: only what differs can be told apart. A restarted sender that
+    sends again, within the last ``max_messages`` completed messages, the
+    very same bytes under the same sequence numbers is indistinguishable
+    from a network duplicate of the first run: those messages are dropped
+    as ``duplicate_fragments`` and no restart is seen. Single-fragment
+    messages bypass the reassembler, so a restart is seen from them only by
+    a receiver's sequence tracker (after a run of ``loss_window`` messages or
+    more, or when the numbers go back before the first one seen).
+
     Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
     overhead per fragment (160 bytes) and per incomplete message (1024
     bytes), so ``max_bytes`` bounds the memory the buffers hold even when
@@ -773,6 +792,8 @@ class Reassembler:
             dropped as oversized). Allowed: ``1 .. 2**40``.
         timeout: Seconds after its first fragment an incomplete message is
             dropped. Allowed: finite and > 0.
+        on_restart: None, or a callable ``(address, sender_id)`` called
+            when that sender is found to have started over.
 
     Raises:
         TypeError, ValueError: An argument has the wrong type or is out of
@@ -780,11 +801,34 @@ class Reassembler:
     """
 
     def __init__(
-        self, max_messages: int = 256, max_bytes: int = 32 << 20, timeout: float = 2.0
+        self,
+        max_messages: int = 256,
+        max_bytes: int = 32 << 20,
+        timeout: float = 2.0,
+        on_restart: Callable[[Any, int], None] | None = None,
     ) -> None:
+        if on_restart is not None and not callable(on_restart):
+            raise TypeError(f"on_restart={on_restart!r} must be None or a callable (address, sender_id)")
         self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages, sender_len=2)
+        self._store.restarted = self._restarted
+        self._on_restart = on_restart
         # Restart detection: the tracker's own rule, one tracker per sender.
         self._senders: SenderTable = SenderTable(_RESTART_SENDERS)
+
+    def _restarted(self, key: tuple, counted: bool = False) -> None:
+        """The sender of ``key`` (address, sender_id, sequence) started over.
+
+        ``counted``: its tracker found it (and already starts the new run at
+        this sequence number); else the bytes did, and the tracker is told.
+        """
+        sender = key[:2]
+        self._store.forget_sender(sender)
+        if not counted:
+            tracker = self._senders.tracker(sender)
+            tracker.restart()
+            tracker.observe(key[2])
+        if self._on_restart is not None:
+            self._on_restart(*sender)
 
     @property
     def stats(self) -> ReassemblyStats:
@@ -831,9 +875,8 @@ class Reassembler:
         key = (address, header.sender_id, header.sequence)
         if key not in store.pending:
             # The first fragment seen of a message: did its sender start over?
-            sender = (address, header.sender_id)
-            if self._senders.observe(sender, header.sequence) == RESTART:
-                store.forget_sender(sender)
+            if self._senders.observe(key[:2], header.sequence) == RESTART:
+                self._restarted(key, counted=True)
         return store.add(
             key,
             header.index,
@@ -853,7 +896,11 @@ class NativeDecoder:
     Args:
         topics: Accept only these topics (str or bytes, exact match),
             decided from the header alone; None accepts every topic.
-        max_messages, max_bytes, timeout: Bounds of the :class:`Reassembler`.
+        max_messages, max_bytes, timeout, on_restart: As for the
+            :class:`Reassembler` (which also says what restarts it can
+            recognise, and the limit: a restarted sender replaying
+            byte-identical messages within the last ``max_messages``
+            completed ones is indistinguishable from duplicates).
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
@@ -866,9 +913,10 @@ class NativeDecoder:
         max_messages: int = 256,
         max_bytes: int = 32 << 20,
         timeout: float = 2.0,
+        on_restart: Callable[[Any, int], None] | None = None,
     ) -> None:
         self._topics = _normalize_topics("topics", topics)
-        self.reassembler = Reassembler(max_messages, max_bytes, timeout)
+        self.reassembler = Reassembler(max_messages, max_bytes, timeout, on_restart)
         self.filtered = 0
 
     @property

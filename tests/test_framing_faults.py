@@ -315,6 +315,46 @@ def test_restart_drops_the_incomplete_message_of_the_first_run():
     assert dec.stats == ReassemblyStats(completed=7, superseded=1)
 
 
+def test_restart_after_a_short_run_is_reported():
+    # Found from the bytes (the new run's message 0 differs from the old
+    # one), not from the sequence numbers (0..5 again look like duplicates).
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    for run in (payloads(1), payloads(2)):
+        encoder = NativeEncoder(sender_id=42, max_datagram=512)
+        got = [dec.feed(d, ADDR, 0.0) for m in fragmented(encoder, run) for d in m]
+        assert [m.payload for m in got if m] == run
+    assert restarts == [(ADDR, 42)]
+    # A sender whose first run is replayed byte for byte within the window of
+    # recently completed messages is indistinguishable from duplicates (the
+    # documented limit): nothing delivered again, no restart.
+    encoder = NativeEncoder(sender_id=42, max_datagram=512)
+    got = [dec.feed(d, ADDR, 0.0) for m in fragmented(encoder, payloads(2)) for d in m]
+    assert not any(got) and restarts == [(ADDR, 42)]
+
+
+def test_restart_after_a_long_run_drops_an_old_incomplete_message():
+    # The path through the sequence tracker: run 1 is long (1100 messages,
+    # more than the tracker's window of 1024 and than the 256 completed
+    # messages the reassembler remembers), and its message 5 is still
+    # incomplete (fragment 0 lost) when the sender restarts. Run 2's message
+    # 0 goes back 1099 ids: a restart, so the old message 5 is dropped.
+    # Nothing else could tell: run 2's messages 0..4 reuse keys nobody
+    # remembers, and its message 5 would otherwise be completed with run 1's
+    # fragment 1.
+    run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=6, size=600)
+    first = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run1)
+    assert all(len(m) == 2 for m in first)
+    first[5] = first[5][1:]
+    second = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run2)
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    got = [dec.feed(d, ADDR, 0.0) for m in first + second for d in m]
+    assert [m.payload for m in got if m] == run1[:5] + run1[6:] + run2
+    assert restarts == [(ADDR, 42)]
+    assert dec.stats == ReassemblyStats(completed=1099 + 6, superseded=1)
+
+
 def test_reassembler_without_address_keeps_working():
     r = Reassembler()
     datagrams = NativeEncoder(sender_id=1, max_datagram=512).encode(bytes(1000))
@@ -347,10 +387,9 @@ async def test_two_senders_with_one_sender_id_end_to_end():
 async def test_restarted_sender_end_to_end():
     # A DAQ with a fixed sender_id and a fixed source address (one endpoint of
     # the memory network) that restarts: its numbering starts over. Its first
-    # run is longer than the receiver's loss window, so that the tracker can
-    # tell the restart from duplicates (after a shorter run it counts the new
-    # messages as duplicates; the reassembler delivers them either way, see
-    # test_restarted_sender_with_fixed_sender_id_is_reassembled_again).
+    # run is longer than the receiver's loss window (the tracker alone could
+    # tell this restart); for a short run, where only the reassembler can,
+    # see test_restart_after_a_short_run_end_to_end.
     net = MemoryNetwork(seed=6)
     run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=10, size=600)
     got = []
@@ -377,6 +416,35 @@ async def test_restarted_sender_end_to_end():
     assert key == (*endpoint.source, 7)
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1110, 0, 0, 1)
     assert stats.reassembly.duplicate_fragments == 0 and stats.kernel_drops in (0, None)
+
+
+async def test_restart_after_a_short_run_end_to_end():
+    # The reassembler sees the restart (run 2's messages differ from run 1's
+    # under the same keys) and tells the receiver, whose per-sender loss
+    # accounting starts over: 20 received, no duplicates, one restart.
+    net = MemoryNetwork(seed=6)
+    run1, run2 = payloads(1, n=10, size=600), payloads(2, n=10, size=600)
+    got = []
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="native") as rx:
+            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            try:
+                for run in (run1, run2):
+                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
+                    endpoint.send_batch([d for p in run for d in encoder.encode(p)])
+                    await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(5):
+                    while len(got) < len(run1) + len(run2):
+                        got.append(await rx.receive())
+            finally:
+                endpoint.close()
+            stats = rx.statistics()
+    assert [m.payload for m in got] == run1 + run2
+    ((key, sender),) = stats.senders.items()
+    assert key == (*endpoint.source, 7)
+    assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (20, 0, 0, 1)
+    assert (stats.duplicates, stats.restarts) == (0, 1)
+    assert stats.reassembly.duplicate_fragments == 0
 
 
 # ============================================================== MCL array bomb
