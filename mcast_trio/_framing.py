@@ -982,8 +982,14 @@ def _unpack_bounded(unpackb: Callable[..., Any], data: bytes | bytearray | memor
     its ``n`` bytes could legitimately hold: an element, a map entry's key
     and value, a string's byte take at least 1 byte each, so no array of more
     than ``n`` elements, no map of more than ``n // 2`` entries, no string,
-    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits, set
-    explicitly rather than relying on the version's defaults).
+    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits). These are
+    the limits msgpack's ``unpackb`` derives by itself (its docstring, 1.x:
+    "*max_xxx_len* options are configured automatically from
+    ``len(packed)``"; ``max_map_len`` is half of it); they are set
+    explicitly so that the bound does not depend on the version's defaults.
+    They matter: a datagram that declares more elements than it has bytes
+    is refused at the header instead of building everything that follows
+    (``test_mcl_declared_length_beyond_the_datagram_is_refused_without_building``).
 
     For larger inputs the cyclic garbage collector is paused while the
     objects are built: tens of thousands of containers otherwise trigger a

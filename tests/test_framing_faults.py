@@ -610,3 +610,31 @@ def test_mcl_memory_stays_within_max_bytes_for_one_byte_chunks():
         tracemalloc.stop()
     assert peak - before <= bound + (64 << 10)
     assert dec.stats.bytes_buffered <= bound and dec.stats.evicted > 0
+
+
+def test_mcl_declared_length_beyond_the_datagram_is_refused_without_building():
+    # A datagram within 65000 bytes (so not refused on size) whose array
+    # declares 65536 elements, more than its 64997 bytes can hold: the
+    # unpacking limits derived from the datagram size refuse it at the
+    # header. With msgpack limits of 2**31-1 it would build 64990 lists
+    # (about 4 MB, milliseconds) before finding the input incomplete.
+    bomb = b"\x92\xc0\xdd\x00\x01\x00\x00" + b"\x90" * 64990
+    assert len(bomb) <= MCL_MTU_MAX
+    dec = MclDecoder()
+
+    def feed():
+        with pytest.raises(MalformedFrame, match="65536 exceeds max_array_len"):
+            dec.feed(bomb, ADDR, 0.0)
+
+    assert _peak_while(feed) < 64 << 10
+    # The same holds inside a reassembled chunked message.
+    inner = b"\xdd\x00\x01\x00\x00" + b"\x90" * 64990
+    chunks = [msgpack.packb([b"t", i + 1, 2, part], use_bin_type=False)
+              for i, part in enumerate((inner[:40000], inner[40000:]))]
+    assert dec.feed(chunks[0], ADDR, 0.0) is None
+
+    def feed_last():
+        assert dec.feed(chunks[1], ADDR, 0.0) is None
+
+    assert _peak_while(feed_last) < 256 << 10
+    assert dec.stats.inconsistent == 1
