@@ -750,7 +750,8 @@ class Reassembler:
     reassembled again, not taken for a stream of duplicates:
 
     * a restart is recognised as :class:`~mcast_trio.SequenceTracker`
-      recognises one (a sequence number ``1024`` or more below the highest
+      recognises one, from the sequence numbers of all the sender's
+      messages, single-fragment ones included (a sequence number ``1024`` or more below the highest
       one, before the first one seen, or more than ``2**20`` above it): the
       sender's incomplete messages are dropped (counted as ``superseded``)
       and the record of its completed ones is forgotten (restart detection
@@ -774,9 +775,9 @@ class Reassembler:
     very same bytes under the same sequence numbers is indistinguishable
     from a network duplicate of the first run: those messages are dropped
     as ``duplicate_fragments`` and no restart is seen. Single-fragment
-    messages bypass the reassembler, so a restart is seen from them only by
-    a receiver's sequence tracker (after a run of ``loss_window`` messages or
-    more, or when the numbers go back before the first one seen).
+    messages bypass the buffers (and are never taken for duplicates), so
+    their bytes are not compared: a restart is seen from them only by the
+    sequence-number rule above.
 
     Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
     overhead per fragment (160 bytes) and per incomplete message (1024
@@ -814,6 +815,17 @@ class Reassembler:
         self._on_restart = on_restart
         # Restart detection: the tracker's own rule, one tracker per sender.
         self._senders: SenderTable = SenderTable(_RESTART_SENDERS)
+        # The sender seen last and its tracker. Every use of the table goes
+        # through _tracker(), so the one cached is the table's most recently
+        # used: it is evicted only after another sender has replaced it here.
+        self._last_sender: Any = None
+        self._last_tracker: Any = None
+
+    def _tracker(self, sender: tuple):
+        if sender != self._last_sender:
+            self._last_tracker = self._senders.tracker(sender)
+            self._last_sender = sender
+        return self._last_tracker
 
     def _restarted(self, key: tuple, counted: bool = False) -> None:
         """The sender of ``key`` (address, sender_id, sequence) started over.
@@ -824,7 +836,7 @@ class Reassembler:
         sender = key[:2]
         self._store.forget_sender(sender)
         if not counted:
-            tracker = self._senders.tracker(sender)
+            tracker = self._tracker(sender)
             tracker.restart()
             tracker.observe(key[2])
         if self._on_restart is not None:
@@ -868,6 +880,13 @@ class Reassembler:
         if header.count == 1:
             if store.pending and next(iter(store.pending.values())).deadline <= now:
                 store.expire(now)
+            # No buffer, but the sequence number counts: a restart seen here
+            # drops the old run's incomplete messages before a new message
+            # reuses their keys, and is reported once, not again at the
+            # sender's next fragmented message.
+            sender = (address, header.sender_id)
+            if self._tracker(sender).observe(header.sequence) == RESTART:
+                self._restarted((*sender, header.sequence), counted=True)
             return bytes(fragment)
         if len(fragment) != header.fragment_size:
             store.inconsistent += 1
@@ -875,7 +894,7 @@ class Reassembler:
         key = (address, header.sender_id, header.sequence)
         if key not in store.pending:
             # The first fragment seen of a message: did its sender start over?
-            if self._senders.observe(key[:2], header.sequence) == RESTART:
+            if self._tracker(key[:2]).observe(header.sequence) == RESTART:
                 self._restarted(key, counted=True)
         return store.add(
             key,

@@ -355,6 +355,25 @@ def test_restart_after_a_long_run_drops_an_old_incomplete_message():
     assert dec.stats == ReassemblyStats(completed=1099 + 6, superseded=1)
 
 
+def test_restart_seen_on_a_single_fragment_message():
+    # As above, but run 2 starts with single-fragment messages 0..4: they
+    # bypass the buffers, yet their sequence numbers show the restart, which
+    # must drop run 1's incomplete message 5 before run 2's message 5 (two
+    # fragments) reuses its key.
+    run1 = payloads(1, n=1100, size=600)
+    run2 = payloads(2, n=5, size=100) + payloads(3, n=1, size=600)
+    first = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run1)
+    first[5] = first[5][1:]
+    second = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run2)
+    assert [len(m) for m in second] == [1, 1, 1, 1, 1, 2]
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    got = [dec.feed(d, ADDR, 0.0) for m in first + second for d in m]
+    assert [m.payload for m in got if m] == run1[:5] + run1[6:] + run2
+    assert restarts == [(ADDR, 42)]
+    assert dec.stats == ReassemblyStats(completed=1099 + 1, superseded=1)
+
+
 def test_reassembler_without_address_keeps_working():
     r = Reassembler()
     datagrams = NativeEncoder(sender_id=1, max_datagram=512).encode(bytes(1000))
@@ -445,6 +464,35 @@ async def test_restart_after_a_short_run_end_to_end():
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (20, 0, 0, 1)
     assert (stats.duplicates, stats.restarts) == (0, 1)
     assert stats.reassembly.duplicate_fragments == 0
+
+
+async def test_restart_in_a_mixed_stream_is_counted_once():
+    # Single- and multi-fragment messages from one sender: a restart after a
+    # long run, seen first on a single-fragment message by the receiver's
+    # tracker and by the reassembler alike, is one restart, not two.
+    net = MemoryNetwork(seed=8)
+    run1 = [p[:100] if k % 2 else p for k, p in enumerate(payloads(1, n=1100, size=600))]
+    run2 = payloads(2, n=1, size=100) + payloads(3, n=1, size=600)
+    got = []
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="native", queue_size=4096) as rx:
+            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            try:
+                for run in (run1, run2):
+                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
+                    for k, p in enumerate(run):
+                        endpoint.send_batch(encoder.encode(p))
+                        if k % 64 == 63:
+                            await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(5):
+                    while len(got) < len(run1) + len(run2):
+                        got.append(await rx.receive())
+            finally:
+                endpoint.close()
+            stats = rx.statistics()
+    assert [m.payload for m in got] == run1 + run2
+    ((sender),) = stats.senders.values()
+    assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1102, 0, 0, 1)
 
 
 # ============================================================== MCL array bomb
