@@ -566,6 +566,10 @@ class _FragmentStore:
         # recently completed) under its key proves that the sender (the
         # first sender_len items of the key) started over.
         self.sender_len = sender_len
+        # Called with the key of that fragment when it proves a restart (the
+        # owner decides what a restart means); by default the sender's
+        # messages are forgotten.
+        self.restarted: Callable[[tuple], None] = lambda key: self.forget_sender(key[:sender_len])
         self.max_messages = _check_int("max_messages", max_messages, 1, 1 << 20)
         self.max_bytes = _check_int("max_bytes", max_bytes, 1, 1 << 40)
         self.timeout = _check_number("timeout", timeout, 0.0)
@@ -675,7 +679,7 @@ class _FragmentStore:
                     return None
                 if self.sender_len:
                     # Another message under this key: its sender started over.
-                    self.forget_sender(key[:self.sender_len])
+                    self.restarted(key)
                     entry = None
                 elif not ordered:
                     self.inconsistent += 1
@@ -692,7 +696,7 @@ class _FragmentStore:
                 return None
             # Not a copy: a new message under this key, its sender started over.
             if self.sender_len:
-                self.forget_sender(key[:self.sender_len])
+                self.restarted(key)
             else:
                 del self._recent[key]
         size = len(fragment) + _FRAGMENT_OVERHEAD
@@ -746,7 +750,8 @@ class Reassembler:
     reassembled again, not taken for a stream of duplicates:
 
     * a restart is recognised as :class:`~mcast_trio.SequenceTracker`
-      recognises one (a sequence number ``1024`` or more below the highest
+      recognises one, from the sequence numbers of all the sender's
+      messages, single-fragment ones included (a sequence number ``1024`` or more below the highest
       one, before the first one seen, or more than ``2**20`` above it): the
       sender's incomplete messages are dropped (counted as ``superseded``)
       and the record of its completed ones is forgotten (restart detection
@@ -758,6 +763,21 @@ class Reassembler:
       copy either. Either proves that the sender started over, with the same
       consequences. This catches a restart after a short run, whose
       sequence numbers the tracker cannot tell from duplicates.
+
+    Either way, ``on_restart(address, sender_id)`` is called (if given),
+    before the fragment that proved the restart is stored, so that a
+    receiver resets its own loss accounting for that sender (its
+    :class:`~mcast_trio.SequenceTracker` would otherwise count the new run's
+    messages as duplicates of the old one's).
+
+    The limit: only what differs can be told apart. A restarted sender that
+    sends again, within the last ``max_messages`` completed messages, the
+    very same bytes under the same sequence numbers is indistinguishable
+    from a network duplicate of the first run: those messages are dropped
+    as ``duplicate_fragments`` and no restart is seen. Single-fragment
+    messages bypass the buffers (and are never taken for duplicates), so
+    their bytes are not compared: a restart is seen from them only by the
+    sequence-number rule above.
 
     Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
     overhead per fragment (160 bytes) and per incomplete message (1024
@@ -773,6 +793,8 @@ class Reassembler:
             dropped as oversized). Allowed: ``1 .. 2**40``.
         timeout: Seconds after its first fragment an incomplete message is
             dropped. Allowed: finite and > 0.
+        on_restart: None, or a callable ``(address, sender_id)`` called
+            when that sender is found to have started over.
 
     Raises:
         TypeError, ValueError: An argument has the wrong type or is out of
@@ -780,11 +802,45 @@ class Reassembler:
     """
 
     def __init__(
-        self, max_messages: int = 256, max_bytes: int = 32 << 20, timeout: float = 2.0
+        self,
+        max_messages: int = 256,
+        max_bytes: int = 32 << 20,
+        timeout: float = 2.0,
+        on_restart: Callable[[Any, int], None] | None = None,
     ) -> None:
+        if on_restart is not None and not callable(on_restart):
+            raise TypeError(f"on_restart={on_restart!r} must be None or a callable (address, sender_id)")
         self._store = _FragmentStore(max_messages, max_bytes, timeout, recent=max_messages, sender_len=2)
+        self._store.restarted = self._restarted
+        self._on_restart = on_restart
         # Restart detection: the tracker's own rule, one tracker per sender.
         self._senders: SenderTable = SenderTable(_RESTART_SENDERS)
+        # The sender seen last and its tracker. Every use of the table goes
+        # through _tracker(), so the one cached is the table's most recently
+        # used: it is evicted only after another sender has replaced it here.
+        self._last_sender: Any = None
+        self._last_tracker: Any = None
+
+    def _tracker(self, sender: tuple):
+        if sender != self._last_sender:
+            self._last_tracker = self._senders.tracker(sender)
+            self._last_sender = sender
+        return self._last_tracker
+
+    def _restarted(self, key: tuple, counted: bool = False) -> None:
+        """The sender of ``key`` (address, sender_id, sequence) started over.
+
+        ``counted``: its tracker found it (and already starts the new run at
+        this sequence number); else the bytes did, and the tracker is told.
+        """
+        sender = key[:2]
+        self._store.forget_sender(sender)
+        if not counted:
+            tracker = self._tracker(sender)
+            tracker.restart()
+            tracker.observe(key[2])
+        if self._on_restart is not None:
+            self._on_restart(*sender)
 
     @property
     def stats(self) -> ReassemblyStats:
@@ -824,6 +880,13 @@ class Reassembler:
         if header.count == 1:
             if store.pending and next(iter(store.pending.values())).deadline <= now:
                 store.expire(now)
+            # No buffer, but the sequence number counts: a restart seen here
+            # drops the old run's incomplete messages before a new message
+            # reuses their keys, and is reported once, not again at the
+            # sender's next fragmented message.
+            sender = (address, header.sender_id)
+            if self._tracker(sender).observe(header.sequence) == RESTART:
+                self._restarted((*sender, header.sequence), counted=True)
             return bytes(fragment)
         if len(fragment) != header.fragment_size:
             store.inconsistent += 1
@@ -831,9 +894,8 @@ class Reassembler:
         key = (address, header.sender_id, header.sequence)
         if key not in store.pending:
             # The first fragment seen of a message: did its sender start over?
-            sender = (address, header.sender_id)
-            if self._senders.observe(sender, header.sequence) == RESTART:
-                store.forget_sender(sender)
+            if self._tracker(key[:2]).observe(header.sequence) == RESTART:
+                self._restarted(key, counted=True)
         return store.add(
             key,
             header.index,
@@ -853,7 +915,11 @@ class NativeDecoder:
     Args:
         topics: Accept only these topics (str or bytes, exact match),
             decided from the header alone; None accepts every topic.
-        max_messages, max_bytes, timeout: Bounds of the :class:`Reassembler`.
+        max_messages, max_bytes, timeout, on_restart: As for the
+            :class:`Reassembler` (which also says what restarts it can
+            recognise, and the limit: a restarted sender replaying
+            byte-identical messages within the last ``max_messages``
+            completed ones is indistinguishable from duplicates).
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
@@ -866,9 +932,10 @@ class NativeDecoder:
         max_messages: int = 256,
         max_bytes: int = 32 << 20,
         timeout: float = 2.0,
+        on_restart: Callable[[Any, int], None] | None = None,
     ) -> None:
         self._topics = _normalize_topics("topics", topics)
-        self.reassembler = Reassembler(max_messages, max_bytes, timeout)
+        self.reassembler = Reassembler(max_messages, max_bytes, timeout, on_restart)
         self.filtered = 0
 
     @property
@@ -934,8 +1001,14 @@ def _unpack_bounded(unpackb: Callable[..., Any], data: bytes | bytearray | memor
     its ``n`` bytes could legitimately hold: an element, a map entry's key
     and value, a string's byte take at least 1 byte each, so no array of more
     than ``n`` elements, no map of more than ``n // 2`` entries, no string,
-    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits, set
-    explicitly rather than relying on the version's defaults).
+    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits). These are
+    the limits msgpack's ``unpackb`` derives by itself (its docstring, 1.x:
+    "*max_xxx_len* options are configured automatically from
+    ``len(packed)``"; ``max_map_len`` is half of it); they are set
+    explicitly so that the bound does not depend on the version's defaults.
+    They matter: a datagram that declares more elements than it has bytes
+    is refused at the header instead of building everything that follows
+    (``test_mcl_declared_length_beyond_the_datagram_is_refused_without_building``).
 
     For larger inputs the cyclic garbage collector is paused while the
     objects are built: tens of thousands of containers otherwise trigger a

@@ -179,7 +179,8 @@ class ReceiverService:
         self._last_id = -1
         self._decoder = None
         if config.framing == "native":
-            self._decoder = NativeDecoder(config.topics, **config.reassembly)
+            self._decoder = NativeDecoder(config.topics, on_restart=self._sender_restarted,
+                                          **config.reassembly)
         elif config.framing == "mcl":
             self._decoder = MclDecoder(**config.reassembly)
         # Topics are decided from the native header; the rest here.
@@ -194,6 +195,13 @@ class ReceiverService:
         # receive task holds the loop, which a virtual trio clock does not see).
         self._max_busy = config.max_busy
         self._busy_since = 0.0
+
+    def _sender_restarted(self, source, sender_id: int) -> None:
+        # The reassembler saw this sender start over (same address and
+        # sender_id, new messages under old sequence numbers): its loss
+        # accounting starts over too, rather than counting the new run as
+        # duplicates of the old one.
+        self._senders.restart((*source, sender_id))
 
     # -- snapshot ------------------------------------------------------------
 

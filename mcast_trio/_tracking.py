@@ -33,7 +33,11 @@ Meaning of the counters (all cumulative over restarts):
   arrival, or the last restart) is also a restart, even inside the window:
   it cannot be a late copy of anything counted, and calling it "reordered"
   would make the restarted stream's next ids look like duplicates (a DAQ
-  that restarts its readout ids at 0 after a short run).
+  that restarts its readout ids at 0 after a short run). And a caller that
+  learns of a restart otherwise (e.g. from the payloads: a native
+  reassembler seeing different bytes under a message key it completed)
+  says so with :meth:`SequenceTracker.restart`: the restart is counted and
+  the next id starts the stream afresh.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ class SenderStats:
         reordered: Late arrivals placed inside the window.
         restarts: Times the sender's numbering started over.
         highest: The highest id seen since the last restart, or None before
-            the first arrival.
+            the first arrival (and after :meth:`SequenceTracker.restart`
+            until the next one).
     """
 
     received: int = 0
@@ -198,7 +203,8 @@ class SequenceTracker:
 
     @property
     def highest(self) -> int | None:
-        """The highest id since the last restart (None before any arrival)."""
+        """The highest id since the last restart (None before any arrival,
+        and after :meth:`restart` until the next one)."""
         return self._highest
 
     def observe(self, seq: int) -> str:
@@ -299,6 +305,20 @@ class SequenceTracker:
         for seq in seqs.tolist() if hasattr(seqs, "tolist") else seqs:
             self.observe(seq)
 
+    def restart(self) -> None:
+        """The caller knows that the sender started over (its ids no longer
+        continue the stream seen so far): count a restart and forget the
+        position, so that the next id starts the stream afresh (it is
+        counted as received, as a first arrival is, whatever its value).
+        Losses already counted stay. Calling it again before the next
+        arrival changes nothing (one restart, not two)."""
+        if self._highest is None:
+            return
+        self.restarts += 1
+        self._highest = None
+        self._mask = 0
+        self._span = 0
+
     def _restart(self, seq: int) -> str:
         self.restarts += 1
         self.received += 1
@@ -390,6 +410,14 @@ class SenderTable(Generic[K]):
             What :meth:`SequenceTracker.observe` returns.
         """
         return self.tracker(key).observe(seq)
+
+    def restart(self, key: K) -> None:
+        """Sender ``key`` started over: :meth:`SequenceTracker.restart` on its
+        tracker (nothing to do if it is not tracked: its next id starts a
+        fresh tracker anyway)."""
+        tracker = self._trackers.get(key)
+        if tracker is not None:
+            tracker.restart()
 
     def get(self, key: K) -> SequenceTracker | None:
         """Return the tracker of ``key``, or None if it is not tracked."""

@@ -315,6 +315,65 @@ def test_restart_drops_the_incomplete_message_of_the_first_run():
     assert dec.stats == ReassemblyStats(completed=7, superseded=1)
 
 
+def test_restart_after_a_short_run_is_reported():
+    # Found from the bytes (the new run's message 0 differs from the old
+    # one), not from the sequence numbers (0..5 again look like duplicates).
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    for run in (payloads(1), payloads(2)):
+        encoder = NativeEncoder(sender_id=42, max_datagram=512)
+        got = [dec.feed(d, ADDR, 0.0) for m in fragmented(encoder, run) for d in m]
+        assert [m.payload for m in got if m] == run
+    assert restarts == [(ADDR, 42)]
+    # A sender whose first run is replayed byte for byte within the window of
+    # recently completed messages is indistinguishable from duplicates (the
+    # documented limit): nothing delivered again, no restart.
+    encoder = NativeEncoder(sender_id=42, max_datagram=512)
+    got = [dec.feed(d, ADDR, 0.0) for m in fragmented(encoder, payloads(2)) for d in m]
+    assert not any(got) and restarts == [(ADDR, 42)]
+
+
+def test_restart_after_a_long_run_drops_an_old_incomplete_message():
+    # The path through the sequence tracker: run 1 is long (1100 messages,
+    # more than the tracker's window of 1024 and than the 256 completed
+    # messages the reassembler remembers), and its message 5 is still
+    # incomplete (fragment 0 lost) when the sender restarts. Run 2's message
+    # 0 goes back 1099 ids: a restart, so the old message 5 is dropped.
+    # Nothing else could tell: run 2's messages 0..4 reuse keys nobody
+    # remembers, and its message 5 would otherwise be completed with run 1's
+    # fragment 1.
+    run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=6, size=600)
+    first = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run1)
+    assert all(len(m) == 2 for m in first)
+    first[5] = first[5][1:]
+    second = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run2)
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    got = [dec.feed(d, ADDR, 0.0) for m in first + second for d in m]
+    assert [m.payload for m in got if m] == run1[:5] + run1[6:] + run2
+    assert restarts == [(ADDR, 42)]
+    assert dec.stats == ReassemblyStats(completed=1099 + 6, superseded=1)
+
+
+def test_restart_seen_on_a_single_fragment_message():
+    # As above, but run 2 starts with single-fragment messages 0..4: they
+    # bypass the buffers, yet their sequence numbers show the restart, which
+    # must drop run 1's incomplete message 5 before run 2's message 5 (two
+    # fragments) reuses its key.
+    run1 = payloads(1, n=1100, size=600)
+    run2 = payloads(2, n=5, size=100) + payloads(3, n=1, size=600)
+    first = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run1)
+    first[5] = first[5][1:]
+    second = fragmented(NativeEncoder(sender_id=42, max_datagram=512), run2)
+    assert [len(m) for m in second] == [1, 1, 1, 1, 1, 2]
+    restarts = []
+    dec = NativeDecoder(on_restart=lambda address, sender_id: restarts.append((address, sender_id)))
+    got = [dec.feed(d, ADDR, 0.0) for m in first + second for d in m]
+    assert [m.payload for m in got if m] == run1[:5] + run1[6:] + run2
+    assert restarts == [(ADDR, 42)]
+    assert dec.stats == ReassemblyStats(completed=1099 + 1, superseded=1)
+
+
 def test_reassembler_without_address_keeps_working():
     r = Reassembler()
     datagrams = NativeEncoder(sender_id=1, max_datagram=512).encode(bytes(1000))
@@ -347,10 +406,9 @@ async def test_two_senders_with_one_sender_id_end_to_end():
 async def test_restarted_sender_end_to_end():
     # A DAQ with a fixed sender_id and a fixed source address (one endpoint of
     # the memory network) that restarts: its numbering starts over. Its first
-    # run is longer than the receiver's loss window, so that the tracker can
-    # tell the restart from duplicates (after a shorter run it counts the new
-    # messages as duplicates; the reassembler delivers them either way, see
-    # test_restarted_sender_with_fixed_sender_id_is_reassembled_again).
+    # run is longer than the receiver's loss window (the tracker alone could
+    # tell this restart); for a short run, where only the reassembler can,
+    # see test_restart_after_a_short_run_end_to_end.
     net = MemoryNetwork(seed=6)
     run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=10, size=600)
     got = []
@@ -377,6 +435,64 @@ async def test_restarted_sender_end_to_end():
     assert key == (*endpoint.source, 7)
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1110, 0, 0, 1)
     assert stats.reassembly.duplicate_fragments == 0 and stats.kernel_drops in (0, None)
+
+
+async def test_restart_after_a_short_run_end_to_end():
+    # The reassembler sees the restart (run 2's messages differ from run 1's
+    # under the same keys) and tells the receiver, whose per-sender loss
+    # accounting starts over: 20 received, no duplicates, one restart.
+    net = MemoryNetwork(seed=6)
+    run1, run2 = payloads(1, n=10, size=600), payloads(2, n=10, size=600)
+    got = []
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="native") as rx:
+            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            try:
+                for run in (run1, run2):
+                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
+                    endpoint.send_batch([d for p in run for d in encoder.encode(p)])
+                    await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(5):
+                    while len(got) < len(run1) + len(run2):
+                        got.append(await rx.receive())
+            finally:
+                endpoint.close()
+            stats = rx.statistics()
+    assert [m.payload for m in got] == run1 + run2
+    ((key, sender),) = stats.senders.items()
+    assert key == (*endpoint.source, 7)
+    assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (20, 0, 0, 1)
+    assert (stats.duplicates, stats.restarts) == (0, 1)
+    assert stats.reassembly.duplicate_fragments == 0
+
+
+async def test_restart_in_a_mixed_stream_is_counted_once():
+    # Single- and multi-fragment messages from one sender: a restart after a
+    # long run, seen first on a single-fragment message by the receiver's
+    # tracker and by the reassembler alike, is one restart, not two.
+    net = MemoryNetwork(seed=8)
+    run1 = [p[:100] if k % 2 else p for k, p in enumerate(payloads(1, n=1100, size=600))]
+    run2 = payloads(2, n=1, size=100) + payloads(3, n=1, size=600)
+    got = []
+    with use_network(net):
+        async with open_receiver(GROUP, PORT, framing="native", queue_size=4096) as rx:
+            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            try:
+                for run in (run1, run2):
+                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
+                    for k, p in enumerate(run):
+                        endpoint.send_batch(encoder.encode(p))
+                        if k % 64 == 63:
+                            await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(5):
+                    while len(got) < len(run1) + len(run2):
+                        got.append(await rx.receive())
+            finally:
+                endpoint.close()
+            stats = rx.statistics()
+    assert [m.payload for m in got] == run1 + run2
+    ((sender),) = stats.senders.values()
+    assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1102, 0, 0, 1)
 
 
 # ============================================================== MCL array bomb
@@ -542,3 +658,31 @@ def test_mcl_memory_stays_within_max_bytes_for_one_byte_chunks():
         tracemalloc.stop()
     assert peak - before <= bound + (64 << 10)
     assert dec.stats.bytes_buffered <= bound and dec.stats.evicted > 0
+
+
+def test_mcl_declared_length_beyond_the_datagram_is_refused_without_building():
+    # A datagram within 65000 bytes (so not refused on size) whose array
+    # declares 65536 elements, more than its 64997 bytes can hold: the
+    # unpacking limits derived from the datagram size refuse it at the
+    # header. With msgpack limits of 2**31-1 it would build 64990 lists
+    # (about 4 MB, milliseconds) before finding the input incomplete.
+    bomb = b"\x92\xc0\xdd\x00\x01\x00\x00" + b"\x90" * 64990
+    assert len(bomb) <= MCL_MTU_MAX
+    dec = MclDecoder()
+
+    def feed():
+        with pytest.raises(MalformedFrame, match="65536 exceeds max_array_len"):
+            dec.feed(bomb, ADDR, 0.0)
+
+    assert _peak_while(feed) < 64 << 10
+    # The same holds inside a reassembled chunked message.
+    inner = b"\xdd\x00\x01\x00\x00" + b"\x90" * 64990
+    chunks = [msgpack.packb([b"t", i + 1, 2, part], use_bin_type=False)
+              for i, part in enumerate((inner[:40000], inner[40000:]))]
+    assert dec.feed(chunks[0], ADDR, 0.0) is None
+
+    def feed_last():
+        assert dec.feed(chunks[1], ADDR, 0.0) is None
+
+    assert _peak_while(feed_last) < 256 << 10
+    assert dec.stats.inconsistent == 1

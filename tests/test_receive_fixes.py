@@ -19,6 +19,7 @@ reason.
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
 import os
 import socket
@@ -345,39 +346,98 @@ async def test_max_busy_is_validated_before_anything_opens(ep):
 
 
 async def test_mcl_array_bombs_do_not_starve_other_tasks(ep):
-    # The datagram: [nil, [[], [], ... 65024 times]]. Unpacking it
-    # costs milliseconds (another change bounds that); whatever one costs,
-    # other tasks must wait about one datagram's cost plus max_busy at most,
-    # not a whole batch of them.
+    # Array bombs that fit in 64995 bytes, so that they are not refused on
+    # size: [nil, [[], [], ... 64990 times]], well-formed and delivered, each
+    # costing milliseconds to unpack. Whatever one costs, other tasks must
+    # wait about one datagram's cost plus max_busy at most, not a whole
+    # batch of them (without the time check between datagrams, the bombs
+    # queued in one recvmmsg batch hold the loop for all of theirs).
     msgpack = pytest.importorskip("msgpack", reason="framing='mcl' needs the optional msgpack package")
     from mcast_trio import MclDecoder
 
     group, port = ep
-    bomb = b"\x92\xc0\xdc\xfe\x00" + b"\x90" * 65024
-    legit = [msgpack.packb(["apx", b"message %d" % k], use_bin_type=True) for k in range(30)]
-    datagrams = [d for pair in zip([bomb] * 30, legit) for d in pair]
+    n = 64990
+    bomb = b"\x92\xc0\xdc" + n.to_bytes(2, "big") + b"\x90" * n
+    assert len(bomb) == 64995
+    bombs = 100
+    legit = [msgpack.packb(["apx", b"message %d" % k], use_bin_type=True) for k in range(bombs)]
+    datagrams = [d for pair in zip([bomb] * bombs, legit) for d in pair]
     cost = 0.0  # what one bomb costs the receive path, on this machine, now
     for _ in range(3):
         start = time.perf_counter()
-        try:
-            MclDecoder().feed(memoryview(bomb), ("127.0.0.1", 1), 0.0)
-        except ValueError:  # MalformedFrame, or delivered: either way it cost
-            pass
+        message = MclDecoder().feed(memoryview(bomb), ("127.0.0.1", 1), 0.0)
         cost = max(cost, time.perf_counter() - start)
+        assert len(message.payload) == n  # delivered, not refused
+    del message
+    bound = max(0.25, 0.1 + 5 * cost)
+    # The test can fail: the bombs of one batch cost far more than the bound.
+    assert bombs * cost > 2 * bound, f"one bomb costs only {cost * 1000:.1f} ms"
+    got = []
+    # The bombs create millions of containers; a full collection of the
+    # garbage collector walks every object of the process, which after the
+    # rest of the suite takes a few hundred milliseconds by itself. Freeze
+    # what exists, so that the gaps measured are the receive path's.
+    gc.collect()
+    gc.freeze()
     sock = plain_sender()
     try:
         async with open_receiver(group, port, framing="mcl") as rx:
-            gaps = await _heartbeat_gaps(
-                sock, datagrams, (group, port),
-                lambda: rx.statistics().messages + rx.statistics().malformed == len(datagrams))
+            async def consume():
+                # Drain as it arrives: the delivered bombs (4 MB each) are not
+                # kept, so the garbage collector's passes stay short.
+                # One message per turn: freeing a bomb takes a millisecond,
+                # and receive() hands out a batch's messages without a
+                # checkpoint.
+                while True:
+                    payload = (await rx.receive()).payload
+                    if isinstance(payload, bytes):
+                        got.append(payload)
+                    del payload
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                gaps = await _heartbeat_gaps(
+                    sock, datagrams, (group, port),
+                    lambda: rx.statistics().messages + rx.statistics().malformed == len(datagrams))
+                with trio.fail_after(10):
+                    while len(got) < bombs:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
             stats = rx.statistics()
-            got = [(await rx.receive()).payload for _ in range(stats.messages)]
     finally:
         sock.close()
-    # Whether a bomb is refused (malformed) or delivered, every legitimate
-    # message arrived.
-    assert stats.kernel_drops == 0
-    assert [p for p in got if isinstance(p, bytes)] == [b"message %d" % k for k in range(30)]
-    bound = 0.1 + 3 * cost  # 30 bombs in one batch cost 30 * cost
+        gc.unfreeze()
+    assert stats.kernel_drops == 0 and stats.malformed == 0
+    assert stats.messages == 2 * bombs
+    assert got == [b"message %d" % k for k in range(bombs)]
     assert max(gaps) < bound, (f"the heartbeat waited {max(gaps) * 1000:.0f} ms; one bomb costs "
-                               f"{cost * 1000:.0f} ms")
+                               f"{cost * 1000:.1f} ms")
+
+
+# ---------------------------------------------------------------------------
+# Errors name the public argument
+# ---------------------------------------------------------------------------
+
+_BAD_LOSS_WINDOWS = [-1, 0, 70000]
+
+
+async def test_open_receiver_names_loss_window(ep):
+    group, port = ep
+    for value in _BAD_LOSS_WINDOWS:
+        with pytest.raises(ValueError, match=rf"^loss_window={value} is out of range"):
+            async with open_receiver(group, port, loss_window=value):
+                pytest.fail(f"open_receiver accepted loss_window={value!r}")
+    assert group not in joined_ipv4_groups()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "mcast_trio/astropix.py passes loss_window to SenderTable(window=...) without validating it, "
+    "so the tracker's 'window=' message wins; astropix.py must check loss_window itself"))
+@pytest.mark.parametrize("value", _BAD_LOSS_WINDOWS)
+def test_astropix_receiver_names_loss_window(ep, value):
+    from mcast_trio import astropix
+
+    group, port = ep
+    with pytest.raises(ValueError, match=rf"^loss_window={value} is out of range"):
+        astropix.MulticastReceiver(AstroPix4Readout, group, port, loss_window=value).close()

@@ -240,3 +240,60 @@ def test_observe_many_fast_path_across_wraparound():
     assert tracker.stats() == SenderStats(received=5, lost=0, duplicates=0, reordered=0, restarts=0, highest=1)
     tracker.observe(0)
     assert tracker.stats().duplicates == 1
+
+
+# ---------------------------------------------------------------- restart()
+
+
+def test_restart_told_by_the_caller_starts_the_stream_afresh():
+    # A restart after a short run: by the ids alone the new run looks like
+    # duplicates (0..4 again). Told of the restart, the tracker counts one
+    # and takes the new run as new.
+    told, untold = SequenceTracker(), SequenceTracker()
+    for seq in range(5):
+        told.observe(seq)
+        untold.observe(seq)
+    told.restart()
+    assert told.stats() == SenderStats(received=5, restarts=1, highest=None)
+    assert [told.observe(seq) for seq in range(5)] == [F, N, N, N, N]
+    assert told.stats() == SenderStats(received=10, restarts=1, highest=4)
+    assert [untold.observe(seq) for seq in range(5)] == [D] * 5
+
+
+def test_restart_keeps_losses_and_is_counted_once():
+    tracker = SequenceTracker()
+    for seq in (0, 1, 5):
+        tracker.observe(seq)
+    tracker.restart()
+    tracker.restart()  # no arrival in between: still one restart
+    assert tracker.observe(3) == F
+    assert tracker.stats() == SenderStats(received=4, lost=3, restarts=1, highest=3)
+
+
+def test_restart_of_a_fresh_tracker_changes_nothing():
+    tracker = SequenceTracker()
+    tracker.restart()
+    assert tracker.stats() == SenderStats()
+
+
+def test_restart_then_observe_many():
+    tracker = SequenceTracker()
+    tracker.observe_many(np.arange(10, dtype=np.uint32))
+    tracker.restart()
+    tracker.observe_many(np.arange(10, dtype=np.uint32))
+    assert tracker.stats() == SenderStats(received=20, restarts=1, highest=9)
+
+
+def test_sender_table_restart():
+    table = SenderTable()
+    for seq in range(3):
+        table.observe("a", seq)
+        table.observe("b", seq)
+    table.restart("a")
+    table.restart("unknown")  # not tracked: nothing to do, nothing created
+    assert "unknown" not in table
+    assert table.observe("a", 0) == F and table.observe("b", 0) == D
+    assert table.snapshot() == {
+        "a": SenderStats(received=4, restarts=1, highest=0),
+        "b": SenderStats(received=3, duplicates=1, highest=2),
+    }
