@@ -61,7 +61,7 @@ except ImportError:  # pragma: no cover - not compiled
     _HAVE_MMSG = False
     _send_readout_c = None
 from ._readout import AstroPix4Readout
-from ._tracking import SenderStats, SenderTable
+from ._tracking import SenderStats, SenderTable, _check_int
 
 __all__ = [
     "AstroPix4Readout",
@@ -325,6 +325,8 @@ class MulticastReceiver:
         self._spec = _sockets.resolve_group(group, port, interface=interface, source=source,
                                             allow_unicast=allow_unicast,
                                             allow_control_groups=allow_control_groups)
+        _check_int("max_senders", max_senders, 1, 1 << 20)
+        _check_int("loss_window", loss_window, 1, 1 << 16)
         self._senders: SenderTable = SenderTable(max_senders, window=loss_window)
         self._timeout = _sockets._check_timeout(timeout)
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(

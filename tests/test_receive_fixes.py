@@ -431,9 +431,6 @@ async def test_open_receiver_names_loss_window(ep):
     assert group not in joined_ipv4_groups()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mcast_trio/astropix.py passes loss_window to SenderTable(window=...) without validating it, "
-    "so the tracker's 'window=' message wins; astropix.py must check loss_window itself"))
 @pytest.mark.parametrize("value", _BAD_LOSS_WINDOWS)
 def test_astropix_receiver_names_loss_window(ep, value):
     from mcast_trio import astropix
