@@ -403,19 +403,14 @@ async def test_two_senders_with_one_sender_id_end_to_end():
     assert all(s.received == 20 and s.lost == 0 for s in stats.senders.values())
 
 
-async def test_restarted_sender_end_to_end():
-    # A DAQ with a fixed sender_id and a fixed source address (one endpoint of
-    # the memory network) that restarts: its numbering starts over. Its first
-    # run is longer than the receiver's loss window (the tracker alone could
-    # tell this restart); for a short run, where only the reassembler can,
-    # see test_restart_after_a_short_run_end_to_end.
-    net = MemoryNetwork(seed=6)
-    run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=10, size=600)
+async def _two_runs(seed, run1, run2, **options):
+    """Send ``run1`` then ``run2`` from one memory-network endpoint with
+    sender_id 7 (a DAQ that restarts with a fixed id and address) to a native
+    receiver; return what it delivered, its statistics and the source."""
+    net = MemoryNetwork(seed=seed)
     got = []
     with use_network(net):
-        # Room to remember every message of the first run as completed.
-        async with open_receiver(GROUP, PORT, framing="native", queue_size=4096,
-                                 max_pending_messages=2048) as rx:
+        async with open_receiver(GROUP, PORT, framing="native", **options) as rx:
             endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
             try:
                 for run in (run1, run2):
@@ -424,15 +419,27 @@ async def test_restarted_sender_end_to_end():
                         endpoint.send_batch(encoder.encode(p))
                         if k % 64 == 63:
                             await trio.testing.wait_all_tasks_blocked()
+                    await trio.testing.wait_all_tasks_blocked()
                 with trio.fail_after(5):
                     while len(got) < len(run1) + len(run2):
                         got.append(await rx.receive())
             finally:
                 endpoint.close()
-            stats = rx.statistics()
+            return got, rx.statistics(), endpoint.source
+
+
+async def test_restarted_sender_end_to_end():
+    # A DAQ with a fixed sender_id and a fixed source address (one endpoint of
+    # the memory network) that restarts: its numbering starts over. Its first
+    # run is longer than the receiver's loss window (the tracker alone could
+    # tell this restart); for a short run, where only the reassembler can,
+    # see test_restart_after_a_short_run_end_to_end.
+    run1, run2 = payloads(1, n=1100, size=600), payloads(2, n=10, size=600)
+    # Room to remember every message of the first run as completed.
+    got, stats, source = await _two_runs(6, run1, run2, queue_size=4096, max_pending_messages=2048)
     assert [m.payload for m in got] == run1 + run2
     ((key, sender),) = stats.senders.items()
-    assert key == (*endpoint.source, 7)
+    assert key == (*source, 7)
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1110, 0, 0, 1)
     assert stats.reassembly.duplicate_fragments == 0 and stats.kernel_drops in (0, None)
 
@@ -441,26 +448,11 @@ async def test_restart_after_a_short_run_end_to_end():
     # The reassembler sees the restart (run 2's messages differ from run 1's
     # under the same keys) and tells the receiver, whose per-sender loss
     # accounting starts over: 20 received, no duplicates, one restart.
-    net = MemoryNetwork(seed=6)
     run1, run2 = payloads(1, n=10, size=600), payloads(2, n=10, size=600)
-    got = []
-    with use_network(net):
-        async with open_receiver(GROUP, PORT, framing="native") as rx:
-            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
-            try:
-                for run in (run1, run2):
-                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
-                    endpoint.send_batch([d for p in run for d in encoder.encode(p)])
-                    await trio.testing.wait_all_tasks_blocked()
-                with trio.fail_after(5):
-                    while len(got) < len(run1) + len(run2):
-                        got.append(await rx.receive())
-            finally:
-                endpoint.close()
-            stats = rx.statistics()
+    got, stats, source = await _two_runs(6, run1, run2)
     assert [m.payload for m in got] == run1 + run2
     ((key, sender),) = stats.senders.items()
-    assert key == (*endpoint.source, 7)
+    assert key == (*source, 7)
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (20, 0, 0, 1)
     assert (stats.duplicates, stats.restarts) == (0, 1)
     assert stats.reassembly.duplicate_fragments == 0
@@ -470,26 +462,9 @@ async def test_restart_in_a_mixed_stream_is_counted_once():
     # Single- and multi-fragment messages from one sender: a restart after a
     # long run, seen first on a single-fragment message by the receiver's
     # tracker and by the reassembler alike, is one restart, not two.
-    net = MemoryNetwork(seed=8)
     run1 = [p[:100] if k % 2 else p for k, p in enumerate(payloads(1, n=1100, size=600))]
     run2 = payloads(2, n=1, size=100) + payloads(3, n=1, size=600)
-    got = []
-    with use_network(net):
-        async with open_receiver(GROUP, PORT, framing="native", queue_size=4096) as rx:
-            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
-            try:
-                for run in (run1, run2):
-                    encoder = NativeEncoder(sender_id=7, max_datagram=512)
-                    for k, p in enumerate(run):
-                        endpoint.send_batch(encoder.encode(p))
-                        if k % 64 == 63:
-                            await trio.testing.wait_all_tasks_blocked()
-                with trio.fail_after(5):
-                    while len(got) < len(run1) + len(run2):
-                        got.append(await rx.receive())
-            finally:
-                endpoint.close()
-            stats = rx.statistics()
+    got, stats, _ = await _two_runs(8, run1, run2, queue_size=4096)
     assert [m.payload for m in got] == run1 + run2
     ((sender),) = stats.senders.values()
     assert (sender.received, sender.lost, sender.duplicates, sender.restarts) == (1102, 0, 0, 1)
