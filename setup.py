@@ -5,7 +5,7 @@ from setuptools import Extension, setup
 extensions = [
     Extension("mcast_trio._decode", ["mcast_trio/_decode.pyx"],
               extra_compile_args=["-O3"]),
-    Extension("mcast_trio._mmsg", ["mcast_trio/_mmsg.pyx"],
+    Extension("mcast_trio._io._mmsg", ["mcast_trio/_io/_mmsg.pyx"],
               extra_compile_args=["-O2"]),
 ]
 

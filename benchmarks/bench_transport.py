@@ -714,7 +714,7 @@ def main() -> None:
                  "run it as: tools/netns-run python benchmarks/bench_transport.py")
 
     import mcast_trio
-    from mcast_trio import _batchio
+    from mcast_trio._io import _batchio
 
     tmp = tempfile.mkdtemp(prefix="mcast-bench-transport-")
     try:

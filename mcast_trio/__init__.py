@@ -26,7 +26,7 @@ from ._apx import (
     TruncatedRecordWarning,
     open_apx,
 )
-from ._framing import (
+from ._protocol._framing import (
     Message,
     MclDecoder,
     MclEncoder,
@@ -36,8 +36,8 @@ from ._framing import (
     ReassemblyStats,
     make_filter,
 )
-from ._tracking import SenderStats, SenderTable, SequenceTracker
-from ._sockets import BufferSizeWarning, GroupSpec, resolve_group
+from ._protocol._tracking import SenderStats, SenderTable, SequenceTracker
+from ._io._sockets import BufferSizeWarning, GroupSpec, resolve_group
 from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender
 from ._receiver import (
     MulticastReceiver,

@@ -31,14 +31,14 @@ from typing import Any, AsyncIterator, Mapping
 import numpy as np
 import trio
 
-from . import _batchio, _sockets
-from ._net import current_network
-from . import _mmsg
+from ._io import _batchio, _sockets
+from ._io._net import current_network
+from ._io import _mmsg
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from ._errors import MalformedFrame, unwrap_single
 from ._format import HEADER, HEADER_SIZE
-from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
-from ._tracking import SenderStats, SenderTable
+from ._protocol._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
+from ._protocol._tracking import SenderStats, SenderTable
 
 __all__ = [
     "MulticastReceiver",
@@ -587,7 +587,7 @@ def _configure(
 
 
 def _sockets_msgpack_check() -> None:
-    from ._framing import _msgpack
+    from ._protocol._framing import _msgpack
 
     _msgpack()
 

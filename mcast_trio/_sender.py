@@ -29,17 +29,17 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from . import _sockets
+from ._io import _sockets
 
 try:
-    from . import _mmsg
+    from ._io import _mmsg
 except ImportError:  # not compiled
     _mmsg = None
 from ._batch import readout_error_message
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
-from ._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
-from ._net import current_network
+from ._protocol._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
+from ._io._net import current_network
 from ._reference import parse_fixed
 
 # The compiled check of a list of serialized readouts (header, length field,

@@ -52,16 +52,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from . import _sockets
+from ._io import _sockets
 from ._errors import MalformedDatagram
 
 try:  # the compiled send of a readout (Linux); elsewhere to_bytes() + send
-    from ._mmsg import HAVE_MMSG as _HAVE_MMSG, send_readout as _send_readout_c
+    from ._io._mmsg import HAVE_MMSG as _HAVE_MMSG, send_readout as _send_readout_c
 except ImportError:  # pragma: no cover - not compiled
     _HAVE_MMSG = False
     _send_readout_c = None
 from ._readout import AstroPix4Readout
-from ._tracking import SenderStats, SenderTable, _check_int
+from ._protocol._tracking import SenderStats, SenderTable, _check_int
 
 __all__ = [
     "AstroPix4Readout",

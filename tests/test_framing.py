@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O framings (mcast_trio._framing): raw, native, MCL, filters."""
+"""Tests of the sans-I/O framings (mcast_trio._protocol._framing): raw, native, MCL, filters."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcast_trio import _framing
+from mcast_trio._protocol import _framing
 from mcast_trio._errors import MalformedFrame
-from mcast_trio._framing import (
+from mcast_trio._protocol._framing import (
     MCL_CHUNK_SIZE,
     NATIVE_HEADER_SIZE,
     FrameHeader,

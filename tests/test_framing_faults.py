@@ -22,9 +22,10 @@ import pytest
 import trio
 import trio.testing
 
-from mcast_trio import _sockets, open_receiver, open_sender
+from mcast_trio import open_receiver, open_sender
+from mcast_trio._io import _sockets
 from mcast_trio._errors import MalformedFrame
-from mcast_trio._framing import (
+from mcast_trio._protocol._framing import (
     NATIVE_MAGIC,
     MclDecoder,
     MclEncoder,

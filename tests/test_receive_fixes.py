@@ -36,7 +36,7 @@ from mcast_trio import (
     decode_readouts,
     open_receiver,
 )
-from mcast_trio import _constants
+from mcast_trio._io import _constants
 from mcast_trio.sim import DaqSimulator
 from mcast_trio.testing import (
     LinkRules,

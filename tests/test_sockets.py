@@ -38,9 +38,9 @@ from mcast_trio.testing import (
     open_fd_count,
     veth_problem,
 )
-from mcast_trio import _batchio, _constants
-from mcast_trio._batchio import ReceiveBatch, receive_batch, send_batch
-from mcast_trio._sockets import (
+from mcast_trio._io import _batchio, _constants
+from mcast_trio._io._batchio import ReceiveBatch, receive_batch, send_batch
+from mcast_trio._io._sockets import (
     BufferSizeWarning,
     GroupSpec,
     close_receiver_socket,

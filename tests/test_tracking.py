@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O per-sender sequence accounting (mcast_trio._tracking)."""
+"""Tests of the sans-I/O per-sender sequence accounting (mcast_trio._protocol._tracking)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcast_trio._tracking import SenderStats, SenderTable, SequenceTracker
+from mcast_trio._protocol._tracking import SenderStats, SenderTable, SequenceTracker
 
 F, N, D, R, S = "first", "new", "duplicate", "reordered", "restart"
 TOP = 2**32 - 1

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from mcast_trio import AstroPix4Readout, open_receiver, open_sender, resolve_group
-from mcast_trio._sockets import (
+from mcast_trio._io._sockets import (
     close_receiver_socket,
     close_sender_socket,
     open_blocking_receiver_socket,

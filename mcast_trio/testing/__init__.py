@@ -11,7 +11,7 @@
   ``mcast_sender``, ``mcast_daq``. See the "Testing your DAQ code" page.
 """
 
-from .._net import SocketNetwork, current_network, use_network
+from .._io._net import SocketNetwork, current_network, use_network
 from ._memory import FaultCounts, LinkRules, MemoryNetwork, MemoryReceiver, MemorySender
 from ._relay import serve_fault_relay, FaultRelay
 from ._isolation import (

@@ -14,9 +14,9 @@ import math
 
 import trio
 
-from .. import _batchio, _sockets
+from .._io import _batchio, _sockets
 from .._errors import unwrap_single
-from .._net import current_network
+from .._io._net import current_network
 from ._memory import FaultCounts, LinkRules, _Link
 
 __all__ = ["FaultRelay", "serve_fault_relay"]

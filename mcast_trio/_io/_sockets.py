@@ -3,7 +3,7 @@
 This is the only module of mcast_trio that calls ``setsockopt``. The
 functions here are synchronous and never block: they create, configure and
 close sockets. The trio tasks that move datagrams are built on top of them
-(see :mod:`mcast_trio._batchio` for the batched, non-blocking receive/send).
+(see :mod:`mcast_trio._io._batchio` for the batched, non-blocking receive/send).
 
 Typical use::
 
@@ -970,7 +970,7 @@ def open_sender_socket(
     address, ``IPV6_MULTICAST_IF`` with its index), ``IP_MULTICAST_TTL`` /
     ``IPV6_MULTICAST_HOPS`` from ``spec.ttl`` and the multicast loopback.
     By default the socket is connected to the group, so ``sock.send`` and
-    :func:`mcast_trio._batchio.send_batch` without an address work.
+    :func:`mcast_trio._io._batchio.send_batch` without an address work.
 
     For a unicast ``spec`` (``spec.unicast``) none of the multicast options
     is set; ``spec.ttl`` becomes ``IP_TTL`` / ``IPV6_UNICAST_HOPS``. A

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from zlib import crc32 as _crc32
 
-from ._errors import MalformedFrame
+from .._errors import MalformedFrame
 from ._tracking import RESTART, SenderTable
 
 __all__ = [

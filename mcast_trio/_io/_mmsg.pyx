@@ -7,10 +7,10 @@ is reported as a count of 0, never as an exception, so the caller (a trio
 task) can ``await trio.lowlevel.wait_readable(sock)`` / ``wait_writable``.
 
 On platforms without these syscalls (everything but Linux) the module still
-builds; :data:`HAVE_MMSG` is then ``False`` and :mod:`mcast_trio._batchio`
+builds; :data:`HAVE_MMSG` is then ``False`` and :mod:`mcast_trio._io._batchio`
 uses its pure-Python loop instead.
 
-This module is private: use :mod:`mcast_trio._batchio`.
+This module is private: use :mod:`mcast_trio._io._batchio`.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t, uint64_t
@@ -256,7 +256,7 @@ cdef inline object _oserror(long neg_errno):
 cdef class RecvMmsg:
     """recvmmsg state bound, once, to preallocated output arrays.
 
-    The arrays belong to a :class:`mcast_trio._batchio.ReceiveBatch`; this
+    The arrays belong to a :class:`mcast_trio._io._batchio.ReceiveBatch`; this
     object holds buffer references to them (so they cannot be resized) and
     the C ``mmsghdr``/``iovec``/address/control arrays pointing into them.
 

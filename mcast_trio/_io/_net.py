@@ -10,7 +10,7 @@ A network has two methods:
 
 * ``open_receiver(spec, *, rcvbuf)`` -> a receiver endpoint with
   ``granted_rcvbuf``, ``receive_batch(batch) -> int`` (non-blocking, fills a
-  :class:`~mcast_trio._batchio.ReceiveBatch`, 0 when nothing is queued),
+  :class:`~mcast_trio._io._batchio.ReceiveBatch`, 0 when nothing is queued),
   ``kernel_drops(batch) -> int | None`` (datagrams dropped for lack of
   buffer space so far, None if unknown),
   ``async wait_readable()`` and ``close()`` (never raises, never blocks;

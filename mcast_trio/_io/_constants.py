@@ -1,7 +1,7 @@
 """Socket constants that Python's :mod:`socket` lacks on some versions/OSes.
 
 Everything platform-specific about option numbers and C structure layouts
-lives here, in one place, so that :mod:`mcast_trio._sockets` can stay free of
+lives here, in one place, so that :mod:`mcast_trio._io._sockets` can stay free of
 ``sys.platform`` checks for numbers. Where :mod:`socket` defines a name it
 wins (``getattr(socket, NAME, fallback)``); a value is ``None`` where the OS
 does not have the option at all, and callers must check for ``None``.

@@ -2,7 +2,7 @@
 
 :func:`receive_batch` fills a preallocated :class:`ReceiveBatch` with as
 many queued datagrams as fit, in one ``recvmmsg(2)`` call (Linux, compiled
-:mod:`mcast_trio._mmsg`) or a non-blocking ``recvmsg`` loop elsewhere; it
+:mod:`mcast_trio._io._mmsg`) or a non-blocking ``recvmsg`` loop elsewhere; it
 returns 0 when nothing is queued instead of blocking. A trio receive task
 drains a socket like this::
 
@@ -168,9 +168,9 @@ class ReceiveBatch:
 
         The value carried by the latest received datagram that had one (the
         kernel attaches it once it is non-zero; sockets from
-        :func:`mcast_trio._sockets.open_receiver_socket` ask for it), else 0.
+        :func:`mcast_trio._io._sockets.open_receiver_socket` ask for it), else 0.
         Drops become visible here with the next datagram queued *after*
-        them; :func:`mcast_trio._sockets.socket_drop_count` reads the
+        them; :func:`mcast_trio._io._sockets.socket_drop_count` reads the
         counter immediately. ``None`` where the OS has no such counter.
         Wraps at 2**32.
         """
@@ -198,7 +198,7 @@ def receive_batch(sock: Any, batch: ReceiveBatch) -> int:
 
     Args:
         sock: a UDP socket (trio or stdlib), e.g. from
-            :func:`mcast_trio._sockets.open_receiver_socket`.
+            :func:`mcast_trio._io._sockets.open_receiver_socket`.
         batch: the preallocated batch to fill.
 
     Returns:
@@ -306,7 +306,7 @@ def send_batch(sock: Any, datagrams: Iterable[Any], address: tuple[Any, ...] | N
             ``memoryview``, numpy arrays), one datagram each.
         address: the destination in :mod:`socket` form (numeric host), or
             ``None`` for a connected socket (e.g. from
-            :func:`mcast_trio._sockets.open_sender_socket`).
+            :func:`mcast_trio._io._sockets.open_sender_socket`).
 
     Returns:
         int: how many of ``datagrams``, from the start, were sent; 0 if the

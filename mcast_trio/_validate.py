@@ -1,0 +1,136 @@
+"""Argument validation: the one owner of "is this argument acceptable?".
+
+Every public function checks its arguments before it opens anything, with
+these helpers, so that every mistake of the same kind raises the same
+exception type with the same shape of message, naming the argument, the
+value and what is allowed:
+
+* the wrong *type* (a string where an integer belongs, a bool where a number
+  belongs): :class:`TypeError`, ``"batch_size='x' is not an integer;
+  allowed: 1..1024"``;
+* the right type but an unacceptable *value*: :class:`ValueError`,
+  ``"batch_size=0 is out of range; allowed: 1..1024"`` or ``"framing='x'
+  is not one of 'raw', 'native', 'mcl'"``;
+* an unknown keyword: :class:`TypeError` naming the public function, as
+  Python itself does, plus the keywords it takes.
+
+``bool`` is never accepted as a number (``True`` is an ``int`` to Python,
+but ``batch_size=True`` is a mistake). numpy integers are integers.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_bool",
+    "check_choice",
+    "check_keywords",
+]
+
+
+def _range_text(low: float | None, high: float | None, unit: str = "") -> str:
+    if low is not None and high is not None:
+        return f"{low}..{high}{unit}"
+    if low is not None:
+        return f">= {low}{unit}"
+    if high is not None:
+        return f"<= {high}{unit}"
+    return "any"
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, *,
+              allowed: str | None = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer in ``low..high``
+    (either bound may be None: unbounded).
+
+    Raises:
+        TypeError: not an integer (``bool`` included).
+        ValueError: out of range.
+    """
+    text = allowed or _range_text(low, high)
+    if isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is not an integer; allowed: {text}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} is not an integer; allowed: {text}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {text}")
+    return number
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, allowed: str | None = None) -> float:
+    """Return ``value`` as a finite ``float`` in ``low..high`` (``low_open``:
+    strictly greater than ``low``).
+
+    Raises:
+        TypeError: not a real number (``bool`` included).
+        ValueError: NaN, infinite or out of range.
+    """
+    if allowed is None:
+        if low_open and low is not None:
+            allowed = f"finite and > {low}" + (f" and <= {high}" if high is not None else "")
+        else:
+            allowed = _range_text(low, high)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise TypeError(f"{name}={value!r} is not a number; allowed: {allowed}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}={value!r} is not a number; allowed: {allowed}") from None
+    if (not math.isfinite(number)
+            or (low is not None and (number <= low if low_open else number < low))
+            or (high is not None and number > high)):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+    return number
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``.
+
+    Raises:
+        TypeError: anything else (``1`` included).
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a bool; allowed: True or False")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any], *, what: str | None = None) -> Any:
+    """Return ``value`` if it is one of ``choices``.
+
+    Raises:
+        ValueError: it is not (the message lists the choices).
+    """
+    choices = tuple(choices)
+    try:
+        ok = value in choices
+    except TypeError:  # unhashable, for a mapping of choices
+        ok = False
+    if not ok:
+        kind = f" is not {what};" if what else " is not one of the allowed values;"
+        raise ValueError(f"{name}={value!r}{kind} allowed: {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_keywords(function: str, given: Iterable[str], accepted: Iterable[str]) -> None:
+    """Refuse keywords ``function`` does not take, as Python does, naming the
+    public function (not the private helper the keywords were passed on to).
+
+    Raises:
+        TypeError: ``given`` holds a name not in ``accepted``.
+    """
+    accepted = set(accepted)
+    unknown = [name for name in given if name not in accepted]
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise TypeError(f"{function}() got unexpected keyword argument{plural} {names}; "
+                        f"allowed: {', '.join(sorted(accepted))}")
