@@ -41,6 +41,7 @@ from ._io._sockets import BufferSizeWarning, GroupSpec, resolve_group
 from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender
 from ._receiver import (
     MulticastReceiver,
+    ReadoutChunk,
     ReceiverService,
     ReceiverStatistics,
     open_receiver,
@@ -66,6 +67,7 @@ __all__ = [
     "NativeEncoder",
     "Reassembler",
     "ReassemblyStats",
+    "ReadoutChunk",
     "ReceiverService",
     "ReceiverStatistics",
     "SenderStatistics",

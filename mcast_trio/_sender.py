@@ -36,6 +36,7 @@ try:
 except ImportError:  # not compiled
     _mmsg = None
 from ._batch import readout_error_message
+from ._counters import counters_for
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
 from ._protocol._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
@@ -93,15 +94,18 @@ class SenderStatistics:
         last_error: the last OSError text, or None.
     """
 
-    messages: int
-    datagrams: int
-    bytes: int
-    syscalls: int
-    waits: int
-    errors: int
-    unsent: int
-    queued: int
-    last_error: str | None
+    messages: int = 0
+    datagrams: int = 0
+    bytes: int = 0
+    syscalls: int = 0
+    waits: int = 0
+    errors: int = 0
+    unsent: int = 0
+    queued: int = 0
+    last_error: str | None = None
+
+
+_SenderCounters = counters_for(SenderStatistics)
 
 
 class MulticastSender:
@@ -140,16 +144,9 @@ class MulticastSender:
         self._idle = False  # the sender task is parked on an empty queue
         self._wakeup = trio.lowlevel.ParkingLot()
         self._burst = 0  # datagrams sent directly since the last schedule point
-        self._messages = 0
-        self._datagrams = 0
-        self._bytes = 0
-        self._syscalls = 0
-        self._waits = 0
-        self._errors = 0
-        self._unsent = 0
-        self._queued = 0  # datagrams in _items plus _inflight
+        # The counters (datagrams in _items plus _inflight are ``queued``).
+        self._c = _SenderCounters()
         self._inflight = 0  # datagrams of the batch being transmitted, not yet sent
-        self._last_error: str | None = None
         self._closed = False
         self._drained = trio.lowlevel.ParkingLot()  # room, progress, or closing
 
@@ -229,15 +226,15 @@ class MulticastSender:
             trio.ClosedResourceError: the sender is closed.
         """
         datagrams = self._encode(data, topic)
-        queued = self._queued
+        queued = self._c.queued
         items = self._items
         if queued and (queued + len(datagrams) > self._max_queued
                        or len(items) - self._handed >= self._queue_size):
             raise trio.WouldBlock
         # _append(datagrams, 1), inlined: this is the hot path of a DAQ loop.
         items.append(datagrams)
-        self._queued = queued + len(datagrams)
-        self._messages += 1
+        self._c.queued = queued + len(datagrams)
+        self._c.messages += 1
         if self._idle:
             self._idle = False
             self._handed = 1
@@ -324,7 +321,7 @@ class MulticastSender:
 
         Cancellation: safe; cancelling the wait does not affect sending.
         """
-        target = self._settled() + self._queued
+        target = self._settled() + self._c.queued
         if self._flushed(target):
             await trio.lowlevel.checkpoint()
             return
@@ -332,40 +329,30 @@ class MulticastSender:
             await self._drained.park()
 
     def _settled(self) -> int:
-        return self._datagrams + self._errors + self._unsent
+        return self._c.datagrams + self._c.errors + self._c.unsent
 
     def _flushed(self, target: int) -> bool:
         # queued == 0 also covers sends that failed after flush() began.
-        return self._queued == 0 or self._settled() >= target
+        return self._c.queued == 0 or self._settled() >= target
 
     def statistics(self) -> SenderStatistics:
         """Return a frozen snapshot of the counters."""
-        return SenderStatistics(
-            messages=self._messages,
-            datagrams=self._datagrams,
-            bytes=self._bytes,
-            syscalls=self._syscalls,
-            waits=self._waits,
-            errors=self._errors,
-            unsent=self._unsent,
-            queued=self._queued,
-            last_error=self._last_error,
-        )
+        return self._c.snapshot()
 
     # -- internals -----------------------------------------------------------
 
     def _append(self, datagrams: list, messages: int) -> None:
         """Queue one item (no checks: the caller made sure there is room)."""
         self._items.append(datagrams)
-        self._queued += len(datagrams)
-        self._messages += messages
+        self._c.queued += len(datagrams)
+        self._c.messages += messages
         if self._idle:
             self._idle = False
             self._handed = 1
             self._wakeup.unpark()
 
     def _has_room(self, count: int) -> bool:
-        queued = self._queued
+        queued = self._c.queued
         if queued and queued + count > self._max_queued:
             # Bound the datagrams waiting, not only the items (one send_many
             # is one); a batch larger than the bound goes alone.
@@ -375,7 +362,7 @@ class MulticastSender:
     async def _submit(self, datagrams: list, messages: int) -> None:
         """Send ``datagrams`` (one call's worth) directly if nothing is queued
         or in flight, else queue them; see :meth:`send` for the checkpoint."""
-        if self._queued or self._closed:
+        if self._c.queued or self._closed:
             await self._put(datagrams, messages)
             return
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -387,15 +374,15 @@ class MulticastSender:
             try:
                 self._send_one(datagram)
             except BlockingIOError:
-                self._syscalls += 1
+                self._c.syscalls += 1
                 done = 0
             except OSError as exc:
                 self._count_error(exc, datagram)
                 done = 1
             else:
-                self._syscalls += 1
-                self._datagrams += 1
-                self._bytes += len(datagram)
+                self._c.syscalls += 1
+                self._c.datagrams += 1
+                self._c.bytes += len(datagram)
                 done = 1
         else:
             done = self._send_now(datagrams, 0, _MAX_PER_CALL)
@@ -404,7 +391,7 @@ class MulticastSender:
             # task sends the rest, in order, when the socket is writable.
             self._append(datagrams[done:], messages)
         else:
-            self._messages += messages
+            self._c.messages += messages
             self._burst += n
             if self._burst < _DIRECT_BURST:
                 return
@@ -424,8 +411,8 @@ class MulticastSender:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _count_error(self, exc: OSError, datagram) -> None:
-        self._errors += 1
-        self._last_error = f"{exc} (datagram of {len(datagram)} bytes)"
+        self._c.errors += 1
+        self._c.last_error = f"{exc} (datagram of {len(datagram)} bytes)"
 
     def _send_now(self, datagrams: list, i: int, limit: int | None = None) -> int:
         """Hand ``datagrams[i:]`` (at most ``limit`` of them) to the kernel
@@ -445,11 +432,11 @@ class MulticastSender:
                 self._count_error(exc, datagrams[i])
                 i += 1
                 continue
-            self._syscalls += 1
+            self._c.syscalls += 1
             if not sent:
                 break
-            self._datagrams += sent
-            self._bytes += sum(map(len, chunk if sent == len(chunk) else chunk[:sent]))
+            self._c.datagrams += sent
+            self._c.bytes += sum(map(len, chunk if sent == len(chunk) else chunk[:sent]))
             i += sent
         return i
 
@@ -463,8 +450,8 @@ class MulticastSender:
         self._items.clear()
         self._inflight = 0
         self._handed = 0
-        self._queued -= left
-        self._unsent += left
+        self._c.queued -= left
+        self._c.unsent += left
         self._drained.unpark_all()
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -497,12 +484,12 @@ class MulticastSender:
         n = len(datagrams)
         while True:
             j = self._send_now(datagrams, i)
-            self._queued -= j - i
+            self._c.queued -= j - i
             self._inflight -= j - i
             i = j
             if i >= n:
                 break
-            self._waits += 1
+            self._c.waits += 1
             await self._endpoint.wait_writable()
         self._drained.unpark_all()  # flush() callers re-check their target
         await trio.lowlevel.checkpoint()

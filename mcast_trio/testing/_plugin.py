@@ -83,15 +83,11 @@ def mcast_daq():
 
 @pytest.fixture
 async def mcast_receiver(nursery, mcast_group):
-    import trio
+    from mcast_trio import AstroPix4Readout, serve_receiver
 
-    from mcast_trio import AstroPix4Readout, MulticastReceiver, serve_receiver
-
-    send, receive = trio.open_memory_channel(1024)
-    service = await nursery.start(functools.partial(
-        serve_receiver, mcast_group.group, mcast_group.port, send, AstroPix4Readout,
-        drop_channel=receive.clone()))
-    return MulticastReceiver(service, receive)
+    return await nursery.start(functools.partial(
+        serve_receiver, mcast_group.group, mcast_group.port, readout_class=AstroPix4Readout,
+        queue_size=1024))
 
 
 @pytest.fixture

@@ -14,9 +14,11 @@ import math
 
 import trio
 
-from .._io import _batchio, _sockets
 from .._errors import unwrap_single
+from .._io import _sockets
 from .._io._net import current_network
+from .._loop import receive_loop, send_all
+from .._protocol._pipeline import ReceivePipeline
 from ._memory import FaultCounts, LinkRules, _Link
 
 __all__ = ["FaultRelay", "serve_fault_relay"]
@@ -30,6 +32,8 @@ class FaultRelay:
             them on the fly; links take it for the next datagram).
         received: datagrams received on the source group.
         emitted: datagrams re-emitted on the target group.
+        pipeline: the receive pipeline of the source side (its
+            ``statistics()`` has the receive counters).
     """
 
     def __init__(self, rules: LinkRules, seed: int) -> None:
@@ -37,12 +41,27 @@ class FaultRelay:
             raise TypeError(f"rules={rules!r} must be a LinkRules")
         self.rules = rules
         self.seed = seed
-        self.received = 0
+        # Raw framing, no readout class: every datagram is a message with
+        # its source, as received.
+        self.pipeline = ReceivePipeline(framing="raw")
         self.emitted = 0
         self._links: dict[tuple, _Link] = {}
         self._heap: list[tuple[float, int, bytes, _Link]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
+
+    @property
+    def received(self) -> int:
+        """Datagrams received on the source group."""
+        return self.pipeline.counters.datagrams
+
+    async def _relay(self, messages) -> None:
+        # What the receive loop delivers: schedule each datagram on its
+        # source's link.
+        now = trio.current_time()
+        for message in messages:
+            link = self._link(message.source)
+            self._schedule(link.process(message.payload, now), link)
 
     @property
     def faults(self) -> FaultCounts:
@@ -80,12 +99,7 @@ class FaultRelay:
                 due.append(data)
                 link.counts.delivered += 1
             if due:
-                sent = 0
-                while sent < len(due):
-                    n = endpoint.send_batch(due[sent:])
-                    sent += n
-                    if n == 0:
-                        await endpoint.wait_writable()
+                await send_all(endpoint, due)
                 self.emitted += len(due)
                 await trio.lowlevel.checkpoint()
                 continue
@@ -134,22 +148,12 @@ async def serve_fault_relay(
     try:
         sender = network.open_sender(out_spec)
         try:
-            batch = _batchio.ReceiveBatch(64, 65536)
             with unwrap_single():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(relay._emit, sender)
-                    task_status.started(relay)
-                    while True:
-                        n = receiver.receive_batch(batch)
-                        if n == 0:
-                            await receiver.wait_readable()
-                            continue
-                        now = trio.current_time()
-                        for i in range(n):
-                            link = relay._link(batch.source(i))
-                            relay._schedule(link.process(bytes(batch.datagram(i)), now), link)
-                        relay.received += n
-                        await trio.lowlevel.checkpoint()
+                    await receive_loop(receiver, relay.pipeline, relay._relay, batch_size=64,
+                                       max_datagram_size=65536, max_per_wake=4096, max_busy=0.005,
+                                       task_status=task_status, started=relay)
         finally:
             sender.close()
     finally:

@@ -1,0 +1,462 @@
+"""The receive pipeline: what happens to a batch of received datagrams between
+the socket and the consumer, with no socket and no trio in it.
+
+A :class:`ReceivePipeline` is fed a filled receive batch (its buffer, lengths,
+sources and truncation flags, see :class:`mcast_trio._io._batchio.ReceiveBatch`)
+and the time, and returns what to deliver: a :class:`ReadoutChunk` (readout
+mode) or a list of :class:`~mcast_trio.Message` (message mode), or None. On the
+way it counts (datagrams, bytes, truncated, malformed, filtered, readouts,
+hits, messages), decodes readouts in batches, reassembles framed messages,
+applies topics and filters, and tracks loss per sender. The counters live in
+one place, :attr:`ReceivePipeline.counters`; the trio receive loop adds what
+only it knows (channel drops, kernel drops, the granted buffer).
+
+Datagrams that are handled one by one in Python (a filter callable or regular
+expression, framed modes) can take unbounded time (an MCL "array bomb", a slow
+filter). :meth:`ReceivePipeline.feed` is therefore a generator: it yields
+whenever ``clock()`` has passed :attr:`ReceivePipeline.deadline` between two
+datagrams, and the driver (the trio loop) lets other tasks run, sets a new
+deadline and resumes it with the current time; its return value (the
+``StopIteration`` value) is what to deliver. :meth:`ReceivePipeline.run` runs
+it to completion without pausing, for tests and callers without a time budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Generator, Mapping
+
+import numpy as np
+
+from .._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
+from .._counters import counters_for
+from .._errors import MalformedFrame
+from .._format import readout_id_of
+from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
+from ._kernels import batch_summary, gather
+from ._tracking import SenderStats, SenderTable
+
+__all__ = ["ReceivePipeline", "ReadoutChunk", "ReceiverStatistics"]
+
+_CONSECUTIVE = CARRY_MODES["consecutive"]
+
+
+@dataclass(frozen=True)
+class ReceiverStatistics:
+    """A snapshot of a receiver's counters (``statistics()``).
+
+    Attributes:
+        datagrams: datagrams received from the socket.
+        bytes: their bytes.
+        readouts: well-formed readouts decoded (readout mode).
+        hits: hits decoded (readout mode).
+        messages: complete messages delivered or queued (message mode).
+        malformed: datagrams that could not be parsed (bad readout or frame).
+        truncated: datagrams larger than the receive slot (``MSG_TRUNC``).
+        filtered: datagrams or messages rejected by topics / filter.
+        dropped: datagrams (readout mode) or messages dropped because the
+            consumer's channel was full (overflow policy).
+        dropped_chunks: channel items dropped.
+        kernel_drops: datagrams the kernel dropped for lack of buffer space
+            (``SO_RXQ_OVFL``): 0 from the start where the OS reports it
+            (Linux), None only where it does not.
+        lost: sum over ``senders``.
+        duplicates: sum over ``senders``.
+        reordered: sum over ``senders``.
+        restarts: sum over ``senders``.
+        senders: per-sender :class:`SenderStats`, keyed by source address
+            ``(host, port)`` (raw readouts: by readout id) or
+            ``(host, port, sender_id)`` (native framing: by sequence number).
+        reassembly: fragment reassembly counters (framed modes) or None.
+        rcvbuf: receive buffer size the kernel granted.
+        last_error: what was wrong with the last malformed or truncated
+            datagram, or None.
+    """
+
+    datagrams: int = 0
+    bytes: int = 0
+    readouts: int = 0
+    hits: int = 0
+    messages: int = 0
+    malformed: int = 0
+    truncated: int = 0
+    filtered: int = 0
+    dropped: int = 0
+    dropped_chunks: int = 0
+    kernel_drops: int | None = None
+    lost: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    restarts: int = 0
+    senders: Mapping[Any, SenderStats] = field(default_factory=dict)
+    reassembly: ReassemblyStats | None = None
+    rcvbuf: int = 0
+    last_error: str | None = None
+
+
+#: The live counters of a receiver (one owner: the pipeline and its driver).
+ReceiverCounters = counters_for(ReceiverStatistics, name="ReceiverCounters")
+
+
+class ReadoutChunk:
+    """The well-formed readouts of one receive batch, decoded together: what
+    a readout-mode receive task puts into its channel.
+
+    ``len(chunk)`` is the number of readouts; iterating yields them as
+    ``readout_class`` objects (built from the bytes, which the chunk holds
+    unless the consumer asked for decoded batches only); :attr:`batch` is the
+    :class:`~mcast_trio.DecodedBatch` (hits and per-readout rows).
+
+    Attributes:
+        batch: the decoded batch (well-formed rows only; ``errors`` is empty,
+            malformed datagrams are counted in the receiver's statistics).
+        data: the serialized readouts back to back, or None when the receiver
+            was told not to keep them (``MulticastReceiver.batches()``).
+        lengths: ``int64`` array, the size of each serialized readout in
+            ``data``.
+        readout_class: the class :meth:`readouts` builds (e.g.
+            :class:`~mcast_trio.AstroPix4Readout`).
+    """
+
+    __slots__ = ("data", "lengths", "batch", "readout_class")
+
+    def __init__(self, data: bytes | None, lengths: np.ndarray, batch: DecodedBatch,
+                 readout_class: Any) -> None:
+        self.data = data
+        self.lengths = lengths
+        self.batch = batch
+        self.readout_class = readout_class
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(self.readouts())
+
+    def readouts(self) -> list:
+        """The readouts as ``readout_class`` objects, in arrival order.
+
+        Raises:
+            RuntimeError: the chunk carries no bytes (its receiver delivers
+                decoded batches only).
+        """
+        if self.data is None:
+            raise RuntimeError("receive() after receive_batch()/batches(): use one style per receiver")
+        from_bytes = self.readout_class.from_bytes
+        view = memoryview(self.data)
+        items = []
+        start = 0
+        for length in self.lengths.tolist():
+            items.append(from_bytes(view[start:start + length]))
+            start += length
+        return items
+
+    def __repr__(self) -> str:
+        return f"<ReadoutChunk {len(self)} readouts, {len(self.batch.hits)} hits>"
+
+
+def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
+    """``decoded`` with only the rows at indices ``keep`` (its well-formed
+    ones).
+
+    Malformed rows own no hits, so the ``first_hit``/``n_hits`` slices of the
+    rows kept still index ``hits``; ``errors`` is emptied (its indices were
+    rows of the full batch; the pipeline counts them). ``take`` with indices:
+    several times faster than a boolean mask on a record array.
+    """
+    return DecodedBatch(hits=decoded.hits, readouts=decoded.readouts.take(keep), errors=(),
+                        extra_bytes=decoded.extra_bytes, last_id=decoded.last_id,
+                        backend=decoded.backend)
+
+
+def _source(batch, i: int) -> tuple:
+    source = batch.source(i)
+    # Loss is tracked per (host, port); IPv6 sources keep their scope.
+    return source[:2] if source is not None and len(source) == 2 else source
+
+
+class ReceivePipeline:
+    """Turns received batches into deliverable items; sans-I/O.
+
+    Args:
+        readout_class: a readout class (``from_bytes``): items are
+            :class:`ReadoutChunk` objects; None: lists of :class:`Message`.
+        framing: ``"raw"``, ``"native"`` or ``"mcl"``.
+        topics, filter: as :func:`~mcast_trio.open_receiver` (validated
+            there).
+        max_senders, loss_window: bounds of the per-sender loss accounting.
+        reassembly: ``(timeout, max_messages, max_bytes)`` of the fragment
+            reassembly (framed modes).
+        clock: the clock :attr:`deadline` is compared with (default
+            ``time.perf_counter``: real time, which a virtual trio clock does
+            not see).
+
+    Attributes:
+        counters: the live :class:`ReceiverCounters`; :meth:`statistics`
+            freezes them.
+        deadline: ``clock()`` value after which :meth:`feed` pauses between
+            two datagrams handled in Python (``math.inf``: never).
+        keep_bytes: whether readout chunks carry the serialized readouts
+            (consumers of single readouts need them; consumers of decoded
+            batches do not, and save a copy per batch).
+    """
+
+    def __init__(self, *, readout_class=None, framing: str = "raw", topics=None, filter=None,
+                 max_senders: int = 64, loss_window: int = 1024,
+                 reassembly: tuple[float, int, int] = (2.0, 256, 32 << 20),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.readout_class = readout_class
+        self.framing = framing
+        self.counters = ReceiverCounters()
+        self.deadline = math.inf
+        self.keep_bytes = True
+        self.clock = clock
+        self.senders: SenderTable = SenderTable(max_senders=max_senders, window=loss_window)
+        timeout, max_messages, max_bytes = reassembly
+        self.reassembly_timeout = timeout
+        self._decoder = None
+        if framing == "native":
+            self._decoder = NativeDecoder(topics, on_restart=self._sender_restarted, timeout=timeout,
+                                          max_messages=max_messages, max_bytes=max_bytes)
+        elif framing == "mcl":
+            self._decoder = MclDecoder(timeout=timeout, max_messages=max_messages, max_bytes=max_bytes)
+        # Topics are decided from the native header; the rest here.
+        self._accept = make_filter(None if framing == "native" else topics, filter)
+        self._accept_all = filter is None and (topics is None or framing == "native")
+        self._raw_readouts = readout_class is not None and framing == "raw"
+        self._extra: bytes | None = None
+        self._last_id = -1
+        self._same_source = False
+
+    def _sender_restarted(self, source, sender_id: int) -> None:
+        # The reassembler saw this sender start over (same address and
+        # sender_id, new messages under old sequence numbers): its loss
+        # accounting starts over too, rather than counting the new run as
+        # duplicates of the old one.
+        self.senders.restart((*source, sender_id))
+
+    # -- what the driver asks ----------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Whether incomplete messages are held (the driver must come back
+        to :meth:`expire` them even if nothing arrives)."""
+        return self._decoder is not None and self._decoder.stats.pending > 0
+
+    def expire(self, now: float) -> None:
+        """Drop incomplete messages whose reassembly timed out."""
+        if self._decoder is not None:
+            self._decoder.expire(now)
+
+    def statistics(self) -> ReceiverStatistics:
+        """A frozen snapshot of the counters."""
+        senders = self.senders.snapshot()
+        c = self.counters
+        decoder = self._decoder
+        return c.snapshot(
+            filtered=c.filtered + (decoder.filtered if isinstance(decoder, NativeDecoder) else 0),
+            lost=sum(s.lost for s in senders.values()),
+            duplicates=sum(s.duplicates for s in senders.values()),
+            reordered=sum(s.reordered for s in senders.values()),
+            restarts=sum(s.restarts for s in senders.values()),
+            senders=MappingProxyType(senders),
+            reassembly=decoder.stats if decoder is not None else None,
+        )
+
+    def run(self, batch, n: int, now: float):
+        """:meth:`feed` to completion, without pausing; return what to
+        deliver (or None)."""
+        work = self.feed(batch, n, now)
+        try:
+            while True:
+                work.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+    def feed(self, batch, n: int, now: float) -> Generator[None, float | None, Any]:
+        """Handle the first ``n`` datagrams of ``batch`` received at ``now``.
+
+        A generator: it yields when ``clock()`` passed :attr:`deadline`
+        between two datagrams handled in Python; resume it with ``send(t)``
+        (the current time, or None to keep ``now``). Its return value is
+        what to deliver: a :class:`ReadoutChunk`, a list of messages, or
+        None when nothing is left to deliver.
+        """
+        self._account(batch, n)
+        if self._raw_readouts:
+            return (yield from self._readout_batch(batch, n))
+        return (yield from self._message_batch(batch, n, now))
+
+    # -- internals ----------------------------------------------------------
+
+    def _account(self, batch, n: int) -> None:
+        c = self.counters
+        total, truncated, self._same_source = batch_summary(
+            batch.lengths, batch.truncated.view(np.uint8), batch.families, batch.addresses,
+            batch.ports, n)
+        c.datagrams += n
+        c.bytes += total
+        if truncated:
+            c.truncated += truncated
+            c.last_error = (f"a datagram longer than max_datagram_size={batch.slot_size}"
+                            " bytes was truncated and skipped")
+
+    def _readout_batch(self, batch, n: int):
+        c = self.counters
+        offsets = batch.offsets[:n]
+        lengths = batch.lengths[:n]
+        keep = batch.truncated[:n] == 0
+        rejected = None  # (position, readout id) of readouts the filter rejected
+        if not self._accept_all:
+            view = memoryview(batch.buffer)
+            rejected = []
+            clock = self.clock
+            for i in range(n):
+                if not keep[i]:
+                    continue
+                if clock() >= self.deadline:
+                    # A slow filter: pause between datagrams, not only
+                    # between batches.
+                    yield
+                payload = view[offsets[i]:offsets[i] + lengths[i]].tobytes()
+                if not self._accept(None, payload, _source(batch, i)):
+                    keep[i] = False
+                    c.filtered += 1
+                    rid = readout_id_of(payload)
+                    if rid is not None:
+                        rejected.append((i, rid))
+        if not keep.all():
+            offsets = offsets[keep]
+            lengths = lengths[keep]
+            index = np.flatnonzero(keep)
+        else:
+            index = None
+        if len(lengths) == 0:
+            if rejected:
+                self._track_pairs(batch, rejected)
+            return None
+        decoded = decode_trusted(batch.buffer, offsets, lengths, self._extra, self._last_id, _CONSECUTIVE)
+        self._extra = decoded.extra_bytes
+        self._last_id = decoded.last_id
+        rows = decoded.readouts
+        if decoded.errors:
+            c.malformed += len(decoded.errors)
+            c.last_error = decoded.errors[-1][1]
+            good = ~rows.malformed
+        else:
+            good = None
+        c.readouts += len(rows) - len(decoded.errors)
+        c.hits += len(decoded.hits)
+        self._track_readouts(batch, rows, good, index, rejected)
+        if good is not None:
+            # Malformed datagrams are counted, never delivered.
+            keep = np.flatnonzero(good)
+            if len(keep) == 0:
+                return None
+            offsets = offsets.take(keep)
+            lengths = lengths.take(keep)
+            decoded = _well_formed(decoded, keep)
+        data = gather(batch.buffer, offsets, lengths) if self.keep_bytes else None
+        return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class)
+
+    def _track_readouts(self, batch, rows, good, index, rejected=None) -> None:
+        ids = rows.readout_id if good is None else rows.readout_id[good]
+        positions = np.arange(len(rows)) if good is None else np.flatnonzero(good)
+        if index is not None:
+            positions = index[positions]
+        if rejected:
+            # Readouts a filter rejected were received all the same: they are
+            # no loss. Account for them in arrival order with the others.
+            self._track_pairs(batch, sorted([*zip(positions.tolist(), ids.tolist()), *rejected]))
+            return
+        if len(ids) == 0:
+            return
+        first = int(positions[0])
+        if self._same_source or batch.same_source(positions):
+            self.senders.tracker(_source(batch, first)).observe_many(ids)
+            return
+        self._track_pairs(batch, zip(positions.tolist(), ids.tolist()))
+
+    def _track_pairs(self, batch, pairs) -> None:
+        observe = self.senders.observe
+        for pos, rid in pairs:
+            observe(_source(batch, pos), rid)
+
+    def _message_batch(self, batch, n: int, now: float):
+        c = self.counters
+        view = memoryview(batch.buffer)
+        offsets = batch.offsets
+        lengths = batch.lengths
+        truncated = batch.truncated
+        decoder = self._decoder
+        native = isinstance(decoder, NativeDecoder)
+        readout_mode = self.readout_class is not None
+        clock = self.clock
+        out: list[Message] = []
+        for i in range(n):
+            if truncated[i]:
+                continue
+            if clock() >= self.deadline:
+                # Datagrams slow to parse (an MCL "array bomb") or a slow
+                # filter: pause between datagrams, not only between batches.
+                resumed = yield
+                if resumed is not None:
+                    now = resumed
+            datagram = view[offsets[i]:offsets[i] + lengths[i]]
+            source = _source(batch, i)
+            if decoder is None:
+                message = Message(None, bytes(datagram), source)
+            else:
+                filtered = decoder.filtered
+                try:
+                    message = decoder.feed(datagram, source, now)
+                except MalformedFrame as exc:
+                    c.malformed += 1
+                    c.last_error = str(exc)
+                    continue
+                if message is None:
+                    if native and decoder.filtered != filtered:
+                        # Rejected by topic, but received: not a loss.
+                        header = parse_header(datagram)
+                        if header.index == 0:
+                            self.senders.observe((*source, header.sender_id), header.sequence)
+                    continue
+                if message.sender_id is not None:
+                    self.senders.observe((*source, message.sender_id), message.sequence)
+                elif readout_mode and type(message.payload) is not bytes:
+                    # An MCL payload that is an object (dict, int...), not a readout.
+                    c.malformed += 1
+                    c.last_error = (f"MCL payload is {type(message.payload).__name__}, "
+                                    f"expected a serialized readout (bytes)")
+                    continue
+            if not self._accept_all and not self._accept(message.topic, message.payload, source):
+                c.filtered += 1
+                continue
+            out.append(message)
+        if not out:
+            return None
+        c.messages += len(out)
+        if not readout_mode:
+            return out
+        # Framed readouts: decode the payloads of this batch together.
+        decoded = decode_readouts([m.payload for m in out], extra_bytes=self._extra,
+                                  last_id=self._last_id, carry="consecutive")
+        self._extra = decoded.extra_bytes
+        self._last_id = decoded.last_id
+        c.malformed += len(decoded.errors)
+        c.readouts += len(decoded.readouts) - len(decoded.errors)
+        c.hits += len(decoded.hits)
+        if decoded.errors:
+            c.last_error = decoded.errors[-1][1]
+            # Malformed readouts are counted, never delivered.
+            keep = np.flatnonzero(~decoded.readouts.malformed)
+            if len(keep) == 0:
+                return None
+            out = [out[k] for k in keep.tolist()]
+            decoded = _well_formed(decoded, keep)
+        lengths = np.fromiter((len(m.payload) for m in out), dtype=np.int64, count=len(out))
+        data = b"".join(m.payload for m in out) if self.keep_bytes else None
+        return ReadoutChunk(data, lengths, decoded, self.readout_class)
