@@ -37,7 +37,11 @@ from ._io import _mmsg
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from ._errors import MalformedFrame, unwrap_single
 from ._format import HEADER, HEADER_SIZE
-from ._protocol._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
+from ._protocol._filters import make_filter
+from ._protocol._mcl import MclDecoder
+from ._protocol._message import Message
+from ._protocol._native import NativeDecoder, parse_header
+from ._protocol._reassembly import ReassemblyStats
 from ._protocol._tracking import SenderStats, SenderTable
 
 __all__ = [
@@ -587,9 +591,9 @@ def _configure(
 
 
 def _sockets_msgpack_check() -> None:
-    from ._protocol._framing import _msgpack
+    from ._protocol._mcl import require_msgpack
 
-    _msgpack()
+    require_msgpack()
 
 
 async def serve_receiver(group, port, send_channel, readout_class=None, *, drop_channel=None,

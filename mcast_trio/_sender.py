@@ -38,7 +38,10 @@ except ImportError:  # not compiled
 from ._batch import readout_error_message
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
-from ._protocol._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
+from ._protocol._mcl import MclEncoder
+from ._protocol._message import MAX_UDP_PAYLOAD, as_payload as _as_payload
+from ._protocol._native import NativeEncoder
+from ._protocol._raw import encode_raw
 from ._io._net import current_network
 from ._reference import parse_fixed
 

@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O framings (mcast_trio._protocol._framing): raw, native, MCL, filters."""
+"""Tests of the sans-I/O framings (mcast_trio._protocol): the framing table, raw, native, MCL, filters."""
 
 from __future__ import annotations
 
@@ -13,25 +13,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcast_trio._protocol import _framing
 from mcast_trio._errors import MalformedFrame
-from mcast_trio._protocol._framing import (
-    MCL_CHUNK_SIZE,
+from mcast_trio._protocol import _mcl
+from mcast_trio._protocol._filters import make_filter
+from mcast_trio._protocol._framings import FRAMINGS, Framing, lookup_framing
+from mcast_trio._protocol._mcl import MCL_CHUNK_SIZE, MclDecoder, MclEncoder
+from mcast_trio._protocol._message import MAX_UDP_PAYLOAD, Message
+from mcast_trio._protocol._native import (
     NATIVE_HEADER_SIZE,
+    NATIVE_MAGIC,
     FrameHeader,
-    Message,
-    MclDecoder,
-    MclEncoder,
     NativeDecoder,
     NativeEncoder,
-    RawDecoder,
-    RawEncoder,
+    parse_header,
+)
+from mcast_trio._protocol._raw import RawDecoder, RawEncoder, decode_raw, encode_raw
+from mcast_trio._protocol._reassembly import (
+    FRAGMENT_OVERHEAD,
+    MESSAGE_OVERHEAD,
     Reassembler,
     ReassemblyStats,
-    decode_raw,
-    encode_raw,
-    make_filter,
-    parse_header,
+    check_reassembly_limits,
 )
 
 SID = 0x0102030405060708
@@ -51,8 +53,8 @@ def header_bytes(*, magic=b"MCTR", version=1, flags=0, tlen=0, sender=SID, seq=7
 
 #: What the reassembly charges per fragment and per incomplete message
 #: beyond the fragment bytes (see test_framing_faults.py for the bound on memory).
-F = _framing._FRAGMENT_OVERHEAD
-M = _framing._MESSAGE_OVERHEAD
+F = FRAGMENT_OVERHEAD
+M = MESSAGE_OVERHEAD
 
 
 def three_fragments(payload_size=1000, seq=7, sender=SID, topic=b""):
@@ -420,11 +422,11 @@ def test_single_fragment_bypasses_buffers():
     [
         ({"max_messages": 0}, ValueError, "max_messages=0 is out of range; allowed: 1..1048576"),
         ({"max_bytes": 0}, ValueError, "max_bytes=0 is out of range"),
-        ({"max_bytes": 1.5}, TypeError, "max_bytes=1.5 must be an int"),
+        ({"max_bytes": 1.5}, TypeError, "max_bytes=1.5 is not an integer"),
         ({"timeout": 0}, ValueError, "timeout=0 is out of range; allowed: finite and > 0.0"),
         ({"timeout": float("nan")}, ValueError, "timeout=nan is out of range"),
         ({"timeout": float("inf")}, ValueError, "timeout=inf is out of range"),
-        ({"timeout": "1"}, TypeError, "timeout='1' must be a number"),
+        ({"timeout": "1"}, TypeError, "timeout='1' is not a number"),
     ],
 )
 def test_reassembler_arguments(kwargs, exc, message):
@@ -464,12 +466,12 @@ def test_topic_filter_reads_the_header_without_the_payload():
     [
         ({"sender_id": -1}, ValueError, "sender_id=-1 is out of range; allowed: 0..18446744073709551615"),
         ({"sender_id": 2**64}, ValueError, "sender_id=18446744073709551616 is out of range"),
-        ({"sender_id": "1"}, TypeError, "sender_id='1' must be an int"),
+        ({"sender_id": "1"}, TypeError, "sender_id='1' is not an integer"),
         ({"topic": b"x" * 256}, ValueError, "is 256 bytes long; allowed: at most 255 bytes"),
         ({"topic": 5}, TypeError, "topic=5 must be str or bytes"),
         ({"max_datagram": 511}, ValueError, "max_datagram=511 is out of range; allowed: 512..65507"),
         ({"max_datagram": 65508}, ValueError, "max_datagram=65508 is out of range; allowed: 512..65507"),
-        ({"max_datagram": 1472.0}, TypeError, "max_datagram=1472.0 must be an int"),
+        ({"max_datagram": 1472.0}, TypeError, "max_datagram=1472.0 is not an integer"),
         ({"first_sequence": 2**32}, ValueError, "first_sequence=4294967296 is out of range"),
     ],
 )
@@ -750,7 +752,7 @@ def test_mcl_arguments(call, exc, message):
 
 def test_mcl_without_msgpack_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "msgpack", None)  # makes `import msgpack` fail
-    monkeypatch.setattr(_framing, "_msgpack_module", None)
+    monkeypatch.setattr(_mcl, "_msgpack_module", None)
     for cls in (MclEncoder, MclDecoder):
         with pytest.raises(ImportError, match=re.escape("pip install mcast_trio[mcl]")):
             cls()
@@ -879,7 +881,7 @@ def test_native_round_trip_any_order(size, max_datagram, topic, data):
 
 def test_framings_are_told_apart_at_byte_0():
     # Native magic, AstroPix header and every msgpack array start differ.
-    assert _framing.NATIVE_MAGIC[0] not in set(range(0x90, 0xA0)) | {0xDC, 0xDD, 0xFE}
+    assert NATIVE_MAGIC[0] not in set(range(0x90, 0xA0)) | {0xDC, 0xDD, 0xFE}
     assert struct.calcsize("<4sBBBxQIIHHH") == NATIVE_HEADER_SIZE
     assert MCL_CHUNK_SIZE == 60000
 
