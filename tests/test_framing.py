@@ -74,6 +74,174 @@ def feed_all(reassembler, datagrams, now=0.0):
     return results
 
 
+# ============================================================== the framing table
+
+ALL_FRAMINGS = [pytest.param(framing, id=name) for name, framing in FRAMINGS.items()]
+
+
+def codec(framing):
+    """A fresh encoder and decoder of ``framing``; where the datagram is the
+    message (no encoder, no decoder), the raw ones, which show just that."""
+    encoder = framing.encoder() if framing.encoder is not None else RawEncoder()
+    decoder = framing.decoder() if framing.decoder is not None else RawDecoder()
+    return encoder, decoder
+
+
+def round_trip(framing, payload, topic=None):
+    """Encode one message, feed its datagrams to a decoder; return the
+    datagrams and the delivered message (None if none was delivered)."""
+    encoder, decoder = codec(framing)
+    datagrams = encoder.encode(payload, topic)
+    delivered = [decoder.feed(d, ADDR, 0.0) for d in datagrams]
+    assert delivered[:-1] == [None] * (len(datagrams) - 1)
+    return datagrams, delivered[-1]
+
+
+def test_framing_table_entries():
+    assert list(FRAMINGS) == ["raw", "native", "mcl", "auto"]
+    for name, framing in FRAMINGS.items():
+        assert isinstance(framing, Framing) and framing.name == name
+        assert framing.description and "\n" not in framing.description
+        assert (framing.encoder is None) == (framing.decoder is None)
+    with pytest.raises(AttributeError):
+        FRAMINGS["raw"].topics = True  # frozen
+    with pytest.raises(TypeError):
+        FRAMINGS["raw"] = FRAMINGS["native"]  # read-only
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+@pytest.mark.parametrize("payload", [b"", b"x", READOUT, bytes(range(256)) * 4])
+def test_framing_round_trips(framing, payload):
+    _, message = round_trip(framing, payload)
+    assert message is not None and message.payload == payload and message.address == ADDR
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_fragments_iff_it_carries_an_oversize_message(framing):
+    payload = bytes(i % 253 for i in range(3 * MAX_UDP_PAYLOAD))
+    if framing.fragments:
+        datagrams, message = round_trip(framing, payload)
+        assert len(datagrams) > 1 and max(map(len, datagrams)) <= MAX_UDP_PAYLOAD
+        assert message.payload == payload
+    else:
+        with pytest.raises(ValueError, match="framing allows at most 65507"):
+            round_trip(framing, payload)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_topics_iff_a_topic_survives(framing):
+    if framing.topics:
+        _, message = round_trip(framing, b"x", "events")
+        assert message.topic == b"events"
+    else:
+        with pytest.raises(ValueError, match="carries no topic"):
+            round_trip(framing, b"x", "events")
+        _, message = round_trip(framing, b"x")
+        assert message.topic is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_objects_iff_any_msgpack_object_survives(framing):
+    obj = {b"hits": [1, 2, 3], b"ok": True}
+    if framing.objects:
+        _, message = round_trip(framing, obj)
+        assert message.payload == obj
+    else:
+        with pytest.raises(TypeError, match="contiguous bytes-like object, not dict"):
+            round_trip(framing, obj)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_sequenced_iff_messages_carry_sender_and_sequence(framing):
+    encoder, decoder = codec(framing)
+    first, second = (decoder.feed(encoder.encode(b"x")[0], ADDR, 0.0) for _ in range(2))
+    if framing.sequenced:
+        assert first.sender_id is not None and first.sender_id == second.sender_id
+        assert second.sequence == first.sequence + 1
+    else:
+        assert first.sender_id is first.sequence is second.sequence is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_reassembly_iff_its_decoder_takes_the_bounds(framing):
+    bounds = dict(timeout=1.0, max_messages=8, max_bytes=1 << 20)
+    if framing.reassembly:
+        assert framing.decoder(**bounds).stats == ReassemblyStats()
+        with pytest.raises(ValueError, match="^timeout=0 is out of range"):
+            framing.decoder(**{**bounds, "timeout": 0})
+    else:
+        assert not framing.fragments and framing.decoder is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_msgpack_iff_it_needs_the_extra(framing, monkeypatch):
+    monkeypatch.setitem(sys.modules, "msgpack", None)  # makes `import msgpack` fail
+    monkeypatch.setattr(_mcl, "_msgpack_module", None)
+    if framing.msgpack:
+        with pytest.raises(ImportError, match=re.escape("pip install mcast_trio[mcl]")):
+            codec(framing)
+    else:
+        codec(framing)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_resolve(framing):
+    # A receiver with a readout class reads raw datagrams exactly where the
+    # framing sends readouts raw; without one, "auto" means native.
+    assert framing.resolve(readouts=True).raw_readouts == framing.raw_readouts
+    assert (framing.resolve(readouts=True).name == "raw") == framing.raw_readouts
+    expected = FRAMINGS["native"] if framing.name == "auto" else framing
+    assert framing.resolve(readouts=False) is expected
+    assert framing.resolve(readouts=False).name != "auto"
+
+
+def test_lookup_framing():
+    assert lookup_framing("mcl") is FRAMINGS["mcl"]
+    assert lookup_framing("auto", allowed=("auto", "raw")) is FRAMINGS["auto"]
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        ("x", {}, "framing='x' is not a framing; allowed: 'raw', 'native', 'mcl', 'auto'"),
+        ("auto", {"allowed": ("raw", "native", "mcl")},
+         "framing='auto' is not a framing; allowed: 'raw', 'native', 'mcl'"),
+        ("RAW", {"name": "mode", "allowed": ("raw",)}, "mode='RAW' is not a framing; allowed: 'raw'"),
+        (None, {}, "framing=None is not a framing"),
+        ([], {}, "framing=[] is not a framing"),
+    ],
+)
+def test_lookup_framing_refuses(value, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        lookup_framing(value, **kwargs)
+
+
+RECEIVER_NAMES = ("reassembly_timeout", "max_pending_messages", "max_reassembly_bytes")
+
+
+def test_check_reassembly_limits():
+    assert check_reassembly_limits(2, 256, 1 << 20) == (2.0, 256, 1 << 20)
+    assert type(check_reassembly_limits(2, 256, 1 << 20)[0]) is float
+    assert check_reassembly_limits(0.5, 1 << 20, 1 << 40, names=RECEIVER_NAMES) == (0.5, 1 << 20, 1 << 40)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "exc", "message"),
+    [
+        ((0, 1, 1), ValueError, "reassembly_timeout=0 is out of range; allowed: finite and > 0.0"),
+        ((float("inf"), 1, 1), ValueError, "reassembly_timeout=inf is out of range"),
+        (("1", 1, 1), TypeError, "reassembly_timeout='1' is not a number"),
+        ((1, 0, 1), ValueError, "max_pending_messages=0 is out of range; allowed: 1..1048576"),
+        ((1, True, 1), TypeError, "max_pending_messages=True is not an integer"),
+        ((1, 1, 0), ValueError, "max_reassembly_bytes=0 is out of range; allowed: 1..1099511627776"),
+        ((1, 1, 1.0), TypeError, "max_reassembly_bytes=1.0 is not an integer"),
+    ],
+)
+def test_check_reassembly_limits_names_the_callers_arguments(bounds, exc, message):
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        check_reassembly_limits(*bounds, names=RECEIVER_NAMES)
+
+
 # ============================================================== raw
 
 
