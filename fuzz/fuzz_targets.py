@@ -52,7 +52,7 @@ from mcast_trio import (
     open_apx,
 )
 from mcast_trio import _reference
-from mcast_trio._protocol._framing import parse_header
+from mcast_trio._protocol._native import parse_header
 
 __all__ = ["TARGETS", "SEP", "DICTIONARY", "seeds", "golden_apx_path", "split_datagrams"]
 

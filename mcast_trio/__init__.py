@@ -26,16 +26,11 @@ from ._apx import (
     TruncatedRecordWarning,
     open_apx,
 )
-from ._protocol._framing import (
-    Message,
-    MclDecoder,
-    MclEncoder,
-    NativeDecoder,
-    NativeEncoder,
-    Reassembler,
-    ReassemblyStats,
-    make_filter,
-)
+from ._protocol._filters import make_filter
+from ._protocol._mcl import MclDecoder, MclEncoder
+from ._protocol._message import Message
+from ._protocol._native import NativeDecoder, NativeEncoder
+from ._protocol._reassembly import Reassembler, ReassemblyStats
 from ._protocol._tracking import SenderStats, SenderTable, SequenceTracker
 from ._io._sockets import BufferSizeWarning, GroupSpec, resolve_group
 from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender

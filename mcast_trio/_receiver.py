@@ -31,7 +31,11 @@ from ._errors import unwrap_single
 from ._io import _sockets
 from ._io._net import current_network
 from ._loop import receive_loop
-from ._protocol._framing import Message, MclDecoder, NativeDecoder, make_filter, require_msgpack
+from ._protocol._filters import make_filter
+from ._protocol._framings import Framing, lookup_framing
+from ._protocol._mcl import require_msgpack
+from ._protocol._message import Message
+from ._protocol._reassembly import check_reassembly_limits
 from ._protocol._pipeline import ReadoutChunk, ReceivePipeline, ReceiverStatistics
 
 __all__ = [
@@ -46,7 +50,8 @@ __all__ = [
 
 #: What the receive task does when the consumer's channel is full.
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest", "block")
-_FRAMINGS = ("raw", "native", "mcl")
+#: The framings a receiver takes, in the order error messages list them.
+_FRAMINGS = ("raw", "native", "mcl", "auto")
 
 
 def _item_size(item) -> int:
@@ -162,7 +167,7 @@ class ReceiverService:
 class _Config:
     spec: Any
     readout_class: Any
-    framing: str
+    framing: Framing
     topics: Any
     filter: Any
     overflow: str | None
@@ -201,14 +206,14 @@ def _configure(
     spec = _sockets.resolve_group(group, port, interface=interface, source=source,
                                   allow_unicast=allow_unicast, allow_control_groups=allow_control_groups)
     _check_readout_class(readout_class)
-    if framing is None:
-        framing = "raw" if readout_class is not None else "native"
-    _validate.check_choice("framing", framing, _FRAMINGS, what="a framing")
+    framing = lookup_framing("auto" if framing is None else framing, allowed=_FRAMINGS).resolve(
+        readouts=readout_class is not None)
     if overflow is not None:
         _validate.check_choice("overflow", overflow, OVERFLOW_POLICIES, what="an overflow policy")
-    if framing == "raw" and topics is not None:
-        raise ValueError("topics= needs a framed mode (framing='native' or 'mcl'); raw datagrams carry no topic")
-    make_filter(topics if framing != "raw" else None, filter)  # validates both
+    if not framing.topics and topics is not None:
+        raise ValueError(f"topics= needs a framing with topics (framing='native' or 'mcl'); "
+                         f"{framing.name} datagrams carry no topic")
+    make_filter(topics if framing.topics else None, filter)  # validates both
     _validate.check_int("batch_size", batch_size, 1, 1024)
     _validate.check_int("max_datagram_size", max_datagram_size, 64, 65535)
     _validate.check_int("max_per_wake", max_per_wake, 1, 1 << 30)
@@ -220,7 +225,7 @@ def _configure(
     reassembly = check_reassembly_limits(
         reassembly_timeout, max_pending_messages, max_reassembly_bytes,
         names=("reassembly_timeout", "max_pending_messages", "max_reassembly_bytes"))
-    if framing == "mcl":
+    if framing.msgpack:
         require_msgpack()
     if network is None:
         network = current_network()
@@ -436,8 +441,10 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         interface: name, index or address of the interface to join on; the
             default is the loopback interface.
         source: receive only from this source (source-specific multicast).
-        framing: ``"raw"`` (default with a readout class: astropix-analysis
-            datagrams), ``"native"`` (default otherwise) or ``"mcl"``.
+        framing: ``"auto"`` (the default: ``"raw"`` with a readout class,
+            ``"native"`` otherwise, which is what an ``"auto"`` sender
+            sends for readouts resp. other messages), ``"raw"`` (astropix-analysis
+            datagrams), ``"native"`` or ``"mcl"``.
         topics: accept only these topics (framed modes; decided from the
             native header before the payload is parsed).
         filter: a callable ``(payload, address) -> bool`` or a regular

@@ -39,7 +39,12 @@ from ._batch import readout_error_message
 from ._counters import counters_for
 from ._errors import MalformedReadout, unwrap_single
 from ._format import HEADER
-from ._protocol._framing import MAX_UDP_PAYLOAD, MclEncoder, NativeEncoder, _as_payload, encode_raw
+from ._protocol._framings import Framing, lookup_framing
+from ._protocol._mcl import MclEncoder
+from ._protocol._message import MAX_UDP_PAYLOAD, as_payload
+from ._protocol._native import NativeEncoder
+from ._protocol._raw import encode_raw
+from ._validate import check_int
 from ._io._net import current_network
 from ._reference import parse_fixed
 
@@ -48,10 +53,10 @@ from ._reference import parse_fixed
 # goes through parse_fixed, which says what is wrong.
 _raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
 
-__all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender", "FRAMINGS"]
+__all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender"]
 
-#: Framings a sender can use (``framing=``).
-FRAMINGS = ("auto", "raw", "native", "mcl")
+#: The framings a sender takes, in the order error messages list them.
+_FRAMINGS = ("auto", "raw", "native", "mcl")
 _MAX_PER_CALL = 1024  # datagrams handed to one sendmmsg call
 #: Datagrams callers may send directly between two schedule points.
 _DIRECT_BURST = 64
@@ -69,7 +74,7 @@ def _serialized(readout):
     """A serialized readout (bytes-like) as bytes or a flat byte view, not
     yet checked; a TypeError that says what to pass otherwise."""
     try:
-        return _as_payload(readout)
+        return as_payload(readout)
     except TypeError:
         raise TypeError(
             f"readout={readout!r:.80} is a {type(readout).__name__}; allowed: a readout object"
@@ -117,7 +122,7 @@ class MulticastSender:
     datagram is queued or in flight, otherwise it queues behind them.
     """
 
-    def __init__(self, spec, endpoint, framing: str, topic, encoder, queue_size: int,
+    def __init__(self, spec, endpoint, framing: Framing, topic, encoder, queue_size: int,
                  max_queued: int = 65536) -> None:
         self._max_queued = max_queued
         self._queue_size = queue_size
@@ -130,8 +135,10 @@ class MulticastSender:
                     raise BlockingIOError
         self._send_one = send_one
         self._framing = framing
-        self._raw = framing == "raw"
-        self._auto = framing == "auto"
+        # raw: every message is one datagram; auto: serialized readouts go
+        # raw, other messages through the encoder.
+        self._raw = framing.encoder is None
+        self._auto = framing.raw_readouts and not self._raw
         self._quick = (self._raw or self._auto) and _raw_readouts is not None
         self._topic = topic
         self._encoder = encoder
@@ -159,7 +166,8 @@ class MulticastSender:
 
     @property
     def framing(self) -> str:
-        return self._framing
+        """The framing's name (``"auto"``, ``"raw"``, ``"native"``, ``"mcl"``)."""
+        return self._framing.name
 
     def _encode(self, data, topic) -> list[bytes]:
         if self._closed:
@@ -171,7 +179,7 @@ class MulticastSender:
         if self._raw:
             return encode_raw(data)
         if self._auto and topic is None:
-            payload = _as_payload(data)
+            payload = as_payload(data)
             if payload[:3] == HEADER:
                 # A serialized readout goes raw; one that begins like a
                 # readout but is malformed is refused, not framed silently.
@@ -581,16 +589,13 @@ async def open_sender(
     datagrams are dropped (counted in ``statistics().unsent``). The socket is
     closed in every case.
     """
-    if framing not in FRAMINGS:
-        raise ValueError(f"framing={framing!r} is not a framing; allowed: {', '.join(map(repr, FRAMINGS))}")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size={queue_size!r} is out of range; allowed: an integer >= 1")
-    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
-        raise ValueError(f"max_queued={max_queued!r} is out of range; allowed: an integer >= 1")
+    framing = lookup_framing(framing, allowed=_FRAMINGS)
+    check_int("queue_size", queue_size, 1, allowed="an integer >= 1")
+    check_int("max_queued", max_queued, 1, allowed="an integer >= 1")
     spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
                                   allow_control_groups=allow_control_groups)
     encoder = None
-    if framing in ("auto", "native"):
+    if framing.encoder is NativeEncoder:
         kwargs = {}
         if max_datagram is not None:
             kwargs["max_datagram"] = max_datagram
@@ -598,7 +603,7 @@ async def open_sender(
             kwargs["max_datagram"] = 1452
         encoder = NativeEncoder(sender_id=sender_id if sender_id is not None else secrets.randbits(64),
                                 topic=topic if topic is not None else b"", **kwargs)
-    elif framing == "mcl":
+    elif framing.encoder is MclEncoder:
         try:
             encoder = MclEncoder(topic=topic) if max_datagram is None else MclEncoder(topic=topic,
                                                                                        chunk_size=max_datagram)
@@ -606,10 +611,7 @@ async def open_sender(
             # MclEncoder calls it chunk_size; the caller wrote max_datagram.
             raise type(exc)(str(exc).replace("chunk_size=", "max_datagram=")) from None
     elif max_datagram is not None:
-        if isinstance(max_datagram, bool) or not isinstance(max_datagram, int):
-            raise TypeError(f"max_datagram={max_datagram!r} is not an integer; allowed: 1..{MAX_UDP_PAYLOAD}")
-        if not 1 <= max_datagram <= MAX_UDP_PAYLOAD:
-            raise ValueError(f"max_datagram={max_datagram!r} is out of range; allowed: 1..{MAX_UDP_PAYLOAD}")
+        check_int("max_datagram", max_datagram, 1, MAX_UDP_PAYLOAD)
     if network is None:
         network = current_network()
     endpoint = network.open_sender(spec, sndbuf=sndbuf, loop=loop, local_address=local_address)

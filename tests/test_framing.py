@@ -1,4 +1,4 @@
-"""Tests of the sans-I/O framings (mcast_trio._protocol._framing): raw, native, MCL, filters."""
+"""Tests of the sans-I/O framings (mcast_trio._protocol): the framing table, raw, native, MCL, filters."""
 
 from __future__ import annotations
 
@@ -13,25 +13,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcast_trio._protocol import _framing
 from mcast_trio._errors import MalformedFrame
-from mcast_trio._protocol._framing import (
-    MCL_CHUNK_SIZE,
+from mcast_trio._protocol import _mcl
+from mcast_trio._protocol._filters import make_filter
+from mcast_trio._protocol._framings import FRAMINGS, Framing, lookup_framing
+from mcast_trio._protocol._mcl import MCL_CHUNK_SIZE, MclDecoder, MclEncoder
+from mcast_trio._protocol._message import MAX_UDP_PAYLOAD, Message
+from mcast_trio._protocol._native import (
     NATIVE_HEADER_SIZE,
+    NATIVE_MAGIC,
     FrameHeader,
-    Message,
-    MclDecoder,
-    MclEncoder,
     NativeDecoder,
     NativeEncoder,
-    RawDecoder,
-    RawEncoder,
+    parse_header,
+)
+from mcast_trio._protocol._raw import RawDecoder, RawEncoder, decode_raw, encode_raw
+from mcast_trio._protocol._reassembly import (
+    FRAGMENT_OVERHEAD,
+    MESSAGE_OVERHEAD,
     Reassembler,
     ReassemblyStats,
-    decode_raw,
-    encode_raw,
-    make_filter,
-    parse_header,
+    check_reassembly_limits,
 )
 
 SID = 0x0102030405060708
@@ -51,8 +53,8 @@ def header_bytes(*, magic=b"MCTR", version=1, flags=0, tlen=0, sender=SID, seq=7
 
 #: What the reassembly charges per fragment and per incomplete message
 #: beyond the fragment bytes (see test_framing_faults.py for the bound on memory).
-F = _framing._FRAGMENT_OVERHEAD
-M = _framing._MESSAGE_OVERHEAD
+F = FRAGMENT_OVERHEAD
+M = MESSAGE_OVERHEAD
 
 
 def three_fragments(payload_size=1000, seq=7, sender=SID, topic=b""):
@@ -70,6 +72,174 @@ def feed_all(reassembler, datagrams, now=0.0):
         h = parse_header(d)
         results.append(reassembler.feed(h, d[h.payload_offset:], now))
     return results
+
+
+# ============================================================== the framing table
+
+ALL_FRAMINGS = [pytest.param(framing, id=name) for name, framing in FRAMINGS.items()]
+
+
+def codec(framing):
+    """A fresh encoder and decoder of ``framing``; where the datagram is the
+    message (no encoder, no decoder), the raw ones, which show just that."""
+    encoder = framing.encoder() if framing.encoder is not None else RawEncoder()
+    decoder = framing.decoder() if framing.decoder is not None else RawDecoder()
+    return encoder, decoder
+
+
+def round_trip(framing, payload, topic=None):
+    """Encode one message, feed its datagrams to a decoder; return the
+    datagrams and the delivered message (None if none was delivered)."""
+    encoder, decoder = codec(framing)
+    datagrams = encoder.encode(payload, topic)
+    delivered = [decoder.feed(d, ADDR, 0.0) for d in datagrams]
+    assert delivered[:-1] == [None] * (len(datagrams) - 1)
+    return datagrams, delivered[-1]
+
+
+def test_framing_table_entries():
+    assert list(FRAMINGS) == ["raw", "native", "mcl", "auto"]
+    for name, framing in FRAMINGS.items():
+        assert isinstance(framing, Framing) and framing.name == name
+        assert framing.description and "\n" not in framing.description
+        assert (framing.encoder is None) == (framing.decoder is None)
+    with pytest.raises(AttributeError):
+        FRAMINGS["raw"].topics = True  # frozen
+    with pytest.raises(TypeError):
+        FRAMINGS["raw"] = FRAMINGS["native"]  # read-only
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+@pytest.mark.parametrize("payload", [b"", b"x", READOUT, bytes(range(256)) * 4])
+def test_framing_round_trips(framing, payload):
+    _, message = round_trip(framing, payload)
+    assert message is not None and message.payload == payload and message.address == ADDR
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_fragments_iff_it_carries_an_oversize_message(framing):
+    payload = bytes(i % 253 for i in range(3 * MAX_UDP_PAYLOAD))
+    if framing.fragments:
+        datagrams, message = round_trip(framing, payload)
+        assert len(datagrams) > 1 and max(map(len, datagrams)) <= MAX_UDP_PAYLOAD
+        assert message.payload == payload
+    else:
+        with pytest.raises(ValueError, match="framing allows at most 65507"):
+            round_trip(framing, payload)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_topics_iff_a_topic_survives(framing):
+    if framing.topics:
+        _, message = round_trip(framing, b"x", "events")
+        assert message.topic == b"events"
+    else:
+        with pytest.raises(ValueError, match="carries no topic"):
+            round_trip(framing, b"x", "events")
+        _, message = round_trip(framing, b"x")
+        assert message.topic is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_objects_iff_any_msgpack_object_survives(framing):
+    obj = {b"hits": [1, 2, 3], b"ok": True}
+    if framing.objects:
+        _, message = round_trip(framing, obj)
+        assert message.payload == obj
+    else:
+        with pytest.raises(TypeError, match="contiguous bytes-like object, not dict"):
+            round_trip(framing, obj)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_sequenced_iff_messages_carry_sender_and_sequence(framing):
+    encoder, decoder = codec(framing)
+    first, second = (decoder.feed(encoder.encode(b"x")[0], ADDR, 0.0) for _ in range(2))
+    if framing.sequenced:
+        assert first.sender_id is not None and first.sender_id == second.sender_id
+        assert second.sequence == first.sequence + 1
+    else:
+        assert first.sender_id is first.sequence is second.sequence is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_reassembly_iff_its_decoder_takes_the_bounds(framing):
+    bounds = dict(timeout=1.0, max_messages=8, max_bytes=1 << 20)
+    if framing.reassembly:
+        assert framing.decoder(**bounds).stats == ReassemblyStats()
+        with pytest.raises(ValueError, match="^timeout=0 is out of range"):
+            framing.decoder(**{**bounds, "timeout": 0})
+    else:
+        assert not framing.fragments and framing.decoder is None
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_msgpack_iff_it_needs_the_extra(framing, monkeypatch):
+    monkeypatch.setitem(sys.modules, "msgpack", None)  # makes `import msgpack` fail
+    monkeypatch.setattr(_mcl, "_msgpack_module", None)
+    if framing.msgpack:
+        with pytest.raises(ImportError, match=re.escape("pip install mcast_trio[mcl]")):
+            codec(framing)
+    else:
+        codec(framing)
+
+
+@pytest.mark.parametrize("framing", ALL_FRAMINGS)
+def test_framing_resolve(framing):
+    # A receiver with a readout class reads raw datagrams exactly where the
+    # framing sends readouts raw; without one, "auto" means native.
+    assert framing.resolve(readouts=True).raw_readouts == framing.raw_readouts
+    assert (framing.resolve(readouts=True).name == "raw") == framing.raw_readouts
+    expected = FRAMINGS["native"] if framing.name == "auto" else framing
+    assert framing.resolve(readouts=False) is expected
+    assert framing.resolve(readouts=False).name != "auto"
+
+
+def test_lookup_framing():
+    assert lookup_framing("mcl") is FRAMINGS["mcl"]
+    assert lookup_framing("auto", allowed=("auto", "raw")) is FRAMINGS["auto"]
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        ("x", {}, "framing='x' is not a framing; allowed: 'raw', 'native', 'mcl', 'auto'"),
+        ("auto", {"allowed": ("raw", "native", "mcl")},
+         "framing='auto' is not a framing; allowed: 'raw', 'native', 'mcl'"),
+        ("RAW", {"name": "mode", "allowed": ("raw",)}, "mode='RAW' is not a framing; allowed: 'raw'"),
+        (None, {}, "framing=None is not a framing"),
+        ([], {}, "framing=[] is not a framing"),
+    ],
+)
+def test_lookup_framing_refuses(value, kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        lookup_framing(value, **kwargs)
+
+
+RECEIVER_NAMES = ("reassembly_timeout", "max_pending_messages", "max_reassembly_bytes")
+
+
+def test_check_reassembly_limits():
+    assert check_reassembly_limits(2, 256, 1 << 20) == (2.0, 256, 1 << 20)
+    assert type(check_reassembly_limits(2, 256, 1 << 20)[0]) is float
+    assert check_reassembly_limits(0.5, 1 << 20, 1 << 40, names=RECEIVER_NAMES) == (0.5, 1 << 20, 1 << 40)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "exc", "message"),
+    [
+        ((0, 1, 1), ValueError, "reassembly_timeout=0 is out of range; allowed: finite and > 0.0"),
+        ((float("inf"), 1, 1), ValueError, "reassembly_timeout=inf is out of range"),
+        (("1", 1, 1), TypeError, "reassembly_timeout='1' must be a number"),
+        ((1, 0, 1), ValueError, "max_pending_messages=0 is out of range; allowed: 1..1048576"),
+        ((1, True, 1), TypeError, "max_pending_messages=True must be an integer"),
+        ((1, 1, 0), ValueError, "max_reassembly_bytes=0 is out of range; allowed: 1..1099511627776"),
+        ((1, 1, 1.0), TypeError, "max_reassembly_bytes=1.0 must be an integer"),
+    ],
+)
+def test_check_reassembly_limits_names_the_callers_arguments(bounds, exc, message):
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        check_reassembly_limits(*bounds, names=RECEIVER_NAMES)
 
 
 # ============================================================== raw
@@ -750,7 +920,7 @@ def test_mcl_arguments(call, exc, message):
 
 def test_mcl_without_msgpack_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "msgpack", None)  # makes `import msgpack` fail
-    monkeypatch.setattr(_framing, "_msgpack_module", None)
+    monkeypatch.setattr(_mcl, "_msgpack_module", None)
     for cls in (MclEncoder, MclDecoder):
         with pytest.raises(ImportError, match=re.escape("pip install mcast_trio[mcl]")):
             cls()
@@ -879,7 +1049,7 @@ def test_native_round_trip_any_order(size, max_datagram, topic, data):
 
 def test_framings_are_told_apart_at_byte_0():
     # Native magic, AstroPix header and every msgpack array start differ.
-    assert _framing.NATIVE_MAGIC[0] not in set(range(0x90, 0xA0)) | {0xDC, 0xDD, 0xFE}
+    assert NATIVE_MAGIC[0] not in set(range(0x90, 0xA0)) | {0xDC, 0xDD, 0xFE}
     assert struct.calcsize("<4sBBBxQIIHHH") == NATIVE_HEADER_SIZE
     assert MCL_CHUNK_SIZE == 60000
 

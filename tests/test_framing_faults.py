@@ -25,17 +25,10 @@ import trio.testing
 from mcast_trio import open_receiver, open_sender
 from mcast_trio._io import _sockets
 from mcast_trio._errors import MalformedFrame
-from mcast_trio._protocol._framing import (
-    NATIVE_MAGIC,
-    MclDecoder,
-    MclEncoder,
-    Message,
-    NativeDecoder,
-    NativeEncoder,
-    Reassembler,
-    ReassemblyStats,
-    parse_header,
-)
+from mcast_trio._protocol._mcl import MclDecoder, MclEncoder
+from mcast_trio._protocol._message import Message
+from mcast_trio._protocol._native import NATIVE_MAGIC, NativeDecoder, NativeEncoder, parse_header
+from mcast_trio._protocol._reassembly import Reassembler, ReassemblyStats
 from mcast_trio.testing import MemoryNetwork, isolation_problem, use_network
 
 ADDR = ("127.0.0.1", 5000)

@@ -35,7 +35,11 @@ from .._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from .._counters import counters_for
 from .._errors import MalformedFrame
 from .._format import readout_id_of
-from ._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
+from ._filters import make_filter
+from ._framings import Framing, lookup_framing
+from ._message import Message
+from ._native import NativeDecoder, parse_header
+from ._reassembly import ReassemblyStats
 from ._kernels import batch_summary, gather
 from ._tracking import SenderStats, SenderTable
 
@@ -184,7 +188,8 @@ class ReceivePipeline:
     Args:
         readout_class: a readout class (``from_bytes``): items are
             :class:`ReadoutChunk` objects; None: lists of :class:`Message`.
-        framing: ``"raw"``, ``"native"`` or ``"mcl"``.
+        framing: a :class:`Framing` or its name (``"auto"``: raw with a
+            readout class, native otherwise).
         topics, filter: as :func:`~mcast_trio.open_receiver` (validated
             there).
         max_senders, loss_window: bounds of the per-sender loss accounting.
@@ -204,10 +209,13 @@ class ReceivePipeline:
             batches do not, and save a copy per batch).
     """
 
-    def __init__(self, *, readout_class=None, framing: str = "raw", topics=None, filter=None,
+    def __init__(self, *, readout_class=None, framing: Framing | str = "auto", topics=None, filter=None,
                  max_senders: int = 64, loss_window: int = 1024,
                  reassembly: tuple[float, int, int] = (2.0, 256, 32 << 20),
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        if not isinstance(framing, Framing):
+            framing = lookup_framing(framing)
+        framing = framing.resolve(readouts=readout_class is not None)
         self.readout_class = readout_class
         self.framing = framing
         self.counters = ReceiverCounters()
@@ -218,15 +226,17 @@ class ReceivePipeline:
         timeout, max_messages, max_bytes = reassembly
         self.reassembly_timeout = timeout
         self._decoder = None
-        if framing == "native":
+        if framing.decoder is NativeDecoder:
+            # The native decoder decides topics from the header, before the
+            # payload is parsed, and reports sender restarts.
             self._decoder = NativeDecoder(topics, on_restart=self._sender_restarted, timeout=timeout,
                                           max_messages=max_messages, max_bytes=max_bytes)
-        elif framing == "mcl":
-            self._decoder = MclDecoder(timeout=timeout, max_messages=max_messages, max_bytes=max_bytes)
-        # Topics are decided from the native header; the rest here.
-        self._accept = make_filter(None if framing == "native" else topics, filter)
-        self._accept_all = filter is None and (topics is None or framing == "native")
-        self._raw_readouts = readout_class is not None and framing == "raw"
+            topics = None
+        elif framing.decoder is not None:
+            self._decoder = framing.decoder(timeout=timeout, max_messages=max_messages, max_bytes=max_bytes)
+        self._accept = make_filter(topics, filter)
+        self._accept_all = filter is None and topics is None
+        self._raw_readouts = readout_class is not None and framing.decoder is None
         self._extra: bytes | None = None
         self._last_id = -1
         self._same_source = False
