@@ -279,8 +279,8 @@ class ReceiverService:
 
     def _account(self, batch, n: int, endpoint) -> None:
         total, truncated, self._same_source = _mmsg.batch_summary(
-            batch.lengths, batch.truncated.view(np.uint8), batch._families, batch._addresses,
-            batch._ports, n)
+            batch.lengths, batch.truncated.view(np.uint8), batch.families, batch.addresses,
+            batch.ports, n)
         self._datagrams += n
         self._bytes += total
         if truncated:
@@ -303,10 +303,10 @@ class ReceiverService:
         if len(positions) < 2:
             return True
         first = positions[0]
-        addresses = batch._addresses[positions]
-        return bool((addresses == batch._addresses[first]).all()
-                    and (batch._ports[positions] == batch._ports[first]).all()
-                    and (batch._families[positions] == batch._families[first]).all())
+        addresses = batch.addresses[positions]
+        return bool((addresses == batch.addresses[first]).all()
+                    and (batch.ports[positions] == batch.ports[first]).all()
+                    and (batch.families[positions] == batch.families[first]).all())
 
     async def _readout_batch(self, batch, n: int) -> None:
         offsets = batch.offsets[:n]

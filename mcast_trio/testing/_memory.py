@@ -1,6 +1,6 @@
 """An in-memory multicast network with deterministic fault injection.
 
-:class:`MemoryNetwork` implements the network seam of ``mcast_trio._net``: the
+:class:`MemoryNetwork` implements the network seam of ``mcast_trio._io._net``: the
 real :func:`~mcast_trio.open_sender` and :func:`~mcast_trio.open_receiver` run
 over it unchanged (install it with :func:`~mcast_trio.testing.use_network` or
 pass ``network=``). Datagrams never touch a socket; every receiver that joined
@@ -24,7 +24,6 @@ import hashlib
 import heapq
 import math
 import random
-import socket
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -119,7 +118,7 @@ class FaultCounts:
         return replace(self)
 
 
-class _Link:
+class FaultLink:
     """The fault state of one link: rules, random generator, counts and the
     datagram held back for reordering. Sans-I/O: :meth:`process` says what
     to deliver and when; the caller delivers."""
@@ -200,11 +199,11 @@ class MemoryReceiver:
         self._wakeup = trio.Event()
         self._closed = False
         self.drops = 0
-        self.links: dict[Any, _Link] = {}
+        self.links: dict[Any, FaultLink] = {}
 
     # -- what the network calls --------------------------------------------
 
-    def _enqueue(self, at: float, data: bytes, source: tuple, link: _Link) -> None:
+    def _enqueue(self, at: float, data: bytes, source: tuple, link: FaultLink) -> None:
         if self._queued_bytes + len(data) > self.granted_rcvbuf:
             self.drops += 1
             link.counts.overflowed += 1
@@ -235,24 +234,10 @@ class MemoryReceiver:
         self._release_expired(now)
         queue = self._queue
         n = 0
-        slot = batch.slot_size
-        buf = batch.buffer
         while queue and n < batch.capacity and queue[0][0] <= now:
             _, _, data, source = heapq.heappop(queue)
             self._queued_bytes -= len(data)
-            size = min(len(data), slot)
-            start = n * slot
-            buf[start:start + size] = memoryview(data)[:size]
-            batch.lengths[n] = size
-            batch.truncated[n] = len(data) > slot
-            host, port = source[0], source[1]
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            packed = socket.inet_pton(family, host)
-            batch._families[n] = 6 if family == socket.AF_INET6 else 4
-            batch._addresses[n, :] = 0
-            batch._addresses[n, :len(packed)] = list(packed)
-            batch._ports[n] = port
-            batch._scope_ids[n] = 0
+            batch.store(n, data, source)
             n += 1
         batch.count = n
         return n
@@ -439,13 +424,13 @@ class MemoryNetwork:
 
     # -- delivery ------------------------------------------------------------
 
-    def _link(self, sender: MemorySender, receiver: MemoryReceiver) -> _Link:
+    def _link(self, sender: MemorySender, receiver: MemoryReceiver) -> FaultLink:
         key = sender.source
         link = receiver.links.get(key)
         if link is None:
             seed = f"{self.seed}|{receiver.spec.group}|{receiver.spec.port}|{sender.number}|{receiver.number}"
-            link = receiver.links[key] = _Link(self._rules_for(receiver.spec.group, sender.source[0]),
-                                               seed.encode())
+            link = receiver.links[key] = FaultLink(self._rules_for(receiver.spec.group, sender.source[0]),
+                                                   seed.encode())
         return link
 
     def _transmit(self, sender: MemorySender, data: bytes) -> None:
@@ -457,7 +442,7 @@ class MemoryNetwork:
             self._offer(self._link(sender, receiver), receiver, data, sender.source)
 
     @staticmethod
-    def _offer(link: _Link, receiver: MemoryReceiver, data: bytes, source: tuple) -> None:
+    def _offer(link: FaultLink, receiver: MemoryReceiver, data: bytes, source: tuple) -> None:
         for at, copy in link.process(data, trio.current_time()):
             receiver._enqueue(at, copy, source, link)
 

@@ -17,7 +17,7 @@ import trio
 from .._io import _batchio, _sockets
 from .._errors import unwrap_single
 from .._io._net import current_network
-from ._memory import FaultCounts, LinkRules, _Link
+from ._memory import FaultCounts, LinkRules, FaultLink
 
 __all__ = ["FaultRelay", "serve_fault_relay"]
 
@@ -39,8 +39,8 @@ class FaultRelay:
         self.seed = seed
         self.received = 0
         self.emitted = 0
-        self._links: dict[tuple, _Link] = {}
-        self._heap: list[tuple[float, int, bytes, _Link]] = []
+        self._links: dict[tuple, FaultLink] = {}
+        self._heap: list[tuple[float, int, bytes, FaultLink]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
 
@@ -52,14 +52,14 @@ class FaultRelay:
             total += link.counts
         return total
 
-    def _link(self, source) -> _Link:
+    def _link(self, source) -> FaultLink:
         link = self._links.get(source)
         if link is None:
-            link = self._links[source] = _Link(self.rules, f"{self.seed}|{source}".encode())
+            link = self._links[source] = FaultLink(self.rules, f"{self.seed}|{source}".encode())
         link.rules = self.rules
         return link
 
-    def _schedule(self, deliveries, link: _Link) -> None:
+    def _schedule(self, deliveries, link: FaultLink) -> None:
         for at, data in deliveries:
             heapq.heappush(self._heap, (at, next(self._order), data, link))
         if deliveries:
