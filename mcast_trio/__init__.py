@@ -37,7 +37,8 @@ from ._protocol._framing import (
     make_filter,
 )
 from ._protocol._tracking import SenderStats, SenderTable, SequenceTracker
-from ._io._sockets import BufferSizeWarning, GroupSpec, resolve_group
+from ._io._groups import GroupSpec, resolve_group
+from ._io._sockets import BufferSizeWarning
 from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender
 from ._receiver import (
     MulticastReceiver,

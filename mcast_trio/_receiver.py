@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator, Mapping
 import numpy as np
 import trio
 
-from ._io import _batchio, _sockets
+from ._io import _batchio, _groups, _sockets
 from ._io._net import current_network
 from ._io import _mmsg
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
@@ -547,7 +547,7 @@ def _configure(
     allow_unicast=False, allow_control_groups=False,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
-    spec = _sockets.resolve_group(group, port, interface=interface, source=source,
+    spec = _groups.resolve_group(group, port, interface=interface, source=source,
                                   allow_unicast=allow_unicast, allow_control_groups=allow_control_groups)
     if framing is None:
         framing = "raw" if readout_class is not None else "native"
@@ -569,7 +569,7 @@ def _configure(
     if not (math.isfinite(max_busy) and 0 <= max_busy <= 1):
         raise ValueError(f"max_busy={max_busy!r} is out of range; allowed: seconds in 0..1")
     if rcvbuf is not None:
-        rcvbuf = _sockets._check_bufsize("rcvbuf", rcvbuf)
+        rcvbuf = _sockets.check_bufsize("rcvbuf", rcvbuf)
     _check_int("max_senders", max_senders, 1, 1 << 20)
     _check_int("loss_window", loss_window, 1, 1 << 16)
     if framing == "mcl":

@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from ._io import _sockets
+from ._io import _groups
 
 try:
     from ._io import _mmsg
@@ -600,7 +600,7 @@ async def open_sender(
         raise ValueError(f"queue_size={queue_size!r} is out of range; allowed: an integer >= 1")
     if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
         raise ValueError(f"max_queued={max_queued!r} is out of range; allowed: an integer >= 1")
-    spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
+    spec = _groups.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
                                   allow_control_groups=allow_control_groups)
     encoder = None
     if framing in ("auto", "native"):

@@ -40,15 +40,14 @@ from mcast_trio.testing import (
 )
 from mcast_trio._io import _batchio, _constants
 from mcast_trio._io._batchio import ReceiveBatch, receive_batch, send_batch
+from mcast_trio._io._groups import GroupSpec, resolve_group
 from mcast_trio._io._sockets import (
     BufferSizeWarning,
-    GroupSpec,
     close_receiver_socket,
     close_sender_socket,
     open_receiver_socket,
     open_sender_socket,
     pack_sockaddr,
-    resolve_group,
     socket_drop_count,
 )
 

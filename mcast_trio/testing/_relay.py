@@ -14,7 +14,7 @@ import math
 
 import trio
 
-from .._io import _batchio, _sockets
+from .._io import _batchio, _groups, _sockets
 from .._errors import unwrap_single
 from .._io._net import current_network
 from ._memory import FaultCounts, LinkRules, FaultLink
@@ -124,8 +124,8 @@ async def serve_fault_relay(
     dropped, the group is left and both sockets are closed.
     """
     relay = FaultRelay(rules if rules is not None else LinkRules(), seed)
-    in_spec = _sockets.resolve_group(source_group, source_port, interface=interface)
-    out_spec = _sockets.resolve_group(target_group, target_port, interface=target_interface, ttl=ttl)
+    in_spec = _groups.resolve_group(source_group, source_port, interface=interface)
+    out_spec = _groups.resolve_group(target_group, target_port, interface=target_interface, ttl=ttl)
     if (in_spec.group, in_spec.port) == (out_spec.group, out_spec.port):
         raise ValueError(f"the relay would feed itself: source and target are both {in_spec.group} "
                          f"port {in_spec.port}")
