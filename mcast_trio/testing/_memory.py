@@ -29,19 +29,17 @@ from typing import Any
 
 import trio
 
+from .. import _validate
+
 __all__ = ["LinkRules", "FaultCounts", "MemoryNetwork", "MemoryReceiver", "MemorySender"]
 
 
-def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a probability in 0.0..1.0")
-    return float(value)
-
-
-def _non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < math.inf):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a finite number >= 0")
-    return float(value)
+def _check_rule(name: str, value: Any, high: float | None, allowed: str) -> float:
+    # LinkRules refuses a non-number with ValueError, not TypeError (as it
+    # always has; tests/test_harness.py asserts it).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+    return _validate.check_number(name, value, 0.0, high, allowed=allowed)
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,9 @@ class LinkRules:
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder", "truncate", "corrupt"):
-            _probability(name, getattr(self, name))
+            _check_rule(name, getattr(self, name), 1.0, "a probability in 0.0..1.0")
         for name in ("delay", "jitter", "reorder_timeout"):
-            _non_negative(name, getattr(self, name))
+            _check_rule(name, getattr(self, name), None, "a finite number >= 0")
 
     @property
     def perfect(self) -> bool:
@@ -366,8 +364,7 @@ class MemoryNetwork:
             rules = LinkRules()
         if not isinstance(rules, LinkRules):
             raise TypeError(f"rules={rules!r} must be a LinkRules")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed={seed!r} must be an integer")
+        seed = _validate.check_int("seed", seed)
         self.default_rules = rules
         self.seed = seed
         self._rules: dict[tuple, LinkRules] = {}
