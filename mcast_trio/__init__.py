@@ -32,7 +32,8 @@ from ._protocol._message import Message
 from ._protocol._native import NativeDecoder, NativeEncoder
 from ._protocol._reassembly import Reassembler, ReassemblyStats
 from ._protocol._tracking import SenderStats, SenderTable, SequenceTracker
-from ._io._sockets import BufferSizeWarning, GroupSpec, resolve_group
+from ._io._groups import GroupSpec, resolve_group
+from ._io._sockets import BufferSizeWarning
 from ._sender import MulticastSender, SenderStatistics, open_sender, serve_sender
 from ._receiver import (
     MulticastReceiver,

@@ -28,7 +28,7 @@ import trio
 from . import _validate
 from ._batch import DecodedBatch
 from ._errors import unwrap_single
-from ._io import _sockets
+from ._io import _groups, _sockets
 from ._io._net import current_network
 from ._loop import receive_loop
 from ._protocol._filters import make_filter
@@ -203,7 +203,7 @@ def _configure(
     allow_unicast=False, allow_control_groups=False,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
-    spec = _sockets.resolve_group(group, port, interface=interface, source=source,
+    spec = _groups.resolve_group(group, port, interface=interface, source=source,
                                   allow_unicast=allow_unicast, allow_control_groups=allow_control_groups)
     _check_readout_class(readout_class)
     framing = lookup_framing("auto" if framing is None else framing, allowed=_FRAMINGS).resolve(

@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from ._io import _sockets
+from ._io import _groups, _sockets
 
 try:
     from ._io import _mmsg
@@ -592,7 +592,7 @@ async def open_sender(
     framing = lookup_framing(framing, allowed=_FRAMINGS)
     check_int("queue_size", queue_size, 1, allowed="an integer >= 1")
     check_int("max_queued", max_queued, 1, allowed="an integer >= 1")
-    spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
+    spec = _groups.resolve_group(group, port, interface=interface, ttl=ttl, allow_unicast=allow_unicast,
                                   allow_control_groups=allow_control_groups)
     encoder = None
     if framing.encoder is NativeEncoder:

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from ._io import _sockets
+from ._io import _groups, _sockets
 from ._errors import MalformedDatagram
 
 try:  # the compiled send of a readout (Linux); elsewhere to_bytes() + send
@@ -163,7 +163,7 @@ class MulticastSender:
                  interface: str | int | None = None, loop: bool = True,
                  timeout: float | None = None, sndbuf: int | None = None,
                  allow_unicast: bool = False, allow_control_groups: bool = False) -> None:
-        self._spec = _sockets.resolve_group(group, port, interface=interface, ttl=ttl,
+        self._spec = _groups.resolve_group(group, port, interface=interface, ttl=ttl,
                                             allow_unicast=allow_unicast,
                                             allow_control_groups=allow_control_groups)
         self._sock = _sockets.open_blocking_sender_socket(self._spec, sndbuf=sndbuf, loop=loop,
@@ -176,7 +176,7 @@ class MulticastSender:
         self._fd = self._sock.fileno() if (_HAVE_MMSG and self._sock.gettimeout() is None) else -1
 
     @property
-    def spec(self) -> _sockets.GroupSpec:
+    def spec(self) -> _groups.GroupSpec:
         """The validated destination (:class:`mcast_trio.GroupSpec`)."""
         return self._spec
 
@@ -322,13 +322,13 @@ class MulticastReceiver:
             raise TypeError(f"readout_class={readout_class!r} has no from_bytes(); allowed: a"
                             " readout class such as AstroPix4Readout")
         self._readout_class = readout_class
-        self._spec = _sockets.resolve_group(group, port, interface=interface, source=source,
+        self._spec = _groups.resolve_group(group, port, interface=interface, source=source,
                                             allow_unicast=allow_unicast,
                                             allow_control_groups=allow_control_groups)
         _check_int("max_senders", max_senders, 1, 1 << 20)
         _check_int("loss_window", loss_window, 1, 1 << 16)
         self._senders: SenderTable = SenderTable(max_senders, window=loss_window)
-        self._timeout = _sockets._check_timeout(timeout)
+        self._timeout = _sockets.check_timeout(timeout)
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(
             self._spec, rcvbuf=rcvbuf, timeout=self._timeout)
         self._datagrams = 0
@@ -339,7 +339,7 @@ class MulticastReceiver:
         self._last_error: str | None = None
 
     @property
-    def spec(self) -> _sockets.GroupSpec:
+    def spec(self) -> _groups.GroupSpec:
         """The validated group (:class:`mcast_trio.GroupSpec`)."""
         return self._spec
 

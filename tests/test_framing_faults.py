@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 from mcast_trio import open_receiver, open_sender
-from mcast_trio._io import _sockets
+from mcast_trio._io import _groups
 from mcast_trio._errors import MalformedFrame
 from mcast_trio._protocol._mcl import MclDecoder, MclEncoder
 from mcast_trio._protocol._message import Message
@@ -405,7 +405,7 @@ async def _two_runs(seed, run1, run2, **options):
     got = []
     with use_network(net):
         async with open_receiver(GROUP, PORT, framing="native", **options) as rx:
-            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            endpoint = net.open_sender(_groups.resolve_group(GROUP, PORT))
             try:
                 for run in (run1, run2):
                     encoder = NativeEncoder(sender_id=7, max_datagram=512)
@@ -493,7 +493,7 @@ async def test_mcl_array_bomb_is_counted_and_the_stream_goes_on():
     net = MemoryNetwork(seed=7)
     with use_network(net):
         async with open_receiver(GROUP, PORT, framing="mcl") as rx:
-            endpoint = net.open_sender(_sockets.resolve_group(GROUP, PORT))
+            endpoint = net.open_sender(_groups.resolve_group(GROUP, PORT))
             try:
                 endpoint.send_batch([BOMB] * 20 + mcl_publish(IMU, b"imu"))
                 with trio.fail_after(5):

@@ -40,15 +40,14 @@ from mcast_trio.testing import (
 )
 from mcast_trio._io import _batchio, _constants
 from mcast_trio._io._batchio import ReceiveBatch, receive_batch, send_batch
+from mcast_trio._io._groups import GroupSpec, resolve_group
 from mcast_trio._io._sockets import (
     BufferSizeWarning,
-    GroupSpec,
     close_receiver_socket,
     close_sender_socket,
     open_receiver_socket,
     open_sender_socket,
     pack_sockaddr,
-    resolve_group,
     socket_drop_count,
 )
 
@@ -289,6 +288,44 @@ def test_receive_batch_validates_its_arguments():
     assert len(batch) == 0
     with pytest.raises(IndexError, match="holds 0"):
         batch.datagram(0)
+
+
+def test_receive_batch_store_fills_a_slot_as_a_receive_would():
+    batch = ReceiveBatch(4, 8)
+    batch.store(0, b"hello", ("127.0.0.1", 4000))
+    batch.store(1, bytearray(b"0123456789"), ("::1", 4001))
+    batch.store(2, memoryview(b"x"), ("ff12::1", 4002, 5, 3))
+    batch.store(3, b"", None)
+    batch.count = 4
+    assert [bytes(batch.datagram(i)) for i in range(4)] == [b"hello", b"01234567", b"x", b""]
+    assert batch.truncated.tolist() == [False, True, False, False]
+    assert batch.truncated_count == 1
+    assert batch.families.tolist() == [4, 6, 6, 0]
+    assert batch.ports.tolist() == [4000, 4001, 4002, 0]
+    assert batch.scope_ids.tolist() == [0, 0, 3, 0]
+    assert batch.addresses[0, :4].tobytes() == socket.inet_aton("127.0.0.1")
+    assert not batch.addresses[0, 4:].any()
+    assert batch.sources() == [("127.0.0.1", 4000), ("::1", 4001, 0, 0), ("ff12::1", 4002, 0, 3),
+                               None]
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match="slot"):
+            batch.store(bad, b"", None)
+
+
+def test_receive_batch_same_source():
+    batch = ReceiveBatch(4, 8)
+    assert batch.same_source()
+    for i, source in enumerate([("127.0.0.1", 1), ("127.0.0.1", 1), ("127.0.0.1", 2),
+                                ("::1", 1)]):
+        batch.store(i, b"d", source)
+    batch.count = 1
+    assert batch.same_source()
+    batch.count = 2
+    assert batch.same_source()
+    batch.count = 4
+    assert not batch.same_source()
+    assert batch.same_source([0, 1]) and batch.same_source(np.array([2]))
+    assert not batch.same_source([1, 2]) and not batch.same_source([0, 3])
 
 
 def test_pack_sockaddr_layout():

@@ -26,12 +26,14 @@ to let other tasks run and to deliver cancellation.
 from __future__ import annotations
 
 import errno as _errno
+import operator
 import socket
 import sys
 from typing import Any, Iterable
 
 import numpy as np
 
+from .. import _validate
 from . import _constants as _c
 from ._sockets import pack_sockaddr
 
@@ -59,6 +61,10 @@ class ReceiveBatch:
     ``i < count``) is ``buffer[offsets[i] : offsets[i] + lengths[i]]``.
     The arrays are overwritten by the next call: copy what must outlive it.
 
+    :func:`receive_batch` fills a batch from a socket; a fake network (such
+    as :class:`mcast_trio.testing.MemoryNetwork`) or a test fills it with
+    :meth:`store`, one datagram per slot, and then sets :attr:`count`.
+
     Args:
         capacity: most datagrams per call, 1..1024.
         slot_size: bytes reserved per datagram, 1..65536 (default 65536:
@@ -73,6 +79,14 @@ class ReceiveBatch:
             datagram (at most ``slot_size``).
         truncated (numpy.ndarray): ``bool[capacity]``: the datagram was
             longer than ``slot_size`` (``MSG_TRUNC``); its tail is lost.
+        families (numpy.ndarray): ``uint8[capacity]``: the sender's address
+            family, 4 (IPv4), 6 (IPv6) or 0 (unknown: no address reported).
+        addresses (numpy.ndarray): ``uint8[capacity, 16]``: the sender's
+            address in network byte order (IPv4: the first 4 bytes, the
+            rest zero).
+        ports (numpy.ndarray): ``uint16[capacity]``: the sender's port.
+        scope_ids (numpy.ndarray): ``uint32[capacity]``: the sender's IPv6
+            scope id (0 for IPv4).
         count (int): how many entries the last call filled.
         capacity (int), slot_size (int): as constructed.
 
@@ -82,14 +96,14 @@ class ReceiveBatch:
 
     __slots__ = (
         "capacity", "slot_size", "buffer", "offsets", "lengths", "truncated", "count",
-        "_families", "_addresses", "_ports", "_scope_ids", "_native", "_drops", "_view",
+        "families", "addresses", "ports", "scope_ids", "_native", "_drops", "_view",
         "_mv_lengths", "_mv_truncated", "_mv_families", "_mv_addresses", "_mv_ports",
         "_mv_scope_ids",
     )
 
     def __init__(self, capacity: int = 64, slot_size: int = 65536) -> None:
-        capacity = _check_int("capacity", capacity, 1, _MAX_CAPACITY)
-        slot_size = _check_int("slot_size", slot_size, 1, 65536)
+        capacity = _validate.check_int("capacity", capacity, 1, _MAX_CAPACITY)
+        slot_size = _validate.check_int("slot_size", slot_size, 1, 65536)
         self.capacity = capacity
         self.slot_size = slot_size
         self.buffer = np.zeros(capacity * slot_size, dtype=np.uint8)
@@ -97,24 +111,24 @@ class ReceiveBatch:
         self.lengths = np.zeros(capacity, dtype=np.int64)
         self.truncated = np.zeros(capacity, dtype=np.bool_)
         self.count = 0
-        self._families = np.zeros(capacity, dtype=np.uint8)
-        self._addresses = np.zeros((capacity, 16), dtype=np.uint8)
-        self._ports = np.zeros(capacity, dtype=np.uint16)
-        self._scope_ids = np.zeros(capacity, dtype=np.uint32)
+        self.families = np.zeros(capacity, dtype=np.uint8)
+        self.addresses = np.zeros((capacity, 16), dtype=np.uint8)
+        self.ports = np.zeros(capacity, dtype=np.uint16)
+        self.scope_ids = np.zeros(capacity, dtype=np.uint32)
         self._drops = -1
         self._view = memoryview(self.buffer)
         # flat memoryviews for the pure-Python path (faster than numpy setitem)
         self._mv_lengths = memoryview(self.lengths)
         self._mv_truncated = memoryview(self.truncated.view(np.uint8))
-        self._mv_families = memoryview(self._families)
-        self._mv_addresses = memoryview(self._addresses.reshape(-1))
-        self._mv_ports = memoryview(self._ports)
-        self._mv_scope_ids = memoryview(self._scope_ids)
+        self._mv_families = memoryview(self.families)
+        self._mv_addresses = memoryview(self.addresses.reshape(-1))
+        self._mv_ports = memoryview(self.ports)
+        self._mv_scope_ids = memoryview(self.scope_ids)
         self._native = None
         if HAVE_MMSG:
             self._native = _mmsg.RecvMmsg(
                 self.buffer, slot_size, self.lengths, self.truncated.view(np.uint8),
-                self._families, self._addresses, self._ports, self._scope_ids)
+                self.families, self.addresses, self.ports, self.scope_ids)
 
     def __len__(self) -> int:
         return self.count
@@ -144,18 +158,60 @@ class ReceiveBatch:
             if the kernel reported no address.
         """
         i = self._check_index(i)
-        fam = int(self._families[i])
+        fam = int(self.families[i])
         if fam == 4:
-            host = socket.inet_ntop(socket.AF_INET, self._addresses[i, :4].tobytes())
-            return (host, int(self._ports[i]))
+            host = socket.inet_ntop(socket.AF_INET, self.addresses[i, :4].tobytes())
+            return (host, int(self.ports[i]))
         if fam == 6:
-            host = socket.inet_ntop(socket.AF_INET6, self._addresses[i].tobytes())
-            return (host, int(self._ports[i]), 0, int(self._scope_ids[i]))
+            host = socket.inet_ntop(socket.AF_INET6, self.addresses[i].tobytes())
+            return (host, int(self.ports[i]), 0, int(self.scope_ids[i]))
         return None
 
     def sources(self) -> list[Any]:
         """:meth:`source` for every datagram of the batch."""
         return [self.source(i) for i in range(self.count)]
+
+    def same_source(self, positions: Any = None) -> bool:
+        """Whether the datagrams at ``positions`` (an index array or list;
+        default: all :attr:`count`) all came from one sender: the same
+        family, address and port. True for fewer than two datagrams."""
+        if positions is None:
+            positions = slice(0, self.count)
+        families = self.families[positions]
+        if len(families) < 2:
+            return True
+        ports = self.ports[positions]
+        addresses = self.addresses[positions]
+        return bool((families == families[0]).all() and (ports == ports[0]).all()
+                    and (addresses == addresses[0]).all())
+
+    def store(self, i: int, data: Any, source: Any) -> None:
+        """Put one datagram into slot ``i``, as :func:`receive_batch` would
+        have: how a fake network or a test fills a batch. The caller sets
+        :attr:`count` when the batch is complete.
+
+        Args:
+            i: the slot, ``0..capacity - 1``.
+            data: the datagram (bytes-like); copied, cut to
+                :attr:`slot_size` (then flagged in :attr:`truncated`).
+            source: the sender in :mod:`socket` form, ``(host, port)`` or
+                ``(host, port, flowinfo, scope_id)`` with a numeric host
+                (IPv4 or IPv6), or ``None`` if unknown.
+
+        Raises:
+            IndexError: ``i`` is not a slot of this batch.
+        """
+        i = operator.index(i)
+        if not 0 <= i < self.capacity:
+            raise IndexError(f"slot {i} out of range; this batch has {self.capacity}")
+        view = memoryview(data).cast("B")
+        size = min(view.nbytes, self.slot_size)
+        start = i * self.slot_size
+        self._view[start:start + size] = view[:size]
+        self._mv_lengths[i] = size
+        self._mv_truncated[i] = 1 if view.nbytes > self.slot_size else 0
+        self._mv_families[i], self._mv_addresses[i * 16:i * 16 + 16], self._mv_ports[i], \
+            self._mv_scope_ids[i] = _parse_source(source)
 
     @property
     def truncated_count(self) -> int:
@@ -180,14 +236,6 @@ class ReceiveBatch:
         if self._native is not None:
             drops = max(drops, self._native.drops)
         return max(int(drops), 0)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r} is not an integer; allowed: {low}..{high}")
-    if not low <= int(value) <= high:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {low}..{high}")
-    return int(value)
 
 
 def receive_batch(sock: Any, batch: ReceiveBatch) -> int:
@@ -279,14 +327,16 @@ def _receive_batch_fallback(sock: Any, batch: ReceiveBatch) -> int:
 
 
 def _parse_source(address: Any) -> tuple[int, bytes, int, int]:
-    """(family code, 16 address bytes, port, scope id) of a socket address."""
+    """(family code, 16 address bytes, port, scope id) of a socket address:
+    ``(host, port)`` or ``(host, port, flowinfo, scope_id)``; the host is
+    IPv6 if it has a colon (so ``("::1", port)`` is IPv6, scope 0)."""
     if not isinstance(address, tuple) or len(address) < 2:
         return (0, bytes(16), 0, 0)
     host = str(address[0]).partition("%")[0]
     try:
-        if len(address) >= 4:
-            return (6, socket.inet_pton(socket.AF_INET6, host), int(address[1]),
-                    int(address[3]))
+        if ":" in host:
+            scope = int(address[3]) if len(address) >= 4 else 0
+            return (6, socket.inet_pton(socket.AF_INET6, host), int(address[1]), scope)
         return (4, socket.inet_pton(socket.AF_INET, host).ljust(16, b"\0"), int(address[1]), 0)
     except (OSError, ValueError):
         return (0, bytes(16), 0, 0)

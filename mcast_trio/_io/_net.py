@@ -4,13 +4,19 @@ Senders and receivers never touch sockets directly: they ask the *current
 network* for endpoints. The default network is the real one (sockets from
 ``_sockets``, batched syscalls from ``_batchio``); ``mcast_trio.testing``
 provides an in-memory network with the same interface, with which the real
-``open_sender``/``open_receiver`` run unchanged.
+``open_sender``/``open_receiver`` run unchanged (as trio's fake network
+plugs in behind its public socket seam). A fake network uses only public
+names: it fills the receiver's batch with
+:meth:`~mcast_trio._io._batchio.ReceiveBatch.store`, one datagram and its
+sender per slot, then sets ``batch.count``, and the receiver reads the
+batch as it reads one filled by ``recvmmsg``.
 
 A network has two methods:
 
 * ``open_receiver(spec, *, rcvbuf)`` -> a receiver endpoint with
   ``granted_rcvbuf``, ``receive_batch(batch) -> int`` (non-blocking, fills a
-  :class:`~mcast_trio._io._batchio.ReceiveBatch`, 0 when nothing is queued),
+  :class:`~mcast_trio._io._batchio.ReceiveBatch` from slot 0 and sets its
+  ``count``; returns the count, 0 when nothing is queued),
   ``kernel_drops(batch) -> int | None`` (datagrams dropped for lack of
   buffer space so far, None if unknown),
   ``async wait_readable()`` and ``close()`` (never raises, never blocks;

@@ -1,6 +1,6 @@
 """An in-memory multicast network with deterministic fault injection.
 
-:class:`MemoryNetwork` implements the network seam of ``mcast_trio._net``: the
+:class:`MemoryNetwork` implements the network seam of ``mcast_trio._io._net``: the
 real :func:`~mcast_trio.open_sender` and :func:`~mcast_trio.open_receiver` run
 over it unchanged (install it with :func:`~mcast_trio.testing.use_network` or
 pass ``network=``). Datagrams never touch a socket; every receiver that joined
@@ -24,25 +24,22 @@ import hashlib
 import heapq
 import math
 import random
-import socket
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import trio
 
+from .. import _validate
+
 __all__ = ["LinkRules", "FaultCounts", "MemoryNetwork", "MemoryReceiver", "MemorySender"]
 
 
-def _probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a probability in 0.0..1.0")
-    return float(value)
-
-
-def _non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < math.inf):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: a finite number >= 0")
-    return float(value)
+def _check_rule(name: str, value: Any, high: float | None, allowed: str) -> float:
+    # LinkRules refuses a non-number with ValueError, not TypeError (as it
+    # always has; tests/test_harness.py asserts it).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
+    return _validate.check_number(name, value, 0.0, high, allowed=allowed)
 
 
 @dataclass(frozen=True)
@@ -82,9 +79,9 @@ class LinkRules:
 
     def __post_init__(self) -> None:
         for name in ("loss", "duplicate", "reorder", "truncate", "corrupt"):
-            _probability(name, getattr(self, name))
+            _check_rule(name, getattr(self, name), 1.0, "a probability in 0.0..1.0")
         for name in ("delay", "jitter", "reorder_timeout"):
-            _non_negative(name, getattr(self, name))
+            _check_rule(name, getattr(self, name), None, "a finite number >= 0")
 
     @property
     def perfect(self) -> bool:
@@ -119,7 +116,7 @@ class FaultCounts:
         return replace(self)
 
 
-class _Link:
+class FaultLink:
     """The fault state of one link: rules, random generator, counts and the
     datagram held back for reordering. Sans-I/O: :meth:`process` says what
     to deliver and when; the caller delivers."""
@@ -200,11 +197,11 @@ class MemoryReceiver:
         self._wakeup = trio.Event()
         self._closed = False
         self.drops = 0
-        self.links: dict[Any, _Link] = {}
+        self.links: dict[Any, FaultLink] = {}
 
     # -- what the network calls --------------------------------------------
 
-    def _enqueue(self, at: float, data: bytes, source: tuple, link: _Link) -> None:
+    def _enqueue(self, at: float, data: bytes, source: tuple, link: FaultLink) -> None:
         if self._queued_bytes + len(data) > self.granted_rcvbuf:
             self.drops += 1
             link.counts.overflowed += 1
@@ -235,24 +232,10 @@ class MemoryReceiver:
         self._release_expired(now)
         queue = self._queue
         n = 0
-        slot = batch.slot_size
-        buf = batch.buffer
         while queue and n < batch.capacity and queue[0][0] <= now:
             _, _, data, source = heapq.heappop(queue)
             self._queued_bytes -= len(data)
-            size = min(len(data), slot)
-            start = n * slot
-            buf[start:start + size] = memoryview(data)[:size]
-            batch.lengths[n] = size
-            batch.truncated[n] = len(data) > slot
-            host, port = source[0], source[1]
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            packed = socket.inet_pton(family, host)
-            batch._families[n] = 6 if family == socket.AF_INET6 else 4
-            batch._addresses[n, :] = 0
-            batch._addresses[n, :len(packed)] = list(packed)
-            batch._ports[n] = port
-            batch._scope_ids[n] = 0
+            batch.store(n, data, source)
             n += 1
         batch.count = n
         return n
@@ -381,8 +364,7 @@ class MemoryNetwork:
             rules = LinkRules()
         if not isinstance(rules, LinkRules):
             raise TypeError(f"rules={rules!r} must be a LinkRules")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed={seed!r} must be an integer")
+        seed = _validate.check_int("seed", seed)
         self.default_rules = rules
         self.seed = seed
         self._rules: dict[tuple, LinkRules] = {}
@@ -439,13 +421,13 @@ class MemoryNetwork:
 
     # -- delivery ------------------------------------------------------------
 
-    def _link(self, sender: MemorySender, receiver: MemoryReceiver) -> _Link:
+    def _link(self, sender: MemorySender, receiver: MemoryReceiver) -> FaultLink:
         key = sender.source
         link = receiver.links.get(key)
         if link is None:
             seed = f"{self.seed}|{receiver.spec.group}|{receiver.spec.port}|{sender.number}|{receiver.number}"
-            link = receiver.links[key] = _Link(self._rules_for(receiver.spec.group, sender.source[0]),
-                                               seed.encode())
+            link = receiver.links[key] = FaultLink(self._rules_for(receiver.spec.group, sender.source[0]),
+                                                   seed.encode())
         return link
 
     def _transmit(self, sender: MemorySender, data: bytes) -> None:
@@ -457,7 +439,7 @@ class MemoryNetwork:
             self._offer(self._link(sender, receiver), receiver, data, sender.source)
 
     @staticmethod
-    def _offer(link: _Link, receiver: MemoryReceiver, data: bytes, source: tuple) -> None:
+    def _offer(link: FaultLink, receiver: MemoryReceiver, data: bytes, source: tuple) -> None:
         for at, copy in link.process(data, trio.current_time()):
             receiver._enqueue(at, copy, source, link)
 

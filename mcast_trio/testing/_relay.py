@@ -15,11 +15,11 @@ import math
 import trio
 
 from .._errors import unwrap_single
-from .._io import _sockets
+from .._io import _groups, _sockets
 from .._io._net import current_network
 from .._loop import receive_loop, send_all
 from .._protocol._pipeline import ReceivePipeline
-from ._memory import FaultCounts, LinkRules, _Link
+from ._memory import FaultCounts, LinkRules, FaultLink
 
 __all__ = ["FaultRelay", "serve_fault_relay"]
 
@@ -45,8 +45,8 @@ class FaultRelay:
         # its source, as received.
         self.pipeline = ReceivePipeline(framing="raw")
         self.emitted = 0
-        self._links: dict[tuple, _Link] = {}
-        self._heap: list[tuple[float, int, bytes, _Link]] = []
+        self._links: dict[tuple, FaultLink] = {}
+        self._heap: list[tuple[float, int, bytes, FaultLink]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
 
@@ -71,14 +71,14 @@ class FaultRelay:
             total += link.counts
         return total
 
-    def _link(self, source) -> _Link:
+    def _link(self, source) -> FaultLink:
         link = self._links.get(source)
         if link is None:
-            link = self._links[source] = _Link(self.rules, f"{self.seed}|{source}".encode())
+            link = self._links[source] = FaultLink(self.rules, f"{self.seed}|{source}".encode())
         link.rules = self.rules
         return link
 
-    def _schedule(self, deliveries, link: _Link) -> None:
+    def _schedule(self, deliveries, link: FaultLink) -> None:
         for at, data in deliveries:
             heapq.heappush(self._heap, (at, next(self._order), data, link))
         if deliveries:
@@ -138,8 +138,8 @@ async def serve_fault_relay(
     dropped, the group is left and both sockets are closed.
     """
     relay = FaultRelay(rules if rules is not None else LinkRules(), seed)
-    in_spec = _sockets.resolve_group(source_group, source_port, interface=interface)
-    out_spec = _sockets.resolve_group(target_group, target_port, interface=target_interface, ttl=ttl)
+    in_spec = _groups.resolve_group(source_group, source_port, interface=interface)
+    out_spec = _groups.resolve_group(target_group, target_port, interface=target_interface, ttl=ttl)
     if (in_spec.group, in_spec.port) == (out_spec.group, out_spec.port):
         raise ValueError(f"the relay would feed itself: source and target are both {in_spec.group} "
                          f"port {in_spec.port}")
