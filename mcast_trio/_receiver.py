@@ -33,10 +33,10 @@ import trio
 
 from ._io import _batchio, _sockets
 from ._io._net import current_network
-from ._io import _mmsg
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from ._errors import MalformedFrame, unwrap_single
 from ._format import HEADER, HEADER_SIZE
+from ._protocol import _kernels
 from ._protocol._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
 from ._protocol._tracking import SenderStats, SenderTable
 
@@ -278,7 +278,7 @@ class ReceiverService:
             await endpoint.wait_readable()
 
     def _account(self, batch, n: int, endpoint) -> None:
-        total, truncated, self._same_source = _mmsg.batch_summary(
+        total, truncated, self._same_source = _kernels.batch_summary(
             batch.lengths, batch.truncated.view(np.uint8), batch._families, batch._addresses,
             batch._ports, n)
         self._datagrams += n
@@ -366,7 +366,7 @@ class ReceiverService:
             decoded = _well_formed(decoded, keep)
         # The bytes are kept only for consumers of single readouts
         # (receive()/async for); batches() consumers need the decoded batch.
-        data = _mmsg.gather(batch.buffer, offsets, lengths) if self.want_bytes else None
+        data = _kernels.gather(batch.buffer, offsets, lengths) if self.want_bytes else None
         await self._deliver(_ReadoutChunk(data, lengths.copy(), decoded))
 
     def _track_readouts(self, batch, rows, good, index, rejected=None) -> None:
