@@ -7,6 +7,8 @@ extensions = [
               extra_compile_args=["-O3"]),
     Extension("mcast_trio._io._mmsg", ["mcast_trio/_io/_mmsg.pyx"],
               extra_compile_args=["-O2"]),
+    Extension("mcast_trio._protocol._kernels", ["mcast_trio/_protocol/_kernels.pyx"],
+              extra_compile_args=["-O2"]),
 ]
 
 setup(

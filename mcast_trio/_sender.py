@@ -32,9 +32,9 @@ import trio
 from ._io import _groups, _sockets
 
 try:
-    from ._io import _mmsg
+    from ._protocol import _kernels
 except ImportError:  # not compiled
-    _mmsg = None
+    _kernels = None
 from ._batch import readout_error_message
 from ._counters import counters_for
 from ._errors import MalformedReadout, unwrap_single
@@ -51,7 +51,7 @@ from ._reference import parse_fixed
 # The compiled check of a list of serialized readouts (header, length field,
 # at most 65507 bytes): the quick test of the common case; what it refuses
 # goes through parse_fixed, which says what is wrong.
-_raw_readouts = _mmsg.raw_datagrams if _mmsg is not None else None
+_raw_readouts = _kernels.raw_datagrams if _kernels is not None else None
 
 __all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender"]
 
@@ -298,8 +298,8 @@ class MulticastSender:
         raises :exc:`trio.Cancelled`, none of them was sent or queued.
         """
         if (topic is None and type(messages) is list and messages and (self._raw or self._auto)
-                and _mmsg is not None and not self._closed
-                and _mmsg.raw_datagrams(messages, self._auto)):
+                and _raw_readouts is not None and not self._closed
+                and _raw_readouts(messages, self._auto)):
             # Fast path: a list of serialized readouts (raw: of datagrams) as
             # bytes: they go as they are, checked in C.
             await self._submit(messages[:], len(messages))

@@ -104,7 +104,7 @@ class SenderStats:
 try:
     import numpy as _np
 
-    from .._io._mmsg import unit_run as _unit_run
+    from ._kernels import unit_run as _unit_run
 
     _U32 = _np.dtype(_np.uint32)
 except ImportError:  # pragma: no cover - not compiled
