@@ -9,7 +9,7 @@ policy when the channel is full, counting every datagram it drops.
 
 Items in the channel are public types, one per receive batch:
 :class:`ReadoutChunk` (the well-formed readouts of the batch, decoded
-together) in readout mode, lists of :class:`Message` otherwise.
+together) in readout mode, lists of :class:`~mcast_trio.Message` otherwise.
 :class:`MulticastReceiver` turns them back into single readouts or messages
 for ``async for`` and ``receive()``, or hands the decoded batches to
 ``batches()``.
@@ -34,7 +34,6 @@ from ._loop import receive_loop
 from ._protocol._filters import make_filter
 from ._protocol._framings import Framing, lookup_framing
 from ._protocol._mcl import require_msgpack
-from ._protocol._message import Message
 from ._protocol._reassembly import check_reassembly_limits
 from ._protocol._pipeline import ReadoutChunk, ReceivePipeline, ReceiverStatistics
 
@@ -281,7 +280,7 @@ async def serve_receiver(group, port, send_channel=None, readout_class=None, *, 
       into that channel and ``task_status.started()`` passes a
       :class:`ReceiverService` (``statistics()``). Items are
       :class:`ReadoutChunk` objects (with a ``readout_class``; iterate one to
-      get its readouts, or use its ``batch``) or lists of :class:`Message`.
+      get its readouts, or use its ``batch``) or lists of :class:`~mcast_trio.Message`.
       The overflow policy ``"drop_oldest"`` needs ``drop_channel``, a clone
       of the receive side of ``send_channel``; without one the default
       policy is ``"drop_newest"``.
@@ -338,7 +337,7 @@ class MulticastReceiver:
     """The consumer side of a receiver; made by :func:`open_receiver`.
 
     An async iterable of readouts (with a ``readout_class``) or of
-    :class:`Message` objects; or use :meth:`batches` for decoded numpy
+    :class:`~mcast_trio.Message` objects; or use :meth:`batches` for decoded numpy
     batches. Use one style per receiver.
     """
 
@@ -362,7 +361,7 @@ class MulticastReceiver:
         return chunk.readouts() if isinstance(chunk, ReadoutChunk) else chunk
 
     async def receive(self):
-        """Return the next readout (or :class:`Message`).
+        """Return the next readout (or :class:`~mcast_trio.Message`).
 
         Raises:
             trio.EndOfChannel: the receive task has stopped and everything it
@@ -432,7 +431,7 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         port: UDP port, 1..65535.
         readout_class: e.g. :class:`AstroPix4Readout`: items are readouts and
             :meth:`MulticastReceiver.batches` yields decoded batches. None:
-            items are :class:`Message` objects.
+            items are :class:`~mcast_trio.Message` objects.
         queue_size: bound of the channel to the consumer, in receive batches
             (default 256; a batch holds 1 to ``batch_size`` datagrams, so a
             consumer that stalls under full load may hold up to

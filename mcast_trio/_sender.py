@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import trio
 
-from ._io import _groups, _sockets
+from ._io import _groups
 
 try:
     from ._protocol import _kernels

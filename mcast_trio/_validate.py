@@ -6,7 +6,8 @@ exception type with the same shape of message, naming the argument, the
 value and what is allowed:
 
 * the wrong *type* (a string where an integer belongs): :class:`TypeError`,
-  ``"batch_size='x' must be an integer; allowed: 1..1024"``;
+  ``"batch_size='x' must be an integer (a str is not an integer); allowed:
+  1..1024"``;
 * the right type but an unacceptable *value*: :class:`ValueError`,
   ``"batch_size=0 is out of range; allowed: 1..1024"`` or ``"framing='x'
   is not one of 'raw', 'native', 'mcl'"``;
@@ -64,11 +65,13 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """
     text = allowed or _range_text(low, high)
     if isinstance(value, bool):
-        raise BoolArgumentError(f"{name}={value!r} must be an integer, not a bool; allowed: {text}")
+        raise BoolArgumentError(f"{name}={value!r} must be an integer (a bool is not an integer here);"
+                                f" allowed: {text}")
     try:
         number = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}={value!r} must be an integer; allowed: {text}") from None
+        raise TypeError(f"{name}={value!r} must be an integer (a {type(value).__name__} is not an integer);"
+                        f" allowed: {text}") from None
     if (low is not None and number < low) or (high is not None and number > high):
         raise ValueError(f"{name}={value!r} is out of range; allowed: {text}")
     return number
@@ -90,13 +93,15 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         else:
             allowed = _range_text(low, high)
     if isinstance(value, bool):
-        raise BoolArgumentError(f"{name}={value!r} must be a number, not a bool; allowed: {allowed}")
+        raise BoolArgumentError(f"{name}={value!r} must be a number (a bool is not a number here);"
+                                f" allowed: {allowed}")
+    kind = f"{name}={value!r} must be a number (a {type(value).__name__} is not a number); allowed: {allowed}"
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(f"{name}={value!r} must be a number; allowed: {allowed}")
+        raise TypeError(kind)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}={value!r} must be a number; allowed: {allowed}") from None
+        raise TypeError(kind) from None
     if (not math.isfinite(number)
             or (low is not None and (number <= low if low_open else number < low))
             or (high is not None and number > high)):

@@ -97,7 +97,7 @@ ROWS = [
     Row("framed readouts", dict(readout_class=AstroPix4Readout, framing="native"),
         [(d, A) for d in native(R[:3])], [0, 1, 2], dict(messages=3, readouts=3, hits=hits(R[:3]))),
     Row("MCL objects", dict(framing="mcl"),
-        [(d, A) for d in MclEncoder(topic="t").encode({"a": 1})], [(b"t", {"a": 1})],
+        [(d, A) for d in MclEncoder(topic="t").encode({"a": 1})], [(b"t", {b"a": 1})],  # MCL strings are Python 2 str: bytes
         dict(messages=1)),
     Row("an MCL object where readouts are expected is malformed",
         dict(readout_class=AstroPix4Readout, framing="mcl"),
@@ -192,7 +192,7 @@ def test_raw_readouts_without_filter_never_pause():
 
 
 def test_incomplete_messages_are_pending_until_they_expire():
-    first, second = native([b"y" * 3000])
+    first, second = native([b"y" * 2000])
     pipeline = ReceivePipeline(framing="native", reassembly=(2.0, 16, 1 << 20))
     (batch, n), = _batches([(first, A)], [1], 65535)
     assert pipeline.run(batch, n, now=10.0) is None

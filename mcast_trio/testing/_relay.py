@@ -60,7 +60,7 @@ class FaultRelay:
         # source's link.
         now = trio.current_time()
         for message in messages:
-            link = self._link(message.source)
+            link = self._link(message.address)
             self._schedule(link.process(message.payload, now), link)
 
     @property
