@@ -16,6 +16,26 @@ copyright = "mcast_trio developers"
 release = mcast_trio.__version__
 version = ".".join(release.split(".")[:2])
 
+def _framings_table() -> None:
+    """Write the framing table (``FRAMINGS``, what sender and receiver read)
+    as reStructuredText for ``transport.rst`` to include."""
+    import pathlib
+
+    from mcast_trio._protocol._framings import FRAMINGS
+
+    columns = ["fragments", "topics", "objects", "sequenced", "reassembly", "msgpack", "raw_readouts"]
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - framing", "     - what it is"]
+    lines += [f"     - ``{c}``" for c in columns]
+    for framing in FRAMINGS.values():
+        lines += [f"   * - ``{framing.name}``", f"     - {framing.description}"]
+        lines += [f"     - {'yes' if getattr(framing, c) else 'no'}" for c in columns]
+    out = pathlib.Path(__file__).parent / "_generated"
+    out.mkdir(exist_ok=True)
+    (out / "framings.rst").write_text("\n".join(lines) + "\n")
+
+
+_framings_table()
+
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
