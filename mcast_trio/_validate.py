@@ -5,17 +5,20 @@ these helpers, so that every mistake of the same kind raises the same
 exception type with the same shape of message, naming the argument, the
 value and what is allowed:
 
-* the wrong *type* (a string where an integer belongs, a bool where a number
-  belongs): :class:`TypeError`, ``"batch_size='x' is not an integer;
-  allowed: 1..1024"``;
+* the wrong *type* (a string where an integer belongs): :class:`TypeError`,
+  ``"batch_size='x' must be an integer; allowed: 1..1024"``;
 * the right type but an unacceptable *value*: :class:`ValueError`,
   ``"batch_size=0 is out of range; allowed: 1..1024"`` or ``"framing='x'
   is not one of 'raw', 'native', 'mcl'"``;
 * an unknown keyword: :class:`TypeError` naming the public function, as
   Python itself does, plus the keywords it takes.
 
-``bool`` is never accepted as a number (``True`` is an ``int`` to Python,
-but ``batch_size=True`` is a mistake). numpy integers are integers.
+``bool`` is never accepted as a number: ``True`` is an ``int`` to Python,
+but ``batch_size=True`` is a mistake, of type to the user and of value to
+Python, so it raises :class:`BoolArgumentError`, which is both a
+:class:`TypeError` and a :class:`ValueError` (as numpy's ``AxisError`` is
+both a ``ValueError`` and an ``IndexError``): ``except`` either catches it.
+numpy integers are integers.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
+    "BoolArgumentError",
     "check_int",
     "check_number",
     "check_bool",
     "check_choice",
     "check_keywords",
 ]
+
+
+class BoolArgumentError(TypeError, ValueError):
+    """A bool where a number belongs (see the module docstring)."""
 
 
 def _range_text(low: float | None, high: float | None, unit: str = "") -> str:
@@ -50,16 +58,17 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     (either bound may be None: unbounded).
 
     Raises:
-        TypeError: not an integer (``bool`` included).
+        TypeError: not an integer.
+        BoolArgumentError: a bool.
         ValueError: out of range.
     """
     text = allowed or _range_text(low, high)
     if isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} is not an integer; allowed: {text}")
+        raise BoolArgumentError(f"{name}={value!r} must be an integer, not a bool; allowed: {text}")
     try:
         number = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}={value!r} is not an integer; allowed: {text}") from None
+        raise TypeError(f"{name}={value!r} must be an integer; allowed: {text}") from None
     if (low is not None and number < low) or (high is not None and number > high):
         raise ValueError(f"{name}={value!r} is out of range; allowed: {text}")
     return number
@@ -71,7 +80,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     strictly greater than ``low``).
 
     Raises:
-        TypeError: not a real number (``bool`` included).
+        TypeError: not a real number.
+        BoolArgumentError: a bool.
         ValueError: NaN, infinite or out of range.
     """
     if allowed is None:
@@ -79,12 +89,14 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
             allowed = f"finite and > {low}" + (f" and <= {high}" if high is not None else "")
         else:
             allowed = _range_text(low, high)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name}={value!r} is not a number; allowed: {allowed}")
+    if isinstance(value, bool):
+        raise BoolArgumentError(f"{name}={value!r} must be a number, not a bool; allowed: {allowed}")
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name}={value!r} must be a number; allowed: {allowed}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}={value!r} is not a number; allowed: {allowed}") from None
+        raise TypeError(f"{name}={value!r} must be a number; allowed: {allowed}") from None
     if (not math.isfinite(number)
             or (low is not None and (number <= low if low_open else number < low))
             or (high is not None and number > high)):
