@@ -35,7 +35,7 @@ from ._io import _batchio, _sockets
 from ._io._net import current_network
 from ._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
 from ._errors import MalformedFrame, unwrap_single
-from ._format import HEADER, HEADER_SIZE
+from ._format import readout_id_of
 from ._protocol import _kernels
 from ._protocol._framing import Message, MclDecoder, NativeDecoder, ReassemblyStats, make_filter, parse_header
 from ._protocol._tracking import SenderStats, SenderTable
@@ -119,14 +119,6 @@ class _ReadoutChunk:
 
     def size(self) -> int:
         return len(self.lengths)
-
-
-def _readout_id(datagram: bytes) -> int | None:
-    """The readout id of a well-formed serialized readout, else None."""
-    if (len(datagram) >= HEADER_SIZE and datagram[:3] == HEADER
-            and int.from_bytes(datagram[15:19], "little") == len(datagram) - HEADER_SIZE):
-        return int.from_bytes(datagram[3:7], "little")
-    return None
 
 
 def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
@@ -329,7 +321,7 @@ class ReceiverService:
                 if not self._accept(None, payload, self._source(batch, i)):
                     keep[i] = False
                     self._filtered += 1
-                    rid = _readout_id(payload)
+                    rid = readout_id_of(payload)
                     if rid is not None:
                         rejected.append((i, rid))
         if not keep.all():
