@@ -115,7 +115,10 @@ def build(pyx: pathlib.Path, outdir: pathlib.Path) -> pathlib.Path:
     src = outdir / "_decode.pyx"
     shutil.copyfile(pyx, src)
     c_file = outdir / "_decode.c"
-    cmd = [sys.executable, "-m", "cython", "-3", "--fast-fail", "-o", str(c_file), str(src)]
+    # -I: the directory holding the mcast_trio package, for the cimport of
+    # mcast_trio/_readout_header.pxd (the readout header's C owner).
+    cmd = [sys.executable, "-m", "cython", "-3", "--fast-fail", "-I", str(pyx.resolve().parent.parent),
+           "-o", str(c_file), str(src)]
     for d in DIRECTIVES:
         cmd[3:3] = ["-X", d]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=outdir)

@@ -32,11 +32,19 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from ._batch import readout_error_message
 from ._errors import MalformedReadout
-from ._format import HEADER, HEADER_SIZE, READOUT_UID, ReadoutError
+from ._format import (
+    HEADER,
+    HEADER_SIZE,
+    LENGTH_FIELD,
+    LENGTH_OFFSET,
+    READOUT_UID,
+    ReadoutError,
+    parse_readout_header,
+    readout_error_message,
+)
 from ._readout import AstroPix4Readout
-from ._reference import parse_fixed
+from ._validate import check_bool, check_choice, check_int
 
 __all__ = [
     "APX_MAGIC",
@@ -373,15 +381,9 @@ class ApxReader:
     def __init__(
         self, file, *, strict: bool = False, recover: bool = False, chunk_size: int = _DEFAULT_CHUNK
     ) -> None:
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict={strict!r} must be a bool")
-        if not isinstance(recover, bool):
-            raise TypeError(f"recover={recover!r} must be a bool")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= _MAX_READ:
-            raise ValueError(f"chunk_size={chunk_size!r} is out of range; allowed: 1..{_MAX_READ}")
-        self.strict = strict
-        self.recover = recover
-        self._chunk_size = chunk_size
+        self.strict = check_bool("strict", strict)
+        self.recover = check_bool("recover", recover)
+        self._chunk_size = check_int("chunk_size", chunk_size, 1, _MAX_READ)
         if _is_path(file):
             self.path = os.fspath(file)
             self._file = open(file, "rb")
@@ -460,8 +462,7 @@ class ApxReader:
         ``strict=True``, the records before it come first, as a last, shorter
         batch; the next step raises :class:`MalformedReadout`.
         """
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size={size!r} is out of range; allowed: >= 1")
+        check_int("size", size, 1)
         batch: list[bytes] = []
         try:
             for record in self.records():
@@ -518,9 +519,9 @@ class ApxReader:
         record fits in the file and is followed by a record header (or a
         prefix of one cut by the end of the file) or the end of the file."""
         fixed = w.get(q, HEADER_SIZE)
-        if len(fixed) < HEADER_SIZE or parse_fixed(fixed)[0] == ReadoutError.BAD_HEADER:
+        if len(fixed) < HEADER_SIZE or parse_readout_header(fixed)[0] == ReadoutError.BAD_HEADER:
             return False
-        end = q + HEADER_SIZE + _U32.unpack_from(fixed, 15)[0]
+        end = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         return _chains(w.peek(end - 1, 4))
 
     def _resync(self, w: _Window, start: int) -> int | None:
@@ -560,7 +561,7 @@ class ApxReader:
             )
         if len(fixed) < HEADER_SIZE:  # a killed writer left a prefix of the fixed part
             return "truncated", (len(fixed), None)
-        length = _U32.unpack_from(fixed, 15)[0]
+        length = LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         total = HEADER_SIZE + length
         end = p + total
         after = w.peek(end - 1, 4)
@@ -571,7 +572,7 @@ class ApxReader:
             if q is None:
                 return "truncated", (w.end - p, total)
             return "damage", (
-                f"record {index} at offset {p} is damaged: its length field (offset {p + 15}) says "
+                f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
                 f"{length} data bytes, past the end of the file, but a record header follows at offset {q}",
                 q,
             )
@@ -584,12 +585,12 @@ class ApxReader:
         # the record is not delivered: its end cannot be confirmed.
         following = w.peek(end, HEADER_SIZE)
         if len(following) == HEADER_SIZE:
-            next_end = end + HEADER_SIZE + _U32.unpack_from(following, 15)[0]
+            next_end = end + HEADER_SIZE + LENGTH_FIELD.unpack_from(following, LENGTH_OFFSET)[0]
             if _chains(w.peek(next_end - 1, 4)):
                 return "record", total
         return "damage", (
             f"record {index} at offset {p} is damaged or followed by garbage: its length field "
-            f"(offset {p + 15}) says {length} data bytes, but the bytes after it at offset {end} are "
+            f"(offset {p + LENGTH_OFFSET}) says {length} data bytes, but the bytes after it at offset {end} are "
             f"{after[1:].hex(' ')}, not a record header {HEADER.hex(' ')} or the end of the file",
             None,
         )
@@ -603,7 +604,7 @@ class ApxReader:
         self._skipped = 0
         self._finished = False
         w = _Window(self._file, self.data_offset, self._chunk_size)
-        unpack_from = _U32.unpack_from
+        unpack_from = LENGTH_FIELD.unpack_from
         p = self.data_offset
         index = 0
         while True:
@@ -616,7 +617,7 @@ class ApxReader:
             # Records and skipped regions tile the file up to here.
             origin = self.data_offset + self._skipped - base
             while rel <= limit and buf[rel:rel + 3] == HEADER:
-                end = rel + HEADER_SIZE + unpack_from(buf, rel + 15)[0]
+                end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
                 if buf[end:end + 3] != HEADER:
                     break
                 index += 1
@@ -719,14 +720,10 @@ class ApxWriter:
         mode: str = "wb",
         buffer_size: int = 1 << 16,
     ) -> None:
-        if flush not in FLUSH_POLICIES:
-            raise ValueError(f"flush={flush!r} is not a flush policy; allowed: {', '.join(map(repr, FLUSH_POLICIES))}")
-        if not isinstance(fsync, bool):
-            raise TypeError(f"fsync={fsync!r} must be a bool")
-        if mode not in ("wb", "xb"):
-            raise ValueError(f"mode={mode!r} is not a write mode; allowed: 'wb', 'xb'")
-        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size={buffer_size!r} is out of range; allowed: >= 1")
+        check_choice("flush", flush, FLUSH_POLICIES, what="a flush policy")
+        check_bool("fsync", fsync)
+        check_choice("mode", mode, ("wb", "xb"), what="a write mode")
+        check_int("buffer_size", buffer_size, 1)
         self.header = _make_header(header)
         encoded = json.dumps(self.header).encode("utf-8")
         self.flush_policy = flush
@@ -780,10 +777,8 @@ class ApxWriter:
             return readout.to_bytes()
         if isinstance(readout, (bytes, bytearray, memoryview)):
             data = readout if type(readout) is bytes else bytes(readout)
-            size = len(data)
-            # The checks of AstroPix4Readout.from_bytes, inline (hot path).
-            if size < HEADER_SIZE or data[:3] != HEADER or _U32.unpack_from(data, 15)[0] != size - HEADER_SIZE:
-                error = parse_fixed(data)[0]
+            error = parse_readout_header(data)[0]
+            if error:
                 raise MalformedReadout(f"refusing to write a malformed record: {readout_error_message(data, error)}")
             return data
         raise TypeError(
@@ -921,6 +916,7 @@ def open_apx(
             for batch in apx.batches():
                 decoded = mcast_trio.decode_readouts(batch)
     """
+    check_choice("mode", mode, ("rb", "wb", "xb"), what="supported")
     if mode == "rb":
         for name, value in (("header", header), ("flush", flush), ("fsync", fsync)):
             if value is not None:
@@ -930,15 +926,13 @@ def open_apx(
             strict=False if strict is None else strict,
             recover=False if recover is None else recover,
         )
-    if mode in ("wb", "xb"):
-        for name, value in (("strict", strict), ("recover", recover)):
-            if value is not None:
-                raise ValueError(f"{name}={value!r} only applies to mode='rb', not mode={mode!r}")
-        return ApxWriter(
-            file,
-            header,
-            flush="record" if flush is None else flush,
-            fsync=False if fsync is None else fsync,
-            mode=mode,
-        )
-    raise ValueError(f"mode={mode!r} is not supported; allowed: 'rb', 'wb', 'xb'")
+    for name, value in (("strict", strict), ("recover", recover)):
+        if value is not None:
+            raise ValueError(f"{name}={value!r} only applies to mode='rb', not mode={mode!r}")
+    return ApxWriter(
+        file,
+        header,
+        flush="record" if flush is None else flush,
+        fsync=False if fsync is None else fsync,
+        mode=mode,
+    )

@@ -1,10 +1,25 @@
-"""Selection of the decoder backend: compiled (default) or the Python reference.
+"""The decoder backend, chosen and bound once at import: compiled (default)
+or the Python reference.
 
 The compiled decoder (``mcast_trio._decode``) is what ships. The pure-Python
 reference (``mcast_trio._reference``) is selected only explicitly, with the
 environment variable ``MCAST_TRIO_DECODER=python`` set before import; it is
 never used silently after a failed import: if the extension is missing,
 importing mcast_trio fails with a message saying how to fix it.
+
+As msgpack binds its implementation, this module binds the chosen backend's
+functions to module names at import, with one call signature whichever it
+is; callers call :func:`decode_batch` and :func:`decode_one` and never ask
+which backend is active:
+
+* ``decode_batch(buf, offsets, lengths, extra_bytes, carry, last_id)`` ->
+  ``(hits, readouts, extra_out, last_id)``: the serialized readouts
+  ``buf[offsets[k]:offsets[k] + lengths[k]]`` (int64 arrays, inside
+  ``buf``), ``carry`` one of ``_format.CARRY_*``; ``hits`` a ``HIT_DTYPE``
+  array, ``readouts`` a ``READOUT_DTYPE`` array (one row per datagram).
+* ``decode_one(data, extra_bytes, readout_id, timestamp)`` ->
+  ``(hits, flags, extra_start, dropped)``: the data of one readout (trailing
+  padding stripped); ``hits`` a ``HIT_DTYPE`` array.
 """
 
 from __future__ import annotations
@@ -12,7 +27,9 @@ from __future__ import annotations
 import os
 import pathlib
 
-from . import _reference
+import numpy as np
+
+from . import _format
 from ._format import HIT_DTYPE, READOUT_DTYPE
 
 ENV_VAR = "MCAST_TRIO_DECODER"
@@ -53,10 +70,9 @@ def _missing_extension_message(exc: BaseException) -> str:
     )
 
 
-_decode = None
 if _choice == "compiled":
     try:
-        from . import _decode  # noqa: F811
+        from . import _decode
     except ImportError as exc:  # pragma: no cover - exercised by packaging checks
         raise ImportError(_missing_extension_message(exc)) from exc
 
@@ -73,8 +89,21 @@ if _choice == "compiled":
             for name, offset in layout[kind].items():
                 if dtype.fields[name][1] != offset:
                     problems.append(f"{kind}.{name} at {offset}, dtype says {dtype.fields[name][1]}")
+        header = layout["readout_header"]
+        expected = {
+            "magic": _format.HEADER,
+            "size": _format.HEADER_SIZE,
+            "length_offset": _format.LENGTH_OFFSET,
+            "errors": {e.name: int(e) for e in _format.ReadoutError},
+        }
+        for name, value in expected.items():
+            if header[name] != value:
+                problems.append(f"readout header {name} is {header[name]!r}, _format says {value!r}")
+        for name, value in layout["carry"].items():
+            if getattr(_format, name) != value:
+                problems.append(f"{name} is {value}, _format says {getattr(_format, name)}")
         if problems:  # pragma: no cover - a build bug
-            raise ImportError("compiled decoder layout disagrees with the dtypes: " + "; ".join(problems))
+            raise ImportError("compiled decoder layout disagrees with _format: " + "; ".join(problems))
 
     _check_layout()
 
@@ -84,9 +113,36 @@ def decoder_backend() -> str:
     return _choice
 
 
-def use_compiled() -> bool:
-    return _choice == "compiled"
+if _choice == "compiled":
+    #: The module the decoder functions come from.
+    implementation = _decode
 
+    def decode_batch(buf, offsets, lengths, extra_bytes, carry, last_id):
+        count = len(lengths)
+        bound = int(lengths.sum()) // 8 + count  # >= sum(lengths // 8) + count
+        hits = np.empty(bound, dtype=HIT_DTYPE)
+        readouts = np.zeros(count, dtype=READOUT_DTYPE)
+        n_hits, extra_out, last = _decode.decode_batch(
+            buf if len(buf) else b"\0",  # a typed memoryview needs one element
+            offsets, lengths, extra_bytes, carry, last_id,
+            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
+            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
+        )
+        return hits[:n_hits], readouts, extra_out, last
 
-reference = _reference
-compiled = _decode
+    def decode_one(data, extra_bytes, readout_id, timestamp):
+        hits = np.empty(len(data) // 8 + 1, dtype=HIT_DTYPE)
+        n, flags, extra_start, dropped = _decode.decode_one(
+            data, extra_bytes, readout_id, timestamp, hits.view(np.uint8))
+        return hits[:n], flags, extra_start, dropped
+
+else:
+    from . import _reference
+
+    implementation = _reference
+
+    def decode_batch(buf, offsets, lengths, extra_bytes, carry, last_id):
+        parts = [buf[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
+        return _reference.decode_batch(parts, extra_bytes, carry, last_id)
+
+    decode_one = _reference.decode_data

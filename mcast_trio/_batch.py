@@ -2,51 +2,28 @@
 
 The wrapper validates its arguments, allocates the output arrays once per batch
 (an upper bound of the hit count, then a view of the filled part), and hands the
-bytes to the backend chosen in ``_backend`` (the compiled decoder unless the
+bytes to the backend bound in ``_backend`` (the compiled decoder unless the
 reference was selected explicitly).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _backend, _reference
-from ._format import HEADER, HEADER_SIZE, HIT_DTYPE, READOUT_DTYPE, ReadoutError
+from . import _backend
+from ._format import CARRY_ALWAYS, CARRY_CONSECUTIVE, CARRY_NEVER, readout_error_message
+from ._validate import check_choice, check_int
 
 __all__ = ["DecodedBatch", "decode_readouts", "CARRY_MODES"]
 
 #: Carry modes accepted by :func:`decode_readouts` (``carry=``).
 CARRY_MODES = {
-    "always": _reference.CARRY_ALWAYS,
-    "consecutive": _reference.CARRY_CONSECUTIVE,
-    "never": _reference.CARRY_NEVER,
+    "always": CARRY_ALWAYS,
+    "consecutive": CARRY_CONSECUTIVE,
+    "never": CARRY_NEVER,
 }
-
-_U32 = struct.Struct("<I")
-
-
-def readout_error_message(datagram, error: int) -> str:
-    """Human-readable reason why ``datagram`` is not a serialized readout."""
-    size = len(datagram)
-    if error == ReadoutError.TOO_SHORT:
-        return (
-            f"{size}-byte datagram is shorter than the {HEADER_SIZE}-byte readout header"
-            f" (header, readout_id, timestamp, length)"
-        )
-    if error == ReadoutError.BAD_HEADER:
-        got = bytes(datagram[:3]).hex(" ")
-        return f"bad readout header {got} at offset 0, expected {HEADER.hex(' ')}"
-    if error == ReadoutError.LENGTH_MISMATCH:
-        declared = _U32.unpack_from(datagram, 15)[0]
-        return (
-            f"length field at offset 15 says {declared} data bytes, "
-            f"but {size - HEADER_SIZE} bytes follow the {HEADER_SIZE}-byte header"
-        )
-    raise ValueError(f"error={error} is not a ReadoutError code for a malformed datagram")
-
 
 @dataclass(frozen=True)
 class DecodedBatch:
@@ -134,23 +111,9 @@ def _as_contiguous(datagrams, lengths, offsets):
 
 def _decode(buf, offs: np.ndarray, lens: np.ndarray, extra_bytes: bytes | None, last_id: int,
             mode: int) -> DecodedBatch:
-    """Decode validated input with the active backend; one output allocation
-    per batch (an upper bound of the hit count, then a view)."""
+    """Decode validated input with the backend bound in ``_backend``."""
     count = len(lens)
-    if _backend.use_compiled():
-        bound = int(lens.sum()) // 8 + count  # >= sum(lens // 8) + count
-        hits = np.empty(bound, dtype=HIT_DTYPE)
-        readouts = np.zeros(count, dtype=READOUT_DTYPE)
-        n_hits, extra_out, last = _backend.compiled.decode_batch(
-            buf if len(buf) else b"\0",  # a typed memoryview needs one element
-            offs, lens, extra_bytes, mode, last_id,
-            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
-            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
-        )
-        hits = hits[:n_hits]
-    else:
-        parts = [buf[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
-        hits, readouts, extra_out, last = _reference.decode_batch(parts, extra_bytes, mode, last_id)
+    hits, readouts, extra_out, last = _backend.decode_batch(buf, offs, lens, extra_bytes, mode, last_id)
     errors: tuple[tuple[int, str], ...] = ()
     if count and readouts["malformed"].any():
         errors = tuple(
@@ -215,11 +178,9 @@ def decode_readouts(
         TypeError, ValueError: for arguments of the wrong kind (not for bad
             datagram contents, which are reported in the batch).
     """
-    if carry not in CARRY_MODES:
-        raise ValueError(f"carry={carry!r} is not a carry mode; allowed: {', '.join(map(repr, CARRY_MODES))}")
-    if not isinstance(last_id, (int, np.integer)) or not -1 <= last_id <= 0xFFFFFFFF:
-        raise ValueError(f"last_id={last_id!r} is out of range; allowed: -1 (unknown) or 0..2**32-1")
+    check_choice("carry", carry, CARRY_MODES, what="a carry mode")
+    last_id = check_int("last_id", last_id, -1, 0xFFFFFFFF, allowed="-1 (unknown) or 0..2**32-1")
     if extra_bytes is not None:
         extra_bytes = bytes(extra_bytes)
     buf, offs, lens = _as_contiguous(datagrams, lengths, offsets)
-    return _decode(buf, offs, lens, extra_bytes, int(last_id), CARRY_MODES[carry])
+    return _decode(buf, offs, lens, extra_bytes, last_id, CARRY_MODES[carry])

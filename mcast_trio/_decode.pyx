@@ -13,11 +13,17 @@ caller allocated once (see ``_batch.py``):
 
 Every byte read is preceded by an explicit bounds test against the datagram's
 own length: the input is untrusted network data. The walk mirrors
-``_reference.walk`` line by line; the property tests compare the two.
+``_reference.walk`` line by line; the property tests compare the two. The
+readout header is parsed by ``_readout_header.pxd``, its one C owner.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+
+from mcast_trio._readout_header cimport (
+    READOUT_BAD_HEADER, READOUT_HEADER_SIZE, READOUT_LENGTH_MISMATCH, READOUT_LENGTH_OFFSET,
+    READOUT_MAGIC_0, READOUT_MAGIC_1, READOUT_MAGIC_2, READOUT_OK, READOUT_TOO_SHORT,
+    parse_readout_header)
 
 import numpy as np
 
@@ -67,16 +73,10 @@ DEF F_VALID_EXTRA = 8
 DEF F_INVALID_EXTRA = 16
 DEF F_INCOMPLETE = 32
 
-# ReadoutError codes (see _format.ReadoutError).
-DEF E_TOO_SHORT = 1
-DEF E_BAD_HEADER = 2
-DEF E_LENGTH_MISMATCH = 3
-
-DEF HEADER_SIZE = 19
 DEF IDLE = 0xBC
 DEF PAD = 0xFF
 
-# Carry modes (see _reference.CARRY_*).
+# Carry modes (see _format.CARRY_*).
 DEF CARRY_ALWAYS = 0
 DEF CARRY_CONSECUTIVE = 1
 DEF CARRY_NEVER = 2
@@ -278,7 +278,8 @@ cdef ReadoutRec _probe_readout
 
 
 def _layout():
-    """Byte offsets of the C records, checked against the numpy dtypes."""
+    """Byte offsets of the C records, and the readout header constants and
+    carry modes compiled in: ``_backend`` checks them against ``_format``."""
     cdef char* h = <char*>&_probe_hit
     cdef char* r = <char*>&_probe_readout
     return {
@@ -316,6 +317,19 @@ def _layout():
             "malformed": <char*>&_probe_readout.malformed - r,
             "error": <char*>&_probe_readout.error - r,
         },
+        "readout_header": {
+            "magic": bytes([READOUT_MAGIC_0, READOUT_MAGIC_1, READOUT_MAGIC_2]),
+            "size": READOUT_HEADER_SIZE,
+            "length_offset": READOUT_LENGTH_OFFSET,
+            "errors": {
+                "OK": READOUT_OK,
+                "TOO_SHORT": READOUT_TOO_SHORT,
+                "BAD_HEADER": READOUT_BAD_HEADER,
+                "LENGTH_MISMATCH": READOUT_LENGTH_MISMATCH,
+            },
+        },
+        "carry": {"CARRY_ALWAYS": CARRY_ALWAYS, "CARRY_CONSECUTIVE": CARRY_CONSECUTIVE,
+                  "CARRY_NEVER": CARRY_NEVER},
     }
 
 
@@ -357,14 +371,6 @@ def decode_one(const uint8_t[::1] data, extra, uint32_t readout_id,
         nh = _walk(dptr, n, extra_ptr, extra_len, has_extra, readout_id, timestamp,
                    out, &flags, &extra_start, &dropped)
     return nh, flags, extra_start, dropped
-
-
-cdef inline uint32_t _u32(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0]) | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef inline uint64_t _u64(const uint8_t* p) noexcept nogil:
-    return (<uint64_t>_u32(p)) | ((<uint64_t>_u32(p + 4)) << 32)
 
 
 def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
@@ -423,8 +429,9 @@ def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
     cdef Py_ssize_t got, dn, extra_start, dropped
     cdef const uint8_t* dg
     cdef int64_t dglen
-    cdef uint32_t rid, declared
-    cdef uint64_t ts
+    cdef uint32_t rid = 0
+    cdef uint64_t ts = 0
+    cdef int error
     cdef uint8_t flags
     cdef ReadoutRec* row
     with nogil:
@@ -433,34 +440,24 @@ def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
             row.first_hit = <uint64_t>nh
             dg = base + offsets[k]
             dglen = lengths[k]
-            if dglen < HEADER_SIZE:
+            error = parse_readout_header(dg, <Py_ssize_t>dglen, &rid, &ts)
+            if error != READOUT_OK:
                 row.malformed = 1
-                row.error = E_TOO_SHORT
-            elif dg[0] != 0xFE or dg[1] != 0xDC or dg[2] != 0xBA:
-                row.malformed = 1
-                row.error = E_BAD_HEADER
-            else:
-                declared = _u32(dg + 15)
-                if <int64_t>declared != dglen - HEADER_SIZE:
-                    row.malformed = 1
-                    row.error = E_LENGTH_MISMATCH
-            if row.malformed:
+                row.error = <uint8_t>error
                 # Never carry extra bytes across a datagram we could not read.
                 has_carry = False
                 carry_len = 0
                 last_id = -1
                 continue
-            rid = _u32(dg + 3)
-            ts = _u64(dg + 7)
-            dn = dglen - HEADER_SIZE
-            while dn > 0 and dg[HEADER_SIZE + dn - 1] == PAD:
+            dn = dglen - READOUT_HEADER_SIZE
+            while dn > 0 and dg[READOUT_HEADER_SIZE + dn - 1] == PAD:
                 dn -= 1
             if carry == CARRY_NEVER or (
                     carry == CARRY_CONSECUTIVE and last_id >= 0
                     and <uint32_t>(last_id + 1) != rid):
                 has_carry = False
                 carry_len = 0
-            got = _walk(dg + HEADER_SIZE, dn, carry_ptr, carry_len, has_carry,
+            got = _walk(dg + READOUT_HEADER_SIZE, dn, carry_ptr, carry_len, has_carry,
                         rid, ts, out + nh, &flags, &extra_start, &dropped)
             row.readout_id = rid
             row.timestamp = ts
@@ -471,7 +468,7 @@ def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
             nh += got
             if extra_start >= 0:
                 has_carry = True
-                carry_ptr = dg + HEADER_SIZE + extra_start
+                carry_ptr = dg + READOUT_HEADER_SIZE + extra_start
                 carry_len = dn - extra_start
                 row.n_extra = <uint8_t>carry_len
             else:

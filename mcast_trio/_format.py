@@ -1,18 +1,27 @@
-"""Constants, dtypes and flags of the AstroPix 4 readout format.
+"""Constants, dtypes and flags of the AstroPix 4 readout format, and the one
+owner of the 19-byte readout header.
 
-Everything here is pure data: the byte values of the stream, the layout of a
-serialized readout (one datagram, one ``.apx`` record), the public numpy dtypes
-of decoded hits and per-readout rows, and the decoding status flags. Both
-decoder backends (the compiled one in ``_decode.pyx`` and the pure-Python
-reference in ``_reference.py``) take their layout from here, and the compiled
-one checks at import time that it agrees.
+The byte values of the stream, the layout of a serialized readout (one
+datagram, one ``.apx`` record), the public numpy dtypes of decoded hits and
+per-readout rows, the decoding status flags, and the pure functions that read
+and write the fixed header of a serialized readout (``fe dc ba``, u32 readout
+id, u64 timestamp, u32 data length, little-endian):
+:func:`parse_readout_header`, :func:`readout_id_of`, :func:`check_readout`
+(with the one :func:`readout_error_message`) and :func:`pack_readout_header`.
+Compiled code reads and writes the header with the inline C functions of
+``_readout_header.pxd``, whose constants the compiled decoder reports and
+``_backend`` checks against these at import. The pure-Python reference decoder
+(``_reference.py``, the test oracle) keeps its own independent parse.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 
 import numpy as np
+
+from ._errors import MalformedReadout
 
 __all__ = [
     "HEADER",
@@ -25,7 +34,18 @@ __all__ = [
     "READOUT_DTYPE",
     "DecodingStatus",
     "ReadoutError",
+    "READOUT_HEADER_DTYPE",
+    "LENGTH_OFFSET",
+    "LENGTH_FIELD",
+    "CARRY_ALWAYS",
+    "CARRY_CONSECUTIVE",
+    "CARRY_NEVER",
     "is_valid_start_byte",
+    "parse_readout_header",
+    "readout_id_of",
+    "readout_error_message",
+    "check_readout",
+    "pack_readout_header",
 ]
 
 #: The three bytes every serialized readout starts with.
@@ -33,6 +53,15 @@ HEADER = b"\xfe\xdc\xba"
 #: Size of the fixed part of a serialized readout: header, readout id (u32),
 #: timestamp (u64), data length (u32); all little-endian.
 HEADER_SIZE = 19
+#: Offset of the u32 data length field in the fixed part.
+LENGTH_OFFSET = 15
+#: The data length field (``LENGTH_FIELD.unpack_from(buf, offset + LENGTH_OFFSET)``).
+LENGTH_FIELD = struct.Struct("<I")
+#: numpy dtype of the fixed part, for building many headers at once.
+READOUT_HEADER_DTYPE = np.dtype(
+    [("header", "S3"), ("readout_id", "<u4"), ("timestamp", "<u8"), ("length", "<u4")]
+)
+_FIXED = struct.Struct("<3sIQI")
 #: Byte the chip emits between hits.
 IDLE_BYTE = 0xBC
 #: Byte the board pads a readout with (also seen interleaved with idle bytes).
@@ -171,3 +200,86 @@ READOUT_DTYPE = np.dtype(
     ],
     align=True,
 )
+
+
+#: Carry modes of the batch decoders (both backends): extra bytes go into the
+#: next readout always, only into the next consecutive readout id, or never.
+CARRY_ALWAYS = 0
+CARRY_CONSECUTIVE = 1
+CARRY_NEVER = 2
+
+_OK = ReadoutError.OK
+_TOO_SHORT = (ReadoutError.TOO_SHORT, 0, 0, 0)
+_BAD_HEADER = (ReadoutError.BAD_HEADER, 0, 0, 0)
+_LENGTH_MISMATCH = (ReadoutError.LENGTH_MISMATCH, 0, 0, 0)
+
+
+def parse_readout_header(datagram) -> tuple[ReadoutError, int, int, int]:
+    """Parse the fixed header of a serialized readout.
+
+    Args:
+        datagram: the whole serialized readout (bytes or a flat byte view).
+
+    Returns:
+        ``(error, readout_id, timestamp, data_length)``: ``error`` is a
+        :class:`ReadoutError` code; the other values are 0 unless the
+        datagram is well formed.
+    """
+    size = len(datagram)
+    if size < HEADER_SIZE:
+        return _TOO_SHORT
+    header, readout_id, timestamp, length = _FIXED.unpack_from(datagram, 0)
+    if header != HEADER:
+        return _BAD_HEADER
+    if length != size - HEADER_SIZE:
+        return _LENGTH_MISMATCH
+    return _OK, readout_id, timestamp, length
+
+
+def readout_id_of(datagram) -> int | None:
+    """The readout id of a well-formed serialized readout, else None."""
+    error, readout_id, _timestamp, _length = parse_readout_header(datagram)
+    return None if error else readout_id
+
+
+def readout_error_message(datagram, error: int) -> str:
+    """Human-readable reason why ``datagram`` is not a serialized readout
+    (``error``: its :class:`ReadoutError` code, not OK)."""
+    size = len(datagram)
+    if error == ReadoutError.TOO_SHORT:
+        return (
+            f"{size}-byte datagram is shorter than the {HEADER_SIZE}-byte readout header"
+            f" (header, readout_id, timestamp, length)"
+        )
+    if error == ReadoutError.BAD_HEADER:
+        got = bytes(datagram[:3]).hex(" ")
+        return f"bad readout header {got} at offset 0, expected {HEADER.hex(' ')}"
+    if error == ReadoutError.LENGTH_MISMATCH:
+        declared = LENGTH_FIELD.unpack_from(datagram, LENGTH_OFFSET)[0]
+        return (
+            f"length field at offset {LENGTH_OFFSET} says {declared} data bytes, "
+            f"but {size - HEADER_SIZE} bytes follow the {HEADER_SIZE}-byte header"
+        )
+    raise ValueError(f"error={error} is not a ReadoutError code for a malformed datagram")
+
+
+def check_readout(datagram) -> tuple[int, int, int]:
+    """Check that ``datagram`` is one well-formed serialized readout.
+
+    Returns:
+        ``(readout_id, timestamp, data_length)`` of its header.
+
+    Raises:
+        MalformedReadout: too short, wrong header, or a length field that
+            disagrees with the bytes carried (:func:`readout_error_message`).
+    """
+    error, readout_id, timestamp, length = parse_readout_header(datagram)
+    if error:
+        raise MalformedReadout(readout_error_message(datagram, error))
+    return readout_id, timestamp, length
+
+
+def pack_readout_header(readout_id: int, timestamp: int, data_length: int) -> bytes:
+    """The 19-byte fixed header of a serialized readout (values not checked
+    beyond what ``struct`` refuses: they must fit u32, u64, u32)."""
+    return _FIXED.pack(HEADER, readout_id, timestamp, data_length)

@@ -8,33 +8,20 @@ numpy record array instead of a list of objects.
 
 from __future__ import annotations
 
-import struct
 import time
 from typing import BinaryIO
 
 import numpy as np
 
-from . import _backend, _reference
-from ._batch import readout_error_message
-from ._errors import MalformedReadout
-from ._format import HEADER, HEADER_SIZE, HIT_DTYPE, READOUT_UID, DecodingStatus
-from ._reference import parse_fixed
+from . import _backend
+from ._format import HEADER_SIZE, HIT_DTYPE, READOUT_UID, DecodingStatus, check_readout, pack_readout_header
+from ._validate import check_int
 
 __all__ = ["AstroPix4Readout"]
 
-_FIXED = struct.Struct("<3sIQI")
 _U32_MAX = 0xFFFFFFFF
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 _NOT_DECODED = object()
-
-
-def _check_int(name: str, value, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r} must be an integer in 0..{maximum}")
-    value = int(value)
-    if not 0 <= value <= maximum:
-        raise ValueError(f"{name}={value} is out of range; allowed: 0..{maximum}")
-    return value
 
 
 class AstroPix4Readout:
@@ -69,8 +56,8 @@ class AstroPix4Readout:
         except TypeError:
             raise TypeError(f"data={data!r:.60} must be bytes-like (bytes, bytearray, memoryview)") from None
         self._data = raw.rstrip(b"\xff")
-        self.readout_id = _check_int("readout_id", readout_id, _U32_MAX)
-        self.timestamp = _check_int("timestamp", timestamp, _U64_MAX)
+        self.readout_id = check_int("readout_id", readout_id, 0, _U32_MAX)
+        self.timestamp = check_int("timestamp", timestamp, 0, _U64_MAX)
         self._hits = None
         self._status = DecodingStatus(0)
         self._extra = None
@@ -97,14 +84,12 @@ class AstroPix4Readout:
             view = memoryview(datagram).cast("B")
         except TypeError:
             raise TypeError(f"datagram must be bytes-like, got {type(datagram).__name__}") from None
-        error, readout_id, timestamp, _length = parse_fixed(view)
-        if error:
-            raise MalformedReadout(readout_error_message(view, error))
+        readout_id, timestamp, _length = check_readout(view)
         return cls(view[HEADER_SIZE:], readout_id, timestamp)
 
     def to_bytes(self) -> bytes:
         """Serialize (spec section 1): header, id, timestamp, length, data."""
-        return _FIXED.pack(HEADER, self.readout_id, self.timestamp, len(self._data)) + self._data
+        return pack_readout_header(self.readout_id, self.timestamp, len(self._data)) + self._data
 
     def write(self, output_file: BinaryIO) -> None:
         """Write the serialized readout to a binary file in one ``write``."""
@@ -141,16 +126,7 @@ class AstroPix4Readout:
         if self._hits is not None and self._decoded_with == extra_bytes:
             return self._hits
         data = self._data
-        if _backend.use_compiled():
-            hits = np.empty(len(data) // 8 + 1, dtype=HIT_DTYPE)
-            n, flags, extra_start, dropped = _backend.compiled.decode_one(
-                data, extra_bytes, self.readout_id, self.timestamp, hits.view(np.uint8)
-            )
-            hits = hits[:n]
-        else:
-            hits, flags, extra_start, dropped = _reference.decode_data(
-                data, extra_bytes, self.readout_id, self.timestamp
-            )
+        hits, flags, extra_start, dropped = _backend.decode_one(data, extra_bytes, self.readout_id, self.timestamp)
         self._hits = hits.view(np.recarray)
         self._status = DecodingStatus(flags)
         self._extra = data[extra_start:] if extra_start >= 0 else None

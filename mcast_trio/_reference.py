@@ -20,6 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ._format import (
+    CARRY_ALWAYS,
+    CARRY_CONSECUTIVE,
+    CARRY_NEVER,
     CLOCK_CYCLES_PER_US,
     CLOCK_ROLLOVER,
     HEADER,
@@ -43,12 +46,6 @@ _NOT_USED = int(DecodingStatus.ORPHAN_BYTES_NOT_USED)
 _VALID_EXTRA = int(DecodingStatus.VALID_EXTRA_BYTES)
 _INVALID_EXTRA = int(DecodingStatus.INVALID_EXTRA_BYTES)
 _INCOMPLETE = int(DecodingStatus.INCOMPLETE_HIT_DROPPED)
-
-#: Carry modes of the batch decoders.
-CARRY_ALWAYS = 0
-CARRY_CONSECUTIVE = 1
-CARRY_NEVER = 2
-
 
 def _valid(byte: int) -> bool:
     return (byte >> 5) == 7 and byte != PADDING_BYTE
@@ -228,7 +225,9 @@ def decode_data(data: bytes, extra: bytes | None, readout_id: int, timestamp: in
 
 
 def parse_fixed(datagram) -> tuple[int, int, int, int]:
-    """Validate the fixed part of a serialized readout.
+    """Validate the fixed part of a serialized readout: the oracle's own
+    parse, independent of ``_format.parse_readout_header`` (the tests compare
+    the two).
 
     Returns ``(error, readout_id, timestamp, length)`` where ``error`` is a
     ``ReadoutError`` code; the other values are 0 unless the datagram is

@@ -35,10 +35,9 @@ try:
     from ._protocol import _kernels
 except ImportError:  # not compiled
     _kernels = None
-from ._batch import readout_error_message
 from ._counters import counters_for
-from ._errors import MalformedReadout, unwrap_single
-from ._format import HEADER
+from ._errors import unwrap_single
+from ._format import HEADER, check_readout
 from ._protocol._framings import Framing, lookup_framing
 from ._protocol._mcl import MclEncoder
 from ._protocol._message import MAX_UDP_PAYLOAD, as_payload
@@ -46,11 +45,10 @@ from ._protocol._native import NativeEncoder
 from ._protocol._raw import encode_raw
 from ._validate import check_int
 from ._io._net import current_network
-from ._reference import parse_fixed
 
 # The compiled check of a list of serialized readouts (header, length field,
 # at most 65507 bytes): the quick test of the common case; what it refuses
-# goes through parse_fixed, which says what is wrong.
+# goes through check_readout, which says what is wrong.
 _raw_readouts = _kernels.raw_datagrams if _kernels is not None else None
 
 __all__ = ["MulticastSender", "SenderStatistics", "open_sender", "serve_sender"]
@@ -60,14 +58,6 @@ _FRAMINGS = ("auto", "raw", "native", "mcl")
 _MAX_PER_CALL = 1024  # datagrams handed to one sendmmsg call
 #: Datagrams callers may send directly between two schedule points.
 _DIRECT_BURST = 64
-
-
-def _check_readout(payload) -> None:
-    """Raise MalformedReadout unless ``payload`` (bytes or a flat byte view)
-    is one well-formed serialized readout (the header parse of ``_reference``)."""
-    error = parse_fixed(payload)[0]
-    if error:
-        raise MalformedReadout(readout_error_message(payload, error))
 
 
 def _serialized(readout):
@@ -183,7 +173,7 @@ class MulticastSender:
             if payload[:3] == HEADER:
                 # A serialized readout goes raw; one that begins like a
                 # readout but is malformed is refused, not framed silently.
-                _check_readout(payload)
+                check_readout(payload)
                 return encode_raw(payload)
             return self._encoder.encode(payload, self._topic)
         return self._encoder.encode(data, topic if topic is not None else self._topic)
@@ -282,7 +272,7 @@ class MulticastSender:
         if raw and type(data) is bytes and _raw_readouts is not None and _raw_readouts([data], True):
             datagrams = [data]  # the common case, checked in C
         else:
-            _check_readout(data)
+            check_readout(data)
             datagrams = encode_raw(data) if raw else self._encoder.encode(bytes(data), self._topic)
         await self._submit(datagrams, 1)
 

@@ -61,7 +61,8 @@ except ImportError:  # pragma: no cover - not compiled
     _HAVE_MMSG = False
     _send_readout_c = None
 from ._readout import AstroPix4Readout
-from ._protocol._tracking import SenderStats, SenderTable, _check_int
+from ._protocol._tracking import SenderStats, SenderTable
+from ._validate import check_int
 
 __all__ = [
     "AstroPix4Readout",
@@ -325,8 +326,8 @@ class MulticastReceiver:
         self._spec = _groups.resolve_group(group, port, interface=interface, source=source,
                                             allow_unicast=allow_unicast,
                                             allow_control_groups=allow_control_groups)
-        _check_int("max_senders", max_senders, 1, 1 << 20)
-        _check_int("loss_window", loss_window, 1, 1 << 16)
+        check_int("max_senders", max_senders, 1, 1 << 20)
+        check_int("loss_window", loss_window, 1, 1 << 16)
         self._senders: SenderTable = SenderTable(max_senders, window=loss_window)
         self._timeout = _sockets.check_timeout(timeout)
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(
@@ -360,10 +361,7 @@ class MulticastReceiver:
             OSError: the receiver is closed, or the socket failed.
             ValueError, TypeError: ``max_size`` is invalid.
         """
-        if isinstance(max_size, bool) or not isinstance(max_size, int):
-            raise TypeError(f"max_size={max_size!r} is not an integer; allowed: 1..65535")
-        if not 1 <= max_size <= 65535:
-            raise ValueError(f"max_size={max_size!r} is out of range; allowed: 1..65535")
+        check_int("max_size", max_size, 1, 65535)
         sock = self._sock
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         try:

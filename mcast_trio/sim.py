@@ -57,8 +57,10 @@ from ._format import (
     HIT_SIZE,
     IDLE_BYTE,
     PADDING_BYTE,
+    READOUT_HEADER_DTYPE,
 )
 from ._readout import AstroPix4Readout
+from ._validate import check_bool, check_choice, check_int, check_number
 
 __all__ = ["DaqSimulator", "SimBatch", "TOT_DISTRIBUTIONS", "MAX_ROWS", "MAX_COLUMNS"]
 
@@ -80,8 +82,6 @@ _MAX_PAD_RUN = 3
 _MOYAL_MEAN = 0.5772156649015329 + math.log(2.0)
 _REVERSE = np.array([int(f"{i:08b}"[::-1], 2) for i in range(256)], dtype=np.uint8)
 _VALID_START = np.array([(b >> 5) == 7 and b != PADDING_BYTE for b in range(256)], dtype=bool)
-_FIXED_DTYPE = np.dtype([("header", "S3"), ("readout_id", "<u4"), ("timestamp", "<u8"), ("length", "<u4")])
-assert _FIXED_DTYPE.itemsize == HEADER_SIZE
 _BIT_FIELD_NAMES = tuple(HIT_BIT_FIELDS)
 # Fields copied from the drawn hits into the ground truth.
 _TRUTH_FIELDS = _BIT_FIELD_NAMES + ("ts_dec1", "ts_dec2")
@@ -90,26 +90,15 @@ _TRUTH_FIELDS = _BIT_FIELD_NAMES + ("ts_dec1", "ts_dec2")
 # -- argument checks -----------------------------------------------------------
 
 
-def _int_arg(name: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
-    allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r} must be an integer; allowed: {allowed}{why}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name}={value} is out of range; allowed: {allowed}{why}")
-    return value
-
-
-def _float_arg(name: str, value, lo: float, hi: float | None = None, *, lo_open: bool = False) -> float:
-    allowed = (f"> {lo}" if lo_open else f">= {lo}") if hi is None else (
-        f"{'(' if lo_open else '['}{lo}, {hi}]"
+def _real(name: str, value, low: float, high: float | None = None, *, low_open: bool = False) -> float:
+    """``value`` as a float in ``low..high`` (interval notation in the
+    message); the range is checked on the float, so the message of an
+    integer argument shows it as the float it became (``-1.0``)."""
+    allowed = (f"> {low}" if low_open else f">= {low}") if high is None else (
+        f"{'(' if low_open else '['}{low}, {high}]"
     )
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}={value!r} must be a number; allowed: {allowed}")
-    value = float(value)
-    if not math.isfinite(value) or value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
-    return value
+    number = check_number(name, value, allowed=allowed)
+    return check_number(name, number, low, high, low_open=low_open, allowed=allowed)
 
 
 # -- the bits of a hit ---------------------------------------------------------
@@ -281,53 +270,49 @@ class DaqSimulator:
         jitter_ns: int = 0,
         keep_truth: bool = False,
     ) -> None:
-        self.rows = _int_arg("rows", rows, 1, MAX_ROWS, " (the row field of a hit is 5 bits wide)")
-        self.columns = _int_arg(
-            "columns", columns, 1, MAX_COLUMNS, " (the column field of a hit is 5 bits wide)"
+        self.rows = check_int("rows", rows, 1, MAX_ROWS,
+                              allowed=f"1..{MAX_ROWS} (the row field of a hit is 5 bits wide)")
+        self.columns = check_int("columns", columns, 1, MAX_COLUMNS,
+                                 allowed=f"1..{MAX_COLUMNS} (the column field of a hit is 5 bits wide)")
+        self.chip_id = check_int(
+            "chip_id", chip_id, 0, MAX_CHIP_ID,
+            allowed=f"0..{MAX_CHIP_ID} (chip id 31 would make the start byte ff, the padding byte)",
         )
-        self.chip_id = _int_arg(
-            "chip_id", chip_id, 0, MAX_CHIP_ID, " (chip id 31 would make the start byte ff, the padding byte)"
-        )
-        self.period_ns = _int_arg("period_ns", period_ns, 1)
+        self.period_ns = check_int("period_ns", period_ns, 1)
         if mean_hits is not None and hit_rate is not None:
             raise ValueError(
                 f"mean_hits={mean_hits!r} and hit_rate={hit_rate!r} were both given; allowed: at most one"
             )
         if hit_rate is not None:
-            rate = _float_arg("hit_rate", hit_rate, 0.0)
+            rate = _real("hit_rate", hit_rate, 0.0)
             mean_hits = rate * self.period_ns / 1e9
         elif mean_hits is None:
             mean_hits = 2.0
-        self.mean_hits = _float_arg("mean_hits", mean_hits, 0.0, 1e6)
-        if tot_distribution not in TOT_DISTRIBUTIONS:
-            raise ValueError(
-                f"tot_distribution={tot_distribution!r} is not supported; allowed: "
-                + ", ".join(map(repr, TOT_DISTRIBUTIONS))
-            )
-        self.tot_distribution = tot_distribution
-        self.tot_mean_us = _float_arg("tot_mean_us", tot_mean_us, 0.0, MAX_TOT_CYCLES / CLOCK_CYCLES_PER_US, lo_open=True)
-        self.tot_shape = _float_arg("tot_shape", tot_shape, 0.0, lo_open=True)
+        self.mean_hits = _real("mean_hits", mean_hits, 0.0, 1e6)
+        self.tot_distribution = check_choice("tot_distribution", tot_distribution, TOT_DISTRIBUTIONS,
+                                             what="supported")
+        self.tot_mean_us = _real("tot_mean_us", tot_mean_us, 0.0, MAX_TOT_CYCLES / CLOCK_CYCLES_PER_US, low_open=True)
+        self.tot_shape = _real("tot_shape", tot_shape, 0.0, low_open=True)
         if tot_sigma_us is None:
             tot_sigma_us = self.tot_mean_us / 4
-        self.tot_sigma_us = _float_arg("tot_sigma_us", tot_sigma_us, 0.0, lo_open=True)
-        self.split_fraction = _float_arg("split_fraction", split_fraction, 0.0, 1.0)
-        self.padding_fraction = _float_arg("padding_fraction", padding_fraction, 0.0, 1.0)
-        self.max_idle_gap = _int_arg("max_idle_gap", max_idle_gap, 0, 1024)
-        self.lead_idles = _int_arg("lead_idles", lead_idles, 0, 1024)
-        self.trailing_idles = _int_arg(
-            "trailing_idles", trailing_idles, 1, 1024, " (a hit ending with ff must not look like padding)"
+        self.tot_sigma_us = _real("tot_sigma_us", tot_sigma_us, 0.0, low_open=True)
+        self.split_fraction = _real("split_fraction", split_fraction, 0.0, 1.0)
+        self.padding_fraction = _real("padding_fraction", padding_fraction, 0.0, 1.0)
+        self.max_idle_gap = check_int("max_idle_gap", max_idle_gap, 0, 1024)
+        self.lead_idles = check_int("lead_idles", lead_idles, 0, 1024)
+        self.trailing_idles = check_int(
+            "trailing_idles", trailing_idles, 1, 1024,
+            allowed="1..1024 (a hit ending with ff must not look like padding)",
         )
         if readout_size is not None:
-            readout_size = _int_arg("readout_size", readout_size, 1, 2**31 - 1)
+            readout_size = check_int("readout_size", readout_size, 1, 2**31 - 1)
         self.readout_size = readout_size
-        self.start_id = _int_arg("start_id", start_id, 0, _U32 - 1)
+        self.start_id = check_int("start_id", start_id, 0, _U32 - 1)
         if start_ns is None:
             start_ns = time.time_ns()
-        self.start_ns = _int_arg("start_ns", start_ns, 0, _U64_MAX)
-        self.jitter_ns = _int_arg("jitter_ns", jitter_ns, 0, self.period_ns - 1)
-        if not isinstance(keep_truth, bool):
-            raise TypeError(f"keep_truth={keep_truth!r} must be a bool")
-        self.keep_truth = keep_truth
+        self.start_ns = check_int("start_ns", start_ns, 0, _U64_MAX)
+        self.jitter_ns = check_int("jitter_ns", jitter_ns, 0, self.period_ns - 1)
+        self.keep_truth = check_bool("keep_truth", keep_truth)
         self._rng = np.random.default_rng(seed)
         self._count = 0  # readouts generated so far
         self._hits = 0  # hits recorded in the truth so far
@@ -374,7 +359,7 @@ class DaqSimulator:
             SimBatch: the serialized readouts in one buffer, their ids and
             timestamps, and the ground-truth hits.
         """
-        n = _int_arg("n", n, 0)
+        n = check_int("n", n, 0)
         batch = self._generate(n)
         if self.keep_truth:
             self._truth_parts.append(np.asarray(batch.truth))
@@ -397,8 +382,8 @@ class DaqSimulator:
         so ``itertools.islice(sim.stream(batch_size=b), k)`` is reproducible.
         """
         if n is not None:
-            n = _int_arg("n", n, 0)
-        batch_size = _int_arg("batch_size", batch_size, 1)
+            n = check_int("n", n, 0)
+        batch_size = check_int("batch_size", batch_size, 1)
         left = n
         while left is None or left > 0:
             size = batch_size if left is None else min(batch_size, left)
@@ -570,7 +555,7 @@ class DaqSimulator:
         if self.jitter_ns:
             timestamps += rng.integers(0, self.jitter_ns, n).astype(np.uint64)
 
-        fixed = np.zeros(n, dtype=_FIXED_DTYPE)
+        fixed = np.zeros(n, dtype=READOUT_HEADER_DTYPE)
         fixed["header"] = HEADER
         fixed["readout_id"] = ids
         fixed["timestamp"] = timestamps

@@ -18,6 +18,8 @@ from libc.errno cimport EINTR
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 
+from mcast_trio._readout_header cimport READOUT_HEADER_SIZE, write_readout_header
+
 import os as _os
 
 cdef extern from *:
@@ -183,24 +185,17 @@ cdef extern from *:
         return (long)sent;
     }
 
-    /* One serialized AstroPix readout (spec section 1: fe dc ba, u32 id,
-       u64 timestamp, u32 length, all little-endian, then the data) sent as
-       one datagram on a connected socket with sendmsg and two iovecs: the
-       19-byte header built here and the data where it lies, no copy. Blocks
-       as the socket does (flags 0). Returns bytes sent or -errno. */
-    static long mt_send_readout(int fd, const uint8_t *data, size_t len,
-                                uint32_t readout_id, uint64_t timestamp)
+    /* One datagram of two parts, sent on a connected socket with sendmsg
+       and two iovecs: a header (a serialized readout's, built by the caller)
+       and the data where it lies, no copy. Blocks as the socket does
+       (flags 0). Returns bytes sent or -errno. */
+    static long mt_send_readout(int fd, const uint8_t *header, size_t header_len,
+                                const uint8_t *data, size_t len)
     {
-        uint8_t h[19];
         struct iovec iov[2];
         struct msghdr msg;
         ssize_t r;
-        int i;
-        h[0] = 0xfe; h[1] = 0xdc; h[2] = 0xba;
-        for (i = 0; i < 4; i++) h[3 + i] = (uint8_t)(readout_id >> (8 * i));
-        for (i = 0; i < 8; i++) h[7 + i] = (uint8_t)(timestamp >> (8 * i));
-        for (i = 0; i < 4; i++) h[15 + i] = (uint8_t)((uint64_t)len >> (8 * i));
-        iov[0].iov_base = h; iov[0].iov_len = sizeof(h);
+        iov[0].iov_base = (void *)header; iov[0].iov_len = header_len;
         iov[1].iov_base = (void *)data; iov[1].iov_len = len;
         memset(&msg, 0, sizeof(msg));
         msg.msg_iov = iov;
@@ -222,8 +217,8 @@ cdef extern from *:
     static long mt_send(int fd, void **ptrs, const size_t *lens, size_t n,
                         const void *name, size_t namelen)
     { return -ENOSYS; }
-    static long mt_send_readout(int fd, const uint8_t *data, size_t len,
-                                uint32_t readout_id, uint64_t timestamp)
+    static long mt_send_readout(int fd, const uint8_t *header, size_t header_len,
+                                const uint8_t *data, size_t len)
     { return -ENOSYS; }
     #endif
     """
@@ -239,8 +234,8 @@ cdef extern from *:
                    uint8_t *addr, uint16_t *ports, uint32_t *scopes, int64_t *drops) nogil
     long mt_send(int fd, void **ptrs, const size_t *lens, size_t n,
                  const void *name, size_t namelen) nogil
-    long mt_send_readout(int fd, const uint8_t *data, size_t len, uint32_t readout_id,
-                         uint64_t timestamp) nogil
+    long mt_send_readout(int fd, const uint8_t *header, size_t header_len,
+                         const uint8_t *data, size_t len) nogil
 
 #: Whether this build has recvmmsg/sendmmsg (Linux).
 HAVE_MMSG = bool(MT_HAVE_MMSG)
@@ -448,14 +443,17 @@ def send_readout(int fd, bytes data, uint32_t readout_id, uint64_t timestamp):
     """
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
+    cdef uint8_t header[READOUT_HEADER_SIZE]
     cdef long r
     if not MT_HAVE_MMSG:
         raise NotImplementedError("send_readout is not available on this platform")
-    if n > 65507 - 19:
-        raise ValueError(f"data has {n} bytes; a readout datagram carries at most {65507 - 19}")
+    if n > 65507 - READOUT_HEADER_SIZE:
+        raise ValueError(f"data has {n} bytes; a readout datagram carries at most"
+                         f" {65507 - READOUT_HEADER_SIZE}")
+    write_readout_header(header, readout_id, timestamp, <uint32_t>n)
     while True:
         with nogil:
-            r = mt_send_readout(fd, p, <size_t>n, readout_id, timestamp)
+            r = mt_send_readout(fd, header, READOUT_HEADER_SIZE, p, <size_t>n)
         if r != -EINTR:
             break
         PyErr_CheckSignals()

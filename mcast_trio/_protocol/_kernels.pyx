@@ -12,13 +12,14 @@ loops over plain arrays without the GIL. This module is private: the
 receiver, the sender and :mod:`mcast_trio._protocol._tracking` call it.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcmp, memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
+from mcast_trio._readout_header cimport READOUT_OK, parse_readout_header
+
 cdef enum:
     _MAX_UDP_PAYLOAD = 65507  # IPv4: 65535 - 20 (IP header) - 8 (UDP header)
-    _HEADER_SIZE = 19
 
 
 def batch_summary(const int64_t[::1] lengths not None, const uint8_t[::1] truncated not None,
@@ -94,23 +95,16 @@ def raw_datagrams(list items not None, bint readouts):
     (header ``fe dc ba``, length field = size - 19): such a list can be sent
     as it is, one datagram per item, in raw (and auto) framing."""
     cdef Py_ssize_t n
-    cdef const uint8_t *p
     cdef object obj
-    cdef uint32_t declared
+    cdef uint32_t readout_id
+    cdef uint64_t timestamp
     for obj in items:
         if type(obj) is not bytes:
             return False
         n = PyBytes_GET_SIZE(obj)
         if n > _MAX_UDP_PAYLOAD:
             return False
-        if readouts:
-            if n < _HEADER_SIZE:
-                return False
-            p = <const uint8_t *>PyBytes_AS_STRING(obj)
-            if p[0] != 0xfe or p[1] != 0xdc or p[2] != 0xba:
-                return False
-            declared = (p[15] | (<uint32_t>p[16] << 8) | (<uint32_t>p[17] << 16)
-                        | (<uint32_t>p[18] << 24))
-            if declared != <uint32_t>(n - _HEADER_SIZE):
-                return False
+        if readouts and parse_readout_header(<const uint8_t *>PyBytes_AS_STRING(obj), n,
+                                             &readout_id, &timestamp) != READOUT_OK:
+            return False
     return True

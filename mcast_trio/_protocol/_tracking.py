@@ -47,6 +47,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .._validate import check_int
+
 __all__ = [
     "FIRST",
     "NEW",
@@ -68,14 +70,6 @@ RESTART = "restart"
 _MAX_WINDOW = 1 << 16
 _MIN_MODULUS = 16
 _MAX_MODULUS = 1 << 64
-
-
-def _check_int(name: str, value: object, low: int, high: int, high_text: str | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int; allowed: {low}..{high_text or high}")
-    if not low <= value <= high:
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {low}..{high_text or high}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,12 +160,12 @@ class SequenceTracker:
         restart_threshold: int | None = None,
         modulus: int = 1 << 32,
     ) -> None:
-        _check_int("modulus", modulus, _MIN_MODULUS, _MAX_MODULUS, "2**64")
+        modulus = check_int("modulus", modulus, _MIN_MODULUS, _MAX_MODULUS, allowed=f"{_MIN_MODULUS}..2**64")
         half = modulus // 2
-        _check_int("window", window, 1, min(_MAX_WINDOW, half - 1))
+        window = check_int("window", window, 1, min(_MAX_WINDOW, half - 1))
         if restart_threshold is None:
             restart_threshold = min(1 << 20, modulus // 4)
-        _check_int("restart_threshold", restart_threshold, 1, half - 1)
+        restart_threshold = check_int("restart_threshold", restart_threshold, 1, half - 1)
         self._window = window
         self._threshold = restart_threshold
         self._modulus = modulus
@@ -375,7 +369,7 @@ class SenderTable(Generic[K]):
         restart_threshold: int | None = None,
         modulus: int = 1 << 32,
     ) -> None:
-        _check_int("max_senders", max_senders, 1, 1 << 20, "2**20")
+        check_int("max_senders", max_senders, 1, 1 << 20, allowed="1..2**20")
         # Validate the tracker arguments now rather than at the first arrival.
         SequenceTracker(window, restart_threshold, modulus)
         self._max_senders = max_senders
