@@ -15,7 +15,7 @@ script ports by changing its imports::
     hits = readout.decode()
 
 It is blocking code, like the original: no trio, no ``async``. It shares the
-socket layer (:mod:`mcast_trio._sockets`: validation, loopback by default,
+socket layer (:mod:`mcast_trio._io`: validation, loopback by default,
 port sharing) and the readout class and compiled decoder
 (:class:`~mcast_trio.AstroPix4Readout`) with the rest of mcast_trio, and
 adds what the originals lack:

@@ -42,7 +42,7 @@ __all__ = [
     "veth_problem",
 ]
 
-from .. import _fixup_module_metadata  # noqa: E402
+from .._metadata import fixup_module_metadata  # noqa: E402
 
-_fixup_module_metadata(globals(), __all__, "mcast_trio.testing")
+fixup_module_metadata(globals(), __all__, "mcast_trio.testing")
 
