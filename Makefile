@@ -45,6 +45,7 @@ bench: install
 	$(NETNS) $(VPY) benchmarks/bench_decode.py
 	$(NETNS) $(VPY) benchmarks/bench_transport.py
 	$(NETNS) $(VPY) benchmarks/bench_send.py
+	$(NETNS) $(VPY) benchmarks/bench_receive_path.py
 
 docs: install
 	$(VPY) -m pip install -q ".[docs]"

@@ -53,10 +53,6 @@ OVERFLOW_POLICIES = ("drop_oldest", "drop_newest", "block")
 _FRAMINGS = ("raw", "native", "mcl", "auto")
 
 
-def _item_size(item) -> int:
-    return len(item)
-
-
 class ReceiverService:
     """The state of one running receive task; :func:`serve_receiver` passes it
     to ``task_status.started()`` when it was given a ``send_channel``.
@@ -69,6 +65,8 @@ class ReceiverService:
         readout_class: the readout class, or None (message mode).
         overflow: the overflow policy in force.
         joined: a :class:`trio.Event`, set once the group is joined.
+        pipeline: the sans-I/O receive pipeline the task feeds (its
+            ``counters`` are the live counters).
     """
 
     def __init__(self, config: "_Config", send_channel, drop_channel=None) -> None:
@@ -116,7 +114,7 @@ class ReceiverService:
                            task_status=task_status, started=started)
 
     def _count_dropped(self, item) -> None:
-        self._counters.dropped += _item_size(item)
+        self._counters.dropped += len(item)  # datagrams (readouts) or messages
         self._counters.dropped_chunks += 1
 
     async def _deliver(self, item) -> None:

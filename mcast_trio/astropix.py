@@ -61,7 +61,8 @@ except ImportError:  # pragma: no cover - not compiled
     _HAVE_MMSG = False
     _send_readout_c = None
 from ._readout import AstroPix4Readout
-from ._protocol._tracking import SenderStats, SenderTable
+from ._counters import counters_for
+from ._protocol._tracking import SenderStats, SenderTable, sender_totals
 from ._validate import check_int
 
 __all__ = [
@@ -126,6 +127,9 @@ class ReceiverStatistics:
     senders: Mapping[Any, SenderStats] = field(default_factory=dict)
     rcvbuf: int = 0
     last_error: str | None = None
+
+
+_ReceiverCounters = counters_for(ReceiverStatistics)
 
 
 class MulticastSender:
@@ -332,12 +336,7 @@ class MulticastReceiver:
         self._timeout = _sockets.check_timeout(timeout)
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(
             self._spec, rcvbuf=rcvbuf, timeout=self._timeout)
-        self._datagrams = 0
-        self._bytes = 0
-        self._readouts = 0
-        self._malformed = 0
-        self._truncated = 0
-        self._last_error: str | None = None
+        self._c = _ReceiverCounters()
 
     @property
     def spec(self) -> _groups.GroupSpec:
@@ -377,20 +376,20 @@ class MulticastReceiver:
                 except TimeoutError:
                     raise TimeoutError(f"no readout from {self._spec} within"
                                        f" timeout={self._timeout} s") from None
-                self._datagrams += 1
-                self._bytes += len(data)
+                self._c.datagrams += 1
+                self._c.bytes += len(data)
                 if flags & _MSG_TRUNC:
-                    self._truncated += 1
-                    self._last_error = (f"a datagram from {address} longer than max_size={max_size}"
+                    self._c.truncated += 1
+                    self._c.last_error = (f"a datagram from {address} longer than max_size={max_size}"
                                         " bytes was truncated and skipped")
                     continue
                 try:
                     readout = self._readout_class.from_bytes(data)
                 except _BAD_BYTES as exc:
-                    self._malformed += 1
-                    self._last_error = f"{exc} (datagram of {len(data)} bytes from {address})"
+                    self._c.malformed += 1
+                    self._c.last_error = f"{exc} (datagram of {len(data)} bytes from {address})"
                     continue
-                self._readouts += 1
+                self._c.readouts += 1
                 readout_id = getattr(readout, "readout_id", None)
                 if readout_id is not None:
                     self._senders.observe(address, int(readout_id) & 0xFFFFFFFF)
@@ -402,21 +401,9 @@ class MulticastReceiver:
     def statistics(self) -> ReceiverStatistics:
         """A frozen snapshot of the counters (see :class:`ReceiverStatistics`)."""
         senders = self._senders.snapshot()
-        return ReceiverStatistics(
-            datagrams=self._datagrams,
-            bytes=self._bytes,
-            readouts=self._readouts,
-            malformed=self._malformed,
-            truncated=self._truncated,
-            kernel_drops=_sockets.socket_drop_count(self._sock),
-            lost=sum(s.lost for s in senders.values()),
-            duplicates=sum(s.duplicates for s in senders.values()),
-            reordered=sum(s.reordered for s in senders.values()),
-            restarts=sum(s.restarts for s in senders.values()),
-            senders=MappingProxyType(senders),
-            rcvbuf=self._rcvbuf,
-            last_error=self._last_error,
-        )
+        return self._c.snapshot(kernel_drops=_sockets.socket_drop_count(self._sock),
+                                senders=MappingProxyType(senders), rcvbuf=self._rcvbuf,
+                                **sender_totals(senders))
 
     def set_option(self, level: int, option: int, value: int | bytes) -> None:
         """Set a socket option (``setsockopt``) on the underlying socket.

@@ -41,7 +41,7 @@ from ._message import Message
 from ._native import NativeDecoder, parse_header
 from ._reassembly import ReassemblyStats
 from ._kernels import batch_summary, gather
-from ._tracking import SenderStats, SenderTable
+from ._tracking import SenderStats, SenderTable, sender_totals
 
 __all__ = ["ReceivePipeline", "ReadoutChunk", "ReceiverStatistics"]
 
@@ -268,11 +268,8 @@ class ReceivePipeline:
         decoder = self._decoder
         return c.snapshot(
             filtered=c.filtered + (decoder.filtered if isinstance(decoder, NativeDecoder) else 0),
-            lost=sum(s.lost for s in senders.values()),
-            duplicates=sum(s.duplicates for s in senders.values()),
-            reordered=sum(s.reordered for s in senders.values()),
-            restarts=sum(s.restarts for s in senders.values()),
             senders=MappingProxyType(senders),
+            **sender_totals(senders),
             reassembly=decoder.stats if decoder is not None else None,
         )
 
@@ -324,15 +321,18 @@ class ReceivePipeline:
             view = memoryview(batch.buffer)
             rejected = []
             clock = self.clock
+            deadline = self.deadline
+            accept = self._accept
             for i in range(n):
                 if not keep[i]:
                     continue
-                if clock() >= self.deadline:
+                if clock() >= deadline:
                     # A slow filter: pause between datagrams, not only
-                    # between batches.
+                    # between batches (the driver sets a new deadline).
                     yield
+                    deadline = self.deadline
                 payload = view[offsets[i]:offsets[i] + lengths[i]].tobytes()
-                if not self._accept(None, payload, _source(batch, i)):
+                if not accept(None, payload, _source(batch, i)):
                     keep[i] = False
                     c.filtered += 1
                     rid = readout_id_of(payload)
@@ -405,14 +405,17 @@ class ReceivePipeline:
         native = isinstance(decoder, NativeDecoder)
         readout_mode = self.readout_class is not None
         clock = self.clock
+        deadline = self.deadline
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
                 continue
-            if clock() >= self.deadline:
+            if clock() >= deadline:
                 # Datagrams slow to parse (an MCL "array bomb") or a slow
-                # filter: pause between datagrams, not only between batches.
+                # filter: pause between datagrams, not only between batches
+                # (the driver sets a new deadline).
                 resumed = yield
+                deadline = self.deadline
                 if resumed is not None:
                     now = resumed
             datagram = view[offsets[i]:offsets[i] + lengths[i]]

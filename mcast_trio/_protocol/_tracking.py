@@ -43,13 +43,14 @@ Meaning of the counters (all cumulative over restarts):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .._validate import check_int
 
 __all__ = [
+    "sender_totals",
     "FIRST",
     "NEW",
     "DUPLICATE",
@@ -341,6 +342,19 @@ class SequenceTracker:
 
 
 K = TypeVar("K", bound=Hashable)
+
+
+def sender_totals(senders: Mapping[Any, SenderStats]) -> dict[str, int]:
+    """The ``lost``, ``duplicates``, ``reordered`` and ``restarts`` of
+    ``senders`` (a :meth:`SenderTable.snapshot`), summed: the receivers'
+    statistics report these totals next to the per-sender records."""
+    values = senders.values()
+    return {
+        "lost": sum(s.lost for s in values),
+        "duplicates": sum(s.duplicates for s in values),
+        "reordered": sum(s.reordered for s in values),
+        "restarts": sum(s.restarts for s in values),
+    }
 
 
 class SenderTable(Generic[K]):
