@@ -46,7 +46,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "Thumbs.db", ".DS_Store"]
 templates_path: list[str] = []
 
 # Unresolvable references (numpy, trio, stdlib types in signatures) are not
