@@ -63,6 +63,8 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
         BoolArgumentError: a bool.
         ValueError: out of range.
     """
+    if type(value) is int and (low is None or value >= low) and (high is None or value <= high):
+        return value  # the common case, without building a message
     text = allowed or _range_text(low, high)
     if isinstance(value, bool):
         raise BoolArgumentError(f"{name}={value!r} must be an integer (a bool is not an integer here);"
@@ -87,6 +89,16 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         BoolArgumentError: a bool.
         ValueError: NaN, infinite or out of range.
     """
+    number = None
+    if not isinstance(value, (bool, str, bytes)) and hasattr(value, "__float__"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+    if (number is not None and math.isfinite(number)
+            and (low is None or (number > low if low_open else number >= low))
+            and (high is None or number <= high)):
+        return number  # the common case, without building a message
     if allowed is None:
         if low_open and low is not None:
             allowed = f"finite and > {low}" + (f" and <= {high}" if high is not None else "")
@@ -95,18 +107,10 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     if isinstance(value, bool):
         raise BoolArgumentError(f"{name}={value!r} must be a number (a bool is not a number here);"
                                 f" allowed: {allowed}")
-    kind = f"{name}={value!r} must be a number (a {type(value).__name__} is not a number); allowed: {allowed}"
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-        raise TypeError(kind)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(kind) from None
-    if (not math.isfinite(number)
-            or (low is not None and (number <= low if low_open else number < low))
-            or (high is not None and number > high)):
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
-    return number
+    if number is None:
+        raise TypeError(f"{name}={value!r} must be a number (a {type(value).__name__} is not a number);"
+                        f" allowed: {allowed}")
+    raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
 def check_bool(name: str, value: Any) -> bool:
