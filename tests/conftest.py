@@ -49,3 +49,26 @@ def astropix_data() -> pathlib.Path:
             "holding 20250723_092534_data.apx/.csv from astropix-analysis' tests/data)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def mcast_trio_cli() -> list[str]:
+    """The argv prefix that runs the ``mcast-trio`` command as a user runs it.
+
+    Under ``make test`` the installed console script (next to this Python);
+    from a source tree (``PYTHONPATH`` set to it) ``python -m mcast_trio.cli``.
+    Tests run it with :mod:`subprocess` inside the test run's private network
+    namespace, so its datagrams stay there.
+    """
+    import shutil
+    import sys
+
+    if os.environ.get("MCAST_TRIO_REQUIRE_INSTALLED") == "1":
+        script = pathlib.Path(sys.executable).parent / "mcast-trio"
+        if not script.exists():
+            found = shutil.which("mcast-trio")
+            if found is None:
+                raise pytest.UsageError("the mcast-trio console script is not installed")
+            script = pathlib.Path(found)
+        return [str(script)]
+    return [sys.executable, "-m", "mcast_trio.cli"]

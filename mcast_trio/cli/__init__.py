@@ -1,0 +1,38 @@
+"""``mcast-trio``: the command-line tools for a DAQ shift.
+
+One program with subcommands (``mcast-trio --help``): ``simulate``,
+``replay``, ``listen``, ``record``, ``monitor``, ``decode``, ``info``,
+``check``, ``plot``, ``probe``, ``bench`` and ``demo``. Built on the library's
+public API with click (command line) and rich (terminal), which come with the
+``cli`` extra: ``pip install 'mcast_trio[cli]'``.
+
+Exit codes: 0 success (also after Ctrl-C or SIGTERM ended a command that runs
+until stopped), 1 failure (a busy port, a missing or damaged file, ...), 2
+usage (an invalid option; the message names it, as the library does).
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mcast-trio`` with ``argv`` (default: the process arguments);
+    return the exit code."""
+    try:
+        import click  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as exc:
+        print(f"mcast-trio: error: the command-line tools need the 'cli' extra ({exc.name} is missing):"
+              " pip install 'mcast_trio[cli]'", file=sys.stderr)
+        return 1
+    from ._app import cli
+
+    try:
+        cli.main(args=argv, prog_name="mcast-trio", standalone_mode=True)
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

@@ -1,0 +1,43 @@
+"""The ``mcast-trio`` click group; every subcommand lives in its own module
+and is added here."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .. import __version__
+
+#: The subcommand modules, in the order ``--help`` lists them; each defines
+#: ``COMMANDS``, a list of click commands.
+_MODULES = ("_simulate", "_replay", "_listen", "_record", "_monitor", "_files", "_probe", "_bench",
+            "_demo")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mcast-trio")
+def cli() -> None:
+    """Multicast AstroPix readouts to passive monitors, and watch them.
+
+    \b
+    Examples:
+      mcast-trio simulate --rate 1000              # a DAQ stand-in
+      mcast-trio monitor                           # the live monitor
+      mcast-trio record run.apx --rotate-size 1GB  # record what arrives
+      mcast-trio decode run.apx --to csv           # hits as a table
+
+    Every network command takes --group/--port/--interface (loopback by
+    default); `mcast-trio COMMAND --help` says more.
+    """
+
+
+for _name in _MODULES:
+    try:
+        _module = importlib.import_module(f".{_name}", __package__)
+    except ModuleNotFoundError as exc:  # a subcommand not written yet
+        if exc.name != f"{__package__}.{_name}":
+            raise
+        continue
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)
