@@ -36,6 +36,34 @@ def _framings_table() -> None:
 
 _framings_table()
 
+
+def _cli_reference() -> None:
+    """Write every ``mcast-trio`` subcommand's ``--help`` (the click commands
+    themselves) as reStructuredText for ``cli.rst`` to include, so the page
+    cannot drift from the program."""
+    import pathlib
+
+    import click
+
+    from mcast_trio.cli._app import cli
+
+    root = click.Context(cli, info_name="mcast-trio", terminal_width=100, max_content_width=100)
+    lines = []
+    for name in cli.list_commands(root):
+        command = cli.get_command(root, name)
+        title = f"mcast-trio {name}"
+        lines += [title, "-" * len(title), "", ".. code-block:: text", ""]
+        help_text = command.get_help(click.Context(command, info_name=name, parent=root,
+                                                   terminal_width=100, max_content_width=100))
+        lines += [("   " + line).rstrip() for line in help_text.splitlines()]
+        lines.append("")
+    out = pathlib.Path(__file__).parent / "_generated"
+    out.mkdir(exist_ok=True)
+    (out / "cli.rst").write_text("\n".join(lines) + "\n")
+
+
+_cli_reference()
+
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
