@@ -130,39 +130,53 @@ async def test_record_then_decode_equals_the_simulator_truth(mcast_trio_cli, tmp
         assert got == batch.truth[name].tolist(), name
 
 
-async def test_sigterm_mid_stream_loses_no_received_readout(mcast_trio_cli, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_mid_stream_loses_no_received_readout(mcast_trio_cli, tmp_path, signum):
     group, port = _endpoint()
     out = tmp_path / "term.apx"
     sim = DaqSimulator(seed=12, mean_hits=2.0)
     sent: list[bytes] = []
-    process = await _start(mcast_trio_cli, str(out), "-g", f"{group}:{port}", "--json")
+    process = await _start(mcast_trio_cli, str(out), "-g", f"{group}:{port}", "--json", "--status", "0.02", "--fsync")
     await _poll(lambda: _ready(out), what="the recorder to start")
+    stderr = bytearray()
 
     async def daq(task_status=trio.TASK_STATUS_IGNORED):
         async with open_sender(group, port, framing="raw") as sender:
             task_status.started()
-            while True:
-                datagrams = sim.generate(40).datagrams()
+            while True:  # bursts, so that the recorder has work queued when the signal comes
+                datagrams = sim.generate(500).datagrams()
                 await sender.send_many(datagrams)
                 sent.extend(datagrams)
-                await trio.sleep(0.002)
+                await trio.sleep(0.001)
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daq)
-        await _poll(lambda: len(_records(out)) >= 400, what="400 readouts in the file")
-        process.send_signal(signal.SIGTERM)  # while the DAQ keeps sending
-        code, stdout, stderr = await _finish(process)
-        nursery.cancel_scope.cancel()
-    assert code == 0, stderr
+    async def read_stderr():
+        async for chunk in process.stderr:
+            stderr.extend(chunk)
+
+    stdout = bytearray()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_stderr)
+            await nursery.start(daq)
+            await _poll(lambda: len(_records(out)) >= 2000 and b"readouts written" in stderr,
+                        what="2000 readouts in the file and a status line")
+            process.send_signal(signum)  # while the DAQ keeps sending
+            async for chunk in process.stdout:
+                stdout.extend(chunk)
+            await process.wait()
+            nursery.cancel_scope.cancel()
+    assert process.returncode == 0, stderr.decode()
     summary = json.loads(stdout)
     records = _strict_records(out)  # complete: no truncated record, no damage
     # every readout the receiver had taken in is in the file
     assert summary["dropped"] == 0
-    assert len(records) == summary["readouts_written"] == summary["readouts"] >= 400
+    assert len(records) == summary["readouts_written"] == summary["readouts"] >= 2000
     # and they are exactly what was sent, in order, none missing in between
     first = sent.index(records[0])
     assert records == sent[first:first + len(records)]
     assert len(sent) > first + len(records)  # the DAQ was still sending
+    status = [line for line in stderr.decode().splitlines() if "readouts written" in line]
+    assert 0 < int(status[-1].split()[0]) <= len(records)  # --status lines on stderr
 
 
 async def test_rotation_by_size_never_overwrites(mcast_trio_cli, tmp_path):
