@@ -233,6 +233,13 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
+    """A status line on stderr every ``every`` seconds, data or not."""
+    while True:
+        await trio.sleep(every)
+        click.echo(_status_line(service.statistics(), totals, segments), err=True)
+
+
 def _payload_bytes(payload) -> bytes:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
@@ -265,7 +272,8 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
             click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
             if seconds is not None:
                 nursery.start_soon(_timer, seconds, rx_scope)
-            next_status = time.monotonic() + status_every if status_every else None
+            if status_every:
+                nursery.start_soon(_status, status_every, service, totals, segments)
             async with receive:
                 async for item in receive:
                     if count is not None and totals.readouts >= count:
@@ -290,10 +298,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                 totals.captured += 1
                                 totals.captured_bytes += len(payload)
                         segments.flush()
-                    if next_status is not None and time.monotonic() >= next_status:
-                        next_status += status_every
-                        click.echo(_status_line(service.statistics(), totals, segments), err=True)
-            nursery.cancel_scope.cancel()  # the signal listener
+            nursery.cancel_scope.cancel()  # the signal listener, the status lines
     finally:
         segments.close()
     elapsed = time.monotonic() - started
