@@ -263,6 +263,15 @@ def test_existing_file_is_not_replaced(mcast_trio_cli, tmp_path):
     assert out.read_bytes() == b"precious"
 
 
+def test_existing_capture_file_is_not_replaced(mcast_trio_cli, tmp_path):
+    capture = tmp_path / "c.capture"
+    capture.write_bytes(b"precious")
+    result = _run(mcast_trio_cli, str(tmp_path / "c.apx"), "--messages", "--seconds", "0.1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {capture}: exists; record never replaces a file"
+    assert capture.read_bytes() == b"precious" and not (tmp_path / "c.apx").exists()
+
+
 @pytest.mark.parametrize("option, value", [("--rotate-size", "10XB"), ("--rotate-size", "0"),
                                            ("--count", "0"), ("--rotate-time", "-1")])
 def test_invalid_options_are_usage_errors(mcast_trio_cli, tmp_path, option, value):

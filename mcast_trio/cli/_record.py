@@ -141,16 +141,21 @@ class _Segments:
             header = dict(self.header)
             header["recorder"] = dict(header["recorder"], segment=self.number,
                                       segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat())
+            capture = pathlib.Path(self._base() + ".capture")
             try:
+                if capture.exists():  # created later, at the first non-readout payload
+                    raise FileExistsError(capture)
                 self.writer = ApxWriter(path, header, flush="batch", fsync=self.fsync, mode="xb",
                                         buffer_size=1 << 20)
-            except FileExistsError:
+            except FileExistsError as exc:
+                if exc.args and exc.args[0] == capture and not self.rotating:
+                    raise fail(f"{capture}: exists; record never replaces a file") from None
                 if not self.rotating:
                     raise fail(f"{path}: exists; record never replaces a file") from None
                 continue  # a name taken (by another recorder?): the next number
             break
         self.files.append(str(path))
-        self.capture_path = pathlib.Path(self._base() + ".capture")
+        self.capture_path = capture
         self.opened_at = time.monotonic()
 
     def close(self) -> None:
@@ -233,6 +238,13 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
 async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
     """A status line on stderr every ``every`` seconds, data or not."""
     while True:
@@ -299,6 +311,13 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                 totals.captured_bytes += len(payload)
                         segments.flush()
             nursery.cancel_scope.cancel()  # the signal listener, the status lines
+    except BaseExceptionGroup as group:
+        # One failure (a file that cannot be written, ...) comes out as
+        # itself, so that `run` reports it in one line.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
     finally:
         segments.close()
     elapsed = time.monotonic() - started
