@@ -1,0 +1,427 @@
+"""``mcast-trio record OUT.apx``: record everything received to ``.apx``.
+
+Readout mode (the default): a receive task (:func:`~mcast_trio.serve_receiver`
+with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and the writer
+(this command's main task) in one nursery. The writer takes one chunk (the
+well-formed readouts of one receive batch) at a time and hands its records
+to :class:`~mcast_trio.ApxWriter` with ``flush="batch"``: one ``write`` per
+chunk, so a killed recorder loses at most the chunk in progress. Malformed
+datagrams are counted by the receiver (the readout path does not keep their
+bytes); ``--messages`` keeps them.
+
+``--messages``: a message-mode receiver (``--framing raw`` to take every
+datagram as it is); a payload that is a well-formed serialized readout goes
+to the ``.apx``, anything else to the capture file beside it (format below).
+
+Stopping: ``--count``, ``--seconds``, Ctrl-C or SIGTERM stop the receive task
+only; the writer then drains every chunk the receiver had already delivered,
+flushes and closes the file, prints the summary and exits 0.
+
+Capture file (``STEM.capture``, created at the first non-readout payload):
+the 8 bytes ``MCTCAP01``, then per datagram a 30-byte little-endian header
+``<QIH16s``: arrival time (u64 ns since the epoch, taken when the recorder
+handled it), payload length (u32), source port (u16), source address (16
+bytes: IPv6, or IPv4 mapped as ``::ffff:a.b.c.d``; zeros if unknown), then
+the payload. A payload that is not bytes (``--framing mcl`` decodes
+msgpack) is stored as its JSON text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import ipaddress
+import json
+import os
+import pathlib
+import re
+import socket
+import struct
+import sys
+import time
+
+import click
+import numpy as np
+import trio
+
+from .. import (
+    ApxWriter,
+    AstroPix4Readout,
+    MalformedReadout,
+    ReadoutChunk,
+    __version__,
+    serve_receiver,
+)
+from ._common import emit_json, fail, network_options, run, stop_on_signals
+
+__all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
+
+CAPTURE_MAGIC = b"MCTCAP01"
+#: Per-datagram header of a capture file: arrival ns, length, port, address.
+CAPTURE_HEADER = struct.Struct("<QIH16s")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"100MB"`` -> 100_000_000; ``"1GiB"`` -> 2**30; plain bytes too.
+    Decimal units (kB, MB, GB, TB), binary ones (KiB, MiB, GiB, TiB)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 100MB, 1GB, 512MiB or a number of bytes")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise ValueError(f"{text!r}: the size must be at least 1 byte")
+    return size
+
+
+def _size_option(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _address_bytes(address) -> tuple[int, bytes]:
+    """(port, 16-byte address) of a sender address tuple."""
+    try:
+        host, port = address[0], int(address[1])
+        ip = ipaddress.ip_address(str(host).split("%")[0])
+    except (TypeError, ValueError, IndexError):
+        return 0, bytes(16)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address("::ffff:" + str(ip))
+    return port, ip.packed
+
+
+@dataclasses.dataclass
+class _Totals:
+    readouts: int = 0
+    captured: int = 0
+    captured_bytes: int = 0
+
+
+class _Segments:
+    """The output files: one ``.apx`` (and, when needed, one capture file) at
+    a time, rotated by size or age, never replacing an existing file (every
+    file is created with ``O_EXCL``; a taken name is skipped)."""
+
+    def __init__(self, out: pathlib.Path, header: dict, *, rotate_size: int | None, rotate_time: float | None,
+                 fsync: bool) -> None:
+        self.out = out
+        self.suffix = out.suffix or ".apx"
+        self.stem = out.with_suffix("") if out.suffix else out
+        self.header = header
+        self.rotate_size = rotate_size
+        self.rotate_time = rotate_time
+        self.rotating = rotate_size is not None or rotate_time is not None
+        self.fsync = fsync
+        self.number = 0
+        self.writer: ApxWriter | None = None
+        self.capture = None
+        self.capture_path: pathlib.Path | None = None
+        self.files: list[str] = []
+        self.captures: list[str] = []
+        self.bytes_closed = 0
+        self.opened_at = 0.0
+
+    def _base(self) -> str:
+        return f"{self.stem}-{self.number:04d}" if self.rotating else str(self.stem)
+
+    def open_next(self) -> None:
+        self.close()
+        while True:
+            self.number += 1
+            path = pathlib.Path(self._base() + self.suffix)
+            header = dict(self.header)
+            header["recorder"] = dict(header["recorder"], segment=self.number,
+                                      segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat())
+            capture = pathlib.Path(self._base() + ".capture")
+            try:
+                if capture.exists():  # created later, at the first non-readout payload
+                    raise FileExistsError(capture)
+                self.writer = ApxWriter(path, header, flush="batch", fsync=self.fsync, mode="xb",
+                                        buffer_size=1 << 20)
+            except FileExistsError as exc:
+                if exc.args and exc.args[0] == capture and not self.rotating:
+                    raise fail(f"{capture}: exists; record never replaces a file") from None
+                if not self.rotating:
+                    raise fail(f"{path}: exists; record never replaces a file") from None
+                continue  # a name taken (by another recorder?): the next number
+            break
+        self.files.append(str(path))
+        self.capture_path = capture
+        self.opened_at = time.monotonic()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.bytes_closed += self.writer.bytes_written
+            self.writer = None
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+
+    @property
+    def bytes_written(self) -> int:
+        current = self.writer.bytes_written if self.writer is not None else 0
+        return self.bytes_closed + current
+
+    def _due_by_time(self) -> bool:
+        return self.rotate_time is not None and time.monotonic() - self.opened_at >= self.rotate_time
+
+    def write_records(self, data, lengths: np.ndarray) -> None:
+        """Write serialized records (back to back in ``data``), rotating
+        before a record that would take the file past ``rotate_size``."""
+        if self._due_by_time():
+            self.open_next()
+        view = memoryview(data)
+        ends = np.cumsum(lengths)
+        start = 0  # index of the first record not yet written
+        while start < len(lengths):
+            stop = len(lengths)
+            if self.rotate_size is not None:
+                base = int(ends[start - 1]) if start else 0
+                room = self.rotate_size - self.writer.bytes_written
+                fits = int(np.searchsorted(ends[start:] - base, room, side="right"))
+                if fits == 0:
+                    if self.writer.records_written:
+                        self.open_next()
+                        continue
+                    fits = 1  # a record larger than the limit gets a file of its own
+                stop = start + fits
+            first = int(ends[start - 1]) if start else 0
+            offsets = [first, *ends[start:stop - 1].tolist()]
+            self.writer.write_many(view[o:e] for o, e in zip(offsets, ends[start:stop].tolist()))
+            start = stop
+
+    def write_readout(self, payload: bytes) -> bool:
+        """Write ``payload`` if it is a well-formed serialized readout (the
+        writer checks); False if it is not (nothing written)."""
+        if payload[:3] != b"\xfe\xdc\xba":
+            return False
+        try:
+            self.write_records(payload, np.array([len(payload)], np.int64))
+        except MalformedReadout:
+            return False
+        return True
+
+    def write_capture(self, payload: bytes, address) -> None:
+        if self._due_by_time():
+            self.open_next()
+        if self.capture is None:
+            self.capture = open(self.capture_path, "xb")
+            self.capture.write(CAPTURE_MAGIC)
+            self.captures.append(str(self.capture_path))
+        port, host = _address_bytes(address)
+        self.capture.write(CAPTURE_HEADER.pack(time.time_ns(), len(payload), port, host) + payload)
+
+    def flush(self) -> None:
+        if self.capture is not None:
+            self.capture.flush()
+
+
+async def _receive(scope: trio.CancelScope, options: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The receive task, inside ``scope`` (what stops it: a signal, --count,
+    --seconds); ``serve_receiver`` closes the channel when it ends."""
+    with scope:
+        await serve_receiver(**options, task_status=task_status)
+
+
+async def _timer(seconds: float, scope: trio.CancelScope) -> None:
+    await trio.sleep(seconds)
+    scope.cancel()
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
+async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
+    """A status line on stderr every ``every`` seconds, data or not."""
+    while True:
+        await trio.sleep(every)
+        click.echo(_status_line(service.statistics(), totals, segments), err=True)
+
+
+def _payload_bytes(payload) -> bytes:
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    return json.dumps(payload, default=repr).encode()
+
+
+async def _record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, as_json,
+                  queue, status_every) -> None:
+    header = {"readout_uid": 4000, "recorder": {
+        "program": "mcast-trio record", "mcast_trio_version": __version__, "host": socket.gethostname(),
+        "group": network.group, "port": network.port, "interface": None if network.interface is None
+        else str(network.interface), "source": network.source, "framing": framing, "messages": messages,
+        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": [os.path.basename(sys.argv[0]) if sys.argv else "mcast-trio", *sys.argv[1:]],
+    }}
+    segments = _Segments(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
+    totals = _Totals()
+    send, receive = trio.open_memory_channel(queue)
+    options = dict(group=network.group, port=network.port, send_channel=send, drop_channel=receive.clone(),
+                   readout_class=None if messages else AstroPix4Readout, framing=framing,
+                   **network.receiver_options())
+    rx_scope = trio.CancelScope()
+    started = time.monotonic()
+    service = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, rx_scope)
+            service = await nursery.start(_receive, rx_scope, options)
+            segments.open_next()
+            click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
+            if seconds is not None:
+                nursery.start_soon(_timer, seconds, rx_scope)
+            if status_every:
+                nursery.start_soon(_status, status_every, service, totals, segments)
+            async with receive:
+                async for item in receive:
+                    if count is not None and totals.readouts >= count:
+                        continue  # drained and discarded: --count readouts are written
+                    if isinstance(item, ReadoutChunk):
+                        lengths = item.lengths
+                        if count is not None and totals.readouts + len(lengths) >= count:
+                            lengths = lengths[:count - totals.readouts]
+                            rx_scope.cancel()
+                        segments.write_records(item.data, lengths)
+                        totals.readouts += len(lengths)
+                    else:
+                        for message in item:
+                            payload = _payload_bytes(message.payload)
+                            if segments.write_readout(payload):
+                                totals.readouts += 1
+                                if count is not None and totals.readouts >= count:
+                                    rx_scope.cancel()
+                                    break
+                            else:
+                                segments.write_capture(payload, message.address)
+                                totals.captured += 1
+                                totals.captured_bytes += len(payload)
+                        segments.flush()
+            nursery.cancel_scope.cancel()  # the signal listener, the status lines
+    except BaseExceptionGroup as group:
+        # One failure (a file that cannot be written, ...) comes out as
+        # itself, so that `run` reports it in one line.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+    finally:
+        segments.close()
+    elapsed = time.monotonic() - started
+    _summary(service.statistics(), totals, segments, elapsed, as_json)
+
+
+def _status_line(stats, totals: _Totals, segments: _Segments) -> str:
+    return (f"{totals.readouts} readouts written, {segments.bytes_written} bytes, {len(segments.files)} files; "
+            f"lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}")
+
+
+def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_json: bool) -> None:
+    summary = {
+        "readouts_written": totals.readouts,
+        "bytes_written": segments.bytes_written,
+        "files": segments.files,
+        "captured": totals.captured,
+        "captured_bytes": totals.captured_bytes,
+        "capture_files": segments.captures,
+        "seconds": round(elapsed, 6),
+        "datagrams": stats.datagrams,
+        "bytes": stats.bytes,
+        "readouts": stats.readouts,
+        "messages": stats.messages,
+        "hits": stats.hits,
+        "lost": stats.lost,
+        "duplicates": stats.duplicates,
+        "reordered": stats.reordered,
+        "restarts": stats.restarts,
+        "malformed": stats.malformed,
+        "truncated": stats.truncated,
+        "dropped": stats.dropped,
+        "kernel_drops": stats.kernel_drops,
+        "last_error": stats.last_error,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    rate = totals.readouts / elapsed if elapsed > 0 else 0.0
+    click.echo(
+        f"recorded {totals.readouts} readouts ({stats.hits} hits), {segments.bytes_written} bytes in "
+        f"{len(segments.files)} file(s) in {elapsed:.1f} s ({rate:.0f} readouts/s); received "
+        f"{stats.datagrams} datagrams; lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}, "
+        f"kernel drops {stats.kernel_drops}, captured {totals.captured}", err=True)
+    for name in segments.files + segments.captures:
+        click.echo(f"  {name}", err=True)
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=pathlib.Path), metavar="OUT.apx")
+@network_options()
+@click.option("--framing", type=click.Choice(["raw", "native", "mcl", "auto"]), default="raw", show_default=True,
+              help="How datagrams are framed (raw: astropix-analysis' readouts as they are).")
+@click.option("--messages", is_flag=True,
+              help="Receive messages, not readouts: readout payloads go to the .apx, anything else (and "
+                   "malformed datagrams, with --framing raw) to STEM.capture.")
+@click.option("--rotate-size", callback=_size_option, default=None, metavar="SIZE",
+              help="Start a new file before one would grow past SIZE (100MB, 1GB, 512MiB, bytes).")
+@click.option("--rotate-time", type=click.FloatRange(min=0.001), default=None, metavar="SECONDS",
+              help="Start a new file with the first readout after SECONDS.")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Stop after N readouts.")
+@click.option("--seconds", "-t", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after SECONDS.")
+@click.option("--fsync", is_flag=True, help="fsync after every written batch (power-loss safe, slower).")
+@click.option("--queue", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
+              help="Receive batches buffered between the receiver and the writer.")
+@click.option("--status", "status_every", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+              help="Print a status line on stderr every SECONDS (0: never).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
+def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, status_every,
+           as_json) -> None:
+    """Record what arrives to OUT.apx, until Ctrl-C, SIGTERM, --count or --seconds.
+
+    Readouts are written exactly as received (an .apx file astropix-analysis
+    reads), with the run in the header (key "recorder": group, port, host,
+    start time, mcast_trio version, command line, segment number). With
+    --rotate-size/--rotate-time the files are OUT-0001.apx, OUT-0002.apx, ...
+    An existing file is never replaced: without rotation OUT.apx must not
+    exist; with rotation a taken name is skipped. Malformed datagrams are
+    counted; with --messages --framing raw they are kept in OUT.capture
+    (8 bytes MCTCAP01, then per datagram: u64 arrival ns, u32 length, u16
+    source port, 16-byte source address (IPv4 as ::ffff:a.b.c.d), all
+    little-endian, then the payload).
+
+    On Ctrl-C or SIGTERM the recorder stops receiving, writes every readout
+    already received, closes the file and exits 0. The summary (readouts,
+    hits, bytes, files, lost, malformed, dropped) goes to stderr, or to
+    stdout with --json.
+
+    \b
+    Examples:
+      mcast-trio record run.apx
+      mcast-trio record run.apx --rotate-size 1GB --rotate-time 3600
+      mcast-trio record run.apx -g 127.0.0.1:5007 --seconds 60 --json
+      mcast-trio record run.apx --messages --framing raw   # keep garbage too
+    """
+    out = out if out.suffix else out.with_suffix(".apx")
+    if rotate_size is None and rotate_time is None and out.exists():
+        raise fail(f"{out}: exists; record never replaces a file")
+    parent = out.parent if str(out.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise fail(f"{parent}: no such directory")
+    run(functools.partial(_record, network, out, framing, messages, rotate_size, rotate_time, count, seconds,
+                          fsync, as_json, queue, status_every))
+
+
+COMMANDS = [record]
