@@ -40,6 +40,7 @@ from ._format import (
     LENGTH_OFFSET,
     READOUT_UID,
     ReadoutError,
+    check_readouts,
     parse_readout_header,
     readout_error_message,
 )
@@ -827,6 +828,34 @@ class ApxWriter:
                 count += 1
         finally:
             if self.flush_policy == "batch" and self._file is not None:
+                self._sync()
+        return count
+
+    def write_records(self, data, lengths) -> int:
+        """Append serialized readouts that lie back to back in ``data``
+        (``lengths[i]`` bytes each), as a receiver's
+        :class:`~mcast_trio.ReadoutChunk` holds them (``chunk.data``,
+        ``chunk.lengths``); return how many.
+
+        All are checked at once (header, length field, as :meth:`write`
+        checks one) and written in one ``write()`` call, flushed as
+        :meth:`write_many` flushes: the fast path of a recorder.
+
+        Raises:
+            MalformedReadout: one of them is malformed (the message says
+                which); nothing is written.
+            ValueError: ``lengths`` do not add up to ``len(data)``, or the
+                writer is closed.
+        """
+        if self._file is None:
+            raise ValueError("I/O operation on a closed ApxWriter")
+        check_readouts(data, lengths)
+        count = len(lengths)
+        if count:
+            self._write(data if type(data) is bytes else memoryview(data).cast("B"))
+            self.records_written += count
+            if self.flush_policy in ("record", "batch") and (not self._owns or self.fsync
+                                                            or self.flush_policy == "batch"):
                 self._sync()
         return count
 

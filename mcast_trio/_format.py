@@ -24,6 +24,7 @@ import numpy as np
 from ._errors import MalformedReadout
 
 __all__ = [
+    "check_readouts",
     "HEADER",
     "HEADER_SIZE",
     "IDLE_BYTE",
@@ -277,6 +278,42 @@ def check_readout(datagram) -> tuple[int, int, int]:
     if error:
         raise MalformedReadout(readout_error_message(datagram, error))
     return readout_id, timestamp, length
+
+
+def check_readouts(data, lengths) -> np.ndarray:
+    """Check serialized readouts lying back to back in ``data`` (``lengths[i]``
+    bytes each; what a receiver's :class:`~mcast_trio.ReadoutChunk` holds),
+    all at once with numpy: the same rules as :func:`parse_readout_header`.
+
+    Returns:
+        the ``int64`` start offset of every readout in ``data``.
+
+    Raises:
+        MalformedReadout: the first malformed one, with
+            :func:`readout_error_message` and its index and offset.
+        ValueError: ``lengths`` do not add up to ``len(data)``.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if int(lengths.sum()) != len(buf) or (len(lengths) and int(lengths.min()) < 0):
+        raise ValueError(f"lengths add up to {int(lengths.sum())} bytes, data has {len(buf)}")
+    offsets = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], out=offsets[1:])
+    ok = lengths >= HEADER_SIZE
+    if ok.all():
+        declared = np.zeros(len(lengths), dtype=np.int64)
+        for k in range(4):  # the little-endian u32 length field
+            declared |= buf[offsets + LENGTH_OFFSET + k].astype(np.int64) << (8 * k)
+        ok = ((buf[offsets] == HEADER[0]) & (buf[offsets + 1] == HEADER[1]) & (buf[offsets + 2] == HEADER[2])
+              & (declared == lengths - HEADER_SIZE))
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        start = int(offsets[bad])
+        record = memoryview(buf)[start:start + int(lengths[bad])]
+        error = parse_readout_header(record)[0]
+        raise MalformedReadout(f"readout {bad} at offset {start}: {readout_error_message(record, error)}")
+    return offsets
 
 
 def pack_readout_header(readout_id: int, timestamp: int, data_length: int) -> bytes:

@@ -716,3 +716,24 @@ def test_sigkill_during_a_large_write_is_reported_as_truncated(tmp_path):
             list(apx.records())
         return
     pytest.fail("three kills in a row fell between two 32 MiB writes")
+
+
+def test_write_records_writes_back_to_back_readouts_checked_together(tmp_path):
+    from mcast_trio import MalformedReadout, open_apx
+    from mcast_trio.sim import DaqSimulator
+
+    records = [r.to_bytes() for r in DaqSimulator(4, start_ns=0).readouts(50)]
+    data = b"".join(records)
+    lengths = [len(r) for r in records]
+    path = tmp_path / "bulk.apx"
+    with ApxWriter(path, flush="batch") as writer:
+        assert writer.write_records(data, lengths) == 50
+        assert writer.records_written == 50
+        # one malformed record: nothing of that call is written, the message says which
+        bad = records[:3] + [records[3][:-1] + b"\x00\x00"] + records[4:6]
+        with pytest.raises(MalformedReadout, match=r"^readout 3 at offset \d+: length field"):
+            writer.write_records(b"".join(bad), [len(r) for r in bad])
+        with pytest.raises(ValueError, match="lengths add up to"):
+            writer.write_records(data, lengths[:-1])
+    with open_apx(path) as reader:
+        assert [r.to_bytes() for r in reader] == records

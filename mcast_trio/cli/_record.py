@@ -196,8 +196,8 @@ class _Segments:
                     fits = 1  # a record larger than the limit gets a file of its own
                 stop = start + fits
             first = int(ends[start - 1]) if start else 0
-            offsets = [first, *ends[start:stop - 1].tolist()]
-            self.writer.write_many(view[o:e] for o, e in zip(offsets, ends[start:stop].tolist()))
+            # Checked together and written in one call (ApxWriter.write_records).
+            self.writer.write_records(view[first:int(ends[stop - 1])], lengths[start:stop])
             start = stop
 
     def write_readout(self, payload: bytes) -> bool:
