@@ -341,6 +341,7 @@ def shade_rows(counts: np.ndarray, *, log: bool, width: int = 2) -> list[str]:
     scaled = scaled_map(counts, log=log)
     levels = len(SHADES) - 1
     index = np.ceil(scaled * levels).astype(np.intp)  # any hit: at least the lightest shade
+    np.clip(index, 0, levels, out=index)  # log1p(n) / log1p(n) may round above 1
     return ["".join(SHADES[i] * width for i in row) for row in index]
 
 
