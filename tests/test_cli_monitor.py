@@ -211,7 +211,7 @@ def test_text_bars():
 # -- a known stream -------------------------------------------------------------------
 
 
-def known_stream(n_background: int = 1000, n_hot: int = 200, hot=(5, 7), seed: int = 3):
+def known_stream(n_background: int = 1000, n_hot: int = 200, hot=(5, 7), seed: int = 3, first_id: int = 0):
     """Simulator readouts (8 x 8 pixels) plus ``n_hot`` readouts whose hits
     are all at ``hot``, renumbered 0.. so that the receiver sees one
     continuous run. Returns (readouts, hit map of what was sent)."""
@@ -230,24 +230,29 @@ def known_stream(n_background: int = 1000, n_hot: int = 200, hot=(5, 7), seed: i
             background.append((i, mine))
         elif len(mine) and (mine.row == hot[0]).all() and (mine.column == hot[1]).all():
             hot_ones.append((i, mine))
-            if len(hot_ones) == n_hot:
-                break
+        if len(background) == n_background and len(hot_ones) == n_hot:
+            break
     assert len(hot_ones) == n_hot
     chosen = background + hot_ones
     hitmap = np.zeros((MAX_ROWS, MAX_COLUMNS), dtype=np.int64)
     readouts = []
     for new_id, (i, mine) in enumerate(chosen):
         np.add.at(hitmap, (mine.row.astype(int), mine.column.astype(int)), 1)
-        readouts.append(AstroPix4Readout(data[i], new_id, int(batch.timestamps[i])))
+        readouts.append(AstroPix4Readout(data[i], first_id + new_id, int(batch.timestamps[i])))
     return readouts, hitmap
 
 
-async def send_readouts(group: str, port: int, readouts) -> None:
+async def send_readouts(group: str, port: int, *runs) -> None:
+    """Send each run of readouts from one sender, with a pause between runs
+    (a DAQ restarting)."""
     async with open_sender(group, port, framing="raw") as sender:
-        for i in range(0, len(readouts), 100):
-            await sender.send_many(readouts[i:i + 100])
-            await trio.sleep(0.002)  # a paced DAQ, not a flood: nothing may be lost here
-        await sender.flush()
+        for n, readouts in enumerate(runs):
+            if n:
+                await trio.sleep(0.3)
+            for i in range(0, len(readouts), 100):
+                await sender.send_many(readouts[i:i + 100])
+                await trio.sleep(0.002)  # a paced DAQ, not a flood: nothing may be lost here
+            await sender.flush()
 
 
 def wait_for_line(stream, pattern: str, timeout: float = 20.0) -> str:
@@ -267,20 +272,26 @@ def wait_for_line(stream, pattern: str, timeout: float = 20.0) -> str:
     raise AssertionError(f"no line matching {pattern!r} within {timeout} s")
 
 
-def test_headless_json_counts_what_was_sent(mcast_trio_cli):
-    readouts, hitmap = known_stream()
+def run_headless(cli, *runs, args=("--json",), seconds=3):
+    """Start the headless monitor, send the runs when it listens, return its
+    reports (JSON objects, or lines)."""
     group, port = unique_group()
-    proc = subprocess.Popen([*mcast_trio_cli, "monitor", "--headless", "--json", "--seconds", "3",
+    proc = subprocess.Popen([*cli, "monitor", "--headless", *args, "--seconds", str(seconds),
                              "--group", f"{group}:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_line(proc.stderr, "listening on")
-        trio.run(send_readouts, group, port, readouts)
+        trio.run(send_readouts, group, port, *runs)
         out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    reports = [json.loads(line) for line in out.splitlines()]
+    return [json.loads(line) for line in out.splitlines()] if "--json" in args else out.splitlines()
+
+
+def test_headless_json_counts_what_was_sent(mcast_trio_cli):
+    readouts, hitmap = known_stream()
+    reports = run_headless(mcast_trio_cli, readouts)
     final = reports[-1]
     assert final["final"] and not any(r["final"] for r in reports[:-1])
     total = final["total"]
@@ -297,7 +308,28 @@ def test_headless_json_counts_what_was_sent(mcast_trio_cli):
     assert max(r["rates"]["readouts_per_s"] for r in reports) > 0
 
 
-def test_headless_text_lines_and_usage_errors(mcast_trio_cli):
+def test_a_new_run_resets_the_map(mcast_trio_cli):
+    first, _ = known_stream(first_id=1000)  # ids 1000..2199, (5, 7) hottest
+    second, second_map = known_stream(n_background=300, n_hot=0, seed=4)  # ids 0..299: a restart
+    reports = run_headless(mcast_trio_cli, first, second)
+    final = reports[-1]
+    assert final["total"]["readouts"] == 1500 and final["total"]["restarts"] == 1
+    assert final["map"]["auto_resets"] == 1
+    assert final["map"]["readouts"] == 300 and final["map"]["hits"] == second_map.sum()
+    assert final["hottest"][0]["hits"] == second_map.max() < 50
+    assert any("new run" in event for report in reports for event in report["events"])
+
+
+def test_headless_text_lines(mcast_trio_cli):
+    readouts, hitmap = known_stream()
+    lines = run_headless(mcast_trio_cli, readouts, args=())
+    assert len(lines) >= 2
+    last = lines[-1]
+    assert f"readouts {len(readouts):,} " in last and f"hits {int(hitmap.sum()):,} " in last
+    assert f"hottest r5 c7={int(hitmap[5, 7]):,}" in last and "lost 0 " in last and "senders 1/1 alive" in last
+
+
+def test_usage_errors(mcast_trio_cli):
     bad = subprocess.run([*mcast_trio_cli, "monitor", "--interval", "0"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "--interval" in bad.stderr and "Traceback" not in bad.stderr
