@@ -361,7 +361,7 @@ def test_terminal_monitor_screen_and_keys(mcast_trio_cli, tmp_path):
     env = dict(os.environ, TERM="xterm-256color", COLUMNS="140", LINES="50")
     child = pexpect.spawn(mcast_trio_cli[0], [*mcast_trio_cli[1:], "monitor", "--group", f"{group}:{port}",
                                               "--snapshot-dir", str(tmp_path), "--run", "shift",
-                                              "--fps", "10"],
+                                              "--fps", "10", "--stale", "2"],
                           env=env, dimensions=(50, 140), encoding="utf-8", timeout=20)
     try:
         child.expect("waiting for data")
@@ -371,6 +371,10 @@ def test_terminal_monitor_screen_and_keys(mcast_trio_cli, tmp_path):
         child.expect(rf"since reset: readouts {len(readouts):,}  hits {int(hitmap.sum()):,}")
         child.expect(rf"hottest: row 5 col 7: {hot:,}")
         child.expect(r"127\.0\.0\.1:\d+(?:\s|\x1b\[[0-9;]*m)+alive")  # a cell of the sender table
+        child.expect(r"alarms: none")
+        # the stream has ended: 2 s later the sender is stale and the alarm line says so
+        child.expect(r"ALARM: 127\.0\.0\.1:\d+ silent for [23] s")
+        child.expect(r"127\.0\.0\.1:\d+(?:\s|\x1b\[[0-9;]*m)+stale [23]s")
 
         child.send("l")
         child.expect(r"scale: log")
