@@ -185,20 +185,25 @@ def _emit(receiver, acc: Accumulator, ui: UiState, config: MonitorConfig, *, fin
 
 async def _display(acc: Accumulator, ui: UiState, config: MonitorConfig) -> None:
     """The terminal: build a frame ``fps`` times a second; rich's ``Live``
-    thread renders the latest one."""
+    thread takes the latest one when it refreshes.
+
+    The trio task never waits for the terminal: it only replaces a
+    reference, and ``Live`` fetches it from its own thread
+    (``get_renderable``), so a terminal that does not take output (a
+    stalled ssh session, Ctrl-S) stops the screen, not the counting."""
     from rich.console import Console
     from rich.live import Live
 
-    console = Console()
+    latest = [render_frame(acc, _now(), ui)]
     period = 1.0 / config.fps
-    with Live(render_frame(acc, _now(), ui), console=console, screen=config.screen, auto_refresh=True,
-              refresh_per_second=config.fps, redirect_stdout=False, redirect_stderr=False) as live:
+    with Live(console=Console(), get_renderable=lambda: latest[0], screen=config.screen, auto_refresh=True,
+              refresh_per_second=config.fps, redirect_stdout=False, redirect_stderr=False):
         try:
             while True:
-                live.update(render_frame(acc, _now(), ui))
                 await trio.sleep(period)
+                latest[0] = render_frame(acc, _now(), ui)
         finally:
-            live.update(render_frame(acc, _now(), ui), refresh=True)
+            latest[0] = render_frame(acc, _now(), ui)  # Live draws it once more on exit
 
 
 async def _keys(acc: Accumulator, ui: UiState, cancel_scope: trio.CancelScope, nursery) -> None:
