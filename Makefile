@@ -1,6 +1,7 @@
 # mcast_trio: the single entry point for developers and CI.
 #   make test   - build and install into .venv, run the whole suite in a private netns
-#   make demo   - simulated DAQ + live monitor on loopback, in a private netns
+#   make demo   - mcast-trio demo: simulated DAQ + live monitor on loopback, in a private netns
+#                 (the terminal monitor in a terminal, until q; headless lines for 10 s otherwise)
 #   make bench  - the benchmarks (compiled vs reference, side by side)
 #   make docs   - build the Sphinx docs with warnings as errors
 #   make fuzz   - bounded fuzzing of every parser (FUZZ_RUNS inputs per target)
@@ -39,7 +40,7 @@ test-reference: install
 # The installed console script (run from the source tree, `python -m` would
 # import the uncompiled package).
 demo: install
-	$(NETNS) $(VENV)/bin/mcast-trio-demo $(DEMO_ARGS)
+	$(NETNS) $(VENV)/bin/mcast-trio demo $(DEMO_ARGS)
 
 bench: install
 	$(NETNS) $(VPY) benchmarks/bench_decode.py

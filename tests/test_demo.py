@@ -1,4 +1,4 @@
-"""The demo (``make demo``) as a user runs it: the installed console script,
+"""The headless demo script ``mcast-trio-demo`` as a user runs it: the installed console script,
 in a subprocess, with real datagrams on loopback."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 
 def _demo_command() -> list[str]:
-    # The console script installed beside this interpreter (what `make demo` runs).
+    # The console script installed beside this interpreter (`make demo` runs `mcast-trio demo`,
+    # the same DAQ loop with the live monitor: tests/test_cli_monitor.py).
     script = pathlib.Path(sys.executable).parent / "mcast-trio-demo"
     assert script.is_file(), f"the console script {script} is not installed"
     return [str(script)]
