@@ -1,0 +1,233 @@
+"""``mcast-trio replay FILE.apx``: multicast a recorded file's readouts again,
+at the recorded pace, at a fixed rate, at a multiple of the recorded pace, or
+as fast as possible; looping with readout ids (and timestamps) continued so
+that receivers see one continuous run."""
+
+from __future__ import annotations
+
+import click
+import trio
+
+from .. import AstroPix4Readout, open_apx, open_sender
+from ._common import emit_json, fail, network_options, run, stop_on_signals
+
+__all__ = ["COMMANDS"]
+
+_U32 = 1 << 32
+_U64 = 1 << 64
+#: Readouts per send_many call at most (and per file read).
+_BATCH = 1024
+
+
+def _scan(path: str) -> dict:
+    """One pass over the file: count, first and last readout id and
+    timestamp (what renumbering and the recorded pace need)."""
+    info = {"count": 0, "first_id": 0, "last_id": 0, "first_ts": 0, "last_ts": 0}
+    with open_apx(path) as apx:
+        for readout in apx:
+            if info["count"] == 0:
+                info["first_id"], info["first_ts"] = readout.readout_id, readout.timestamp
+            info["last_id"], info["last_ts"] = readout.readout_id, readout.timestamp
+            info["count"] += 1
+    return info
+
+
+class _Plan:
+    """Where each readout of each pass goes: its id, its timestamp and its
+    send time (seconds after the start, None: as soon as possible)."""
+
+    def __init__(self, info: dict, *, rate, speed, fast, keep_ids):
+        self.info = info
+        n = info["count"]
+        span = max(0, info["last_ts"] - info["first_ts"])
+        # One recorded period past the last readout before the next pass.
+        self.interval_ns = span // (n - 1) if n > 1 and span > 0 else 1_000_000
+        self.pass_ns = span + self.interval_ns
+        self.pass_ids = (info["last_id"] - info["first_id"]) % _U32 + 1
+        self.recorded_rate = (n - 1) / (span / 1e9) if n > 1 and span > 0 else None
+        self.keep_ids = keep_ids
+        self.fast = fast
+        self.rate = rate
+        self.speed = speed
+
+    @property
+    def requested_rate(self) -> float | None:
+        if self.fast:
+            return None
+        if self.rate is not None:
+            return self.rate
+        return None if self.recorded_rate is None else self.recorded_rate * self.speed
+
+    def target(self, index: int, pass_number: int, timestamp: int) -> float | None:
+        """Send time of the ``index``-th readout sent (all passes), seconds
+        after the start."""
+        if self.fast:
+            return None
+        if self.rate is not None:
+            return index / self.rate
+        elapsed_ns = pass_number * self.pass_ns + (timestamp - self.info["first_ts"])
+        return max(0, elapsed_ns) / 1e9 / self.speed
+
+    def renumber(self, record: bytes, readout: AstroPix4Readout, pass_number: int) -> bytes:
+        if self.keep_ids or pass_number == 0:
+            return record
+        rid = (readout.readout_id + pass_number * self.pass_ids) % _U32
+        ts = (readout.timestamp + pass_number * self.pass_ns) % _U64
+        return AstroPix4Readout(readout.data(), rid, ts).to_bytes()
+
+
+async def _replay(sender, path: str, plan: _Plan, loops: int, counts: dict) -> None:
+    """Send the passes; ``counts`` is updated as datagrams go out."""
+    start = trio.current_time()
+    counts["start"] = start
+    from_bytes = AstroPix4Readout.from_bytes
+    pass_number = 0
+    last_target = 0.0
+    with open_apx(path) as apx:
+        while loops == 0 or pass_number < loops:
+            pending: list[bytes] = []
+            now = trio.current_time()
+            for batch in apx.batches(_BATCH):
+                for record in batch:
+                    readout = from_bytes(record)
+                    target = plan.target(counts["readouts"] + len(pending), pass_number, readout.timestamp)
+                    if target is not None:
+                        # Timestamps that go backwards are sent at once, in order.
+                        target = max(target, last_target)
+                        last_target = target
+                        if start + target > now:
+                            if pending:
+                                await _send(sender, pending, counts)
+                                pending = []
+                            await trio.sleep_until(start + target)
+                            now = trio.current_time()
+                    pending.append(plan.renumber(record, readout, pass_number))
+                    if len(pending) >= _BATCH:
+                        await _send(sender, pending, counts)
+                        pending = []
+                        now = trio.current_time()
+            if pending:
+                await _send(sender, pending, counts)
+            pass_number += 1
+            counts["passes"] = pass_number
+            if counts["readouts"] == 0:
+                break  # an empty file: nothing to loop over
+
+
+async def _send(sender, datagrams: list[bytes], counts: dict) -> None:
+    await sender.send_many(datagrams)
+    now = trio.current_time()
+    if counts["readouts"] == 0:
+        counts["first"] = now
+    counts["last"] = now
+    counts["readouts"] += len(datagrams)
+
+
+def _summary(counts: dict, plan: _Plan) -> dict:
+    n = counts["readouts"]
+    span = counts["last"] - counts["first"] if n > 1 else 0.0
+    elapsed = (counts["last"] - counts["start"]) if n else 0.0
+    requested = plan.requested_rate
+    # Rate between the first and the last send: n - 1 intervals.
+    achieved = (n - 1) / span if span > 0 else None
+    return {
+        "file": counts["file"],
+        "readouts": n,
+        "passes": counts["passes"],
+        "seconds": elapsed,
+        "requested_rate": requested,
+        "achieved_rate": achieved,
+        "deviation": (achieved / requested - 1) if achieved and requested else None,
+        "recorded_rate": plan.recorded_rate,
+        "mode": "fast" if plan.fast else ("rate" if plan.rate is not None else "speed"),
+        "speed": None if plan.fast or plan.rate is not None else plan.speed,
+        "renumbered": not plan.keep_ids,
+        "datagrams_sent": counts.get("datagrams_sent", 0),
+        "send_errors": counts.get("send_errors", 0),
+        "group": counts["group"],
+    }
+
+
+def _format(summary: dict) -> str:
+    text = (f"replay: {summary['readouts']:,} readouts from {summary['file']} ({summary['passes']} "
+            f"pass{'es' if summary['passes'] != 1 else ''}) to {summary['group']} in "
+            f"{summary['seconds']:.2f} s")
+    achieved, requested = summary["achieved_rate"], summary["requested_rate"]
+    if achieved is not None:
+        text += f", {achieved:,.1f} readouts/s"
+        if requested:
+            text += f" (requested {requested:,.1f}/s, {summary['deviation'] * 100:+.2f} %)"
+        else:
+            text += " (as fast as possible)"
+    if summary["send_errors"]:
+        text += f", {summary['send_errors']} send errors"
+    return text
+
+
+async def _main(network, path, plan, loops, as_json) -> None:
+    counts = {"readouts": 0, "passes": 0, "start": 0.0, "first": 0.0, "last": 0.0, "file": path,
+              "group": f"{network.group}:{network.port}"}
+    async with open_sender(network.group, network.port, framing="raw", **network.sender_options()) as sender:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, nursery.cancel_scope)
+            await _replay(sender, path, plan, loops, counts)
+            nursery.cancel_scope.cancel()
+    stats = sender.statistics()
+    counts["datagrams_sent"] = stats.datagrams
+    counts["send_errors"] = stats.errors
+    summary = _summary(counts, plan)
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(_format(summary))
+
+
+@click.command("replay")
+@click.argument("file", metavar="FILE.apx")
+@network_options(sender=True)
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Multiple of the recorded pace (0.5: half as fast) [default: 1].")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fixed rate in readouts per second instead of the recorded pace.")
+@click.option("--fast", is_flag=True, help="As fast as possible (batches of 1024).")
+@click.option("--loop", "loops", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+              help="Send the file N times (0: until Ctrl-C).")
+@click.option("--keep-ids", is_flag=True,
+              help="On later passes resend readout ids and timestamps as they are (default: continue "
+                   "them, so receivers see one continuous run).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def replay_command(network, file, speed, rate, fast, loops, keep_ids, as_json):
+    """Multicast the readouts of an .apx file again.
+
+    By default at the recorded pace (from the readouts' timestamps), or at
+    --speed times it, at a fixed --rate, or --fast. Pacing holds the
+    requested rate within 2 % over a run: every readout is sent at its own
+    target time, and what is due is sent together. With --loop, the readout
+    ids and timestamps of later passes continue after the previous pass
+    (gaps in the file stay gaps), unless --keep-ids.
+
+    \b
+    Examples:
+      mcast-trio replay run.apx                    # at the recorded pace
+      mcast-trio replay run.apx --speed 0.5        # half as fast
+      mcast-trio replay run.apx --rate 5000 --loop 0   # 5000/s until Ctrl-C
+      mcast-trio replay run.apx --fast --loop 10 --json
+      mcast-trio replay run.apx --group 127.0.0.1  # to astropix-analysis' apx_udprec
+    """
+    chosen = [name for name, value in (("--speed", speed), ("--rate", rate), ("--fast", fast or None))
+              if value is not None]
+    if len(chosen) > 1:
+        raise click.UsageError(f"{' and '.join(chosen)} exclude each other; give at most one")
+    try:
+        info = _scan(file)
+    except OSError as exc:
+        raise fail(f"{file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
+        raise fail(f"{file}: {exc}") from None
+    plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
+    if plan.requested_rate is None and not fast and info["count"] > 1:
+        raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
+    run(_main, network, file, plan, loops, as_json)
+
+
+COMMANDS = [replay_command]
