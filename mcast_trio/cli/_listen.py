@@ -82,6 +82,7 @@ async def _readouts(network, framing, topics, log, show_hits, as_json, count, co
     out = sys.stdout
     async with open_receiver(network.group, network.port, readout_class=AstroPix4Readout, **options) as receiver:
         counts["receiver"] = receiver
+        _ready(receiver)
         async for batch in receiver.batches():
             rows = batch.readouts
             hits = batch.hits
@@ -116,6 +117,13 @@ async def _readouts(network, framing, topics, log, show_hits, as_json, count, co
                 return
 
 
+def _ready(receiver) -> None:
+    """Say on stderr that the group is joined (scripts may wait for it)."""
+    spec = receiver.group
+    where = "bound" if spec.unicast else f"joined on {spec.interface_name}"
+    click.echo(f"listen: {spec.group} port {spec.port} {where}", err=True)
+
+
 def _payload_text(payload) -> str:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         data = bytes(payload)
@@ -131,6 +139,7 @@ async def _messages(network, framing, topics, pattern, as_json, count, counts) -
         options["filter"] = pattern
     async with open_receiver(network.group, network.port, **options) as receiver:
         counts["receiver"] = receiver
+        _ready(receiver)
         async for message in receiver:
             topic = message.topic.decode("utf-8", "backslashreplace") if message.topic is not None else None
             if as_json:
