@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import os
 import re
 import sys
 
@@ -13,6 +14,7 @@ import trio
 
 from .. import HIT_DTYPE, AstroPix4Readout, MalformedDatagram, open_receiver
 from ._common import emit_json, network_options, run, stop_on_signals
+from ._simulate import single_errors
 
 __all__ = ["COMMANDS"]
 
@@ -177,16 +179,24 @@ def _statistics_line(counts: dict) -> str:
 async def _main(network, framing, topics, pattern, show_hits, as_json, messages, count) -> None:
     counts = {"readouts": 0, "hits": 0, "messages": 0, "mode": "messages" if messages else "readouts"}
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stop_on_signals, nursery.cancel_scope)
-            if messages:
-                await _messages(network, framing, topics, pattern, as_json, count, counts)
-            else:
-                await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
-                                counts)
-            nursery.cancel_scope.cancel()
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stop_on_signals, nursery.cancel_scope)
+                if messages:
+                    await _messages(network, framing, topics, pattern, as_json, count, counts)
+                else:
+                    await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
+                                    counts)
+                nursery.cancel_scope.cancel()
+    except BrokenPipeError:
+        # The reader went away (`mcast-trio listen | head`): a normal end.
+        # Later writes to stdout (at interpreter exit) go nowhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     finally:
-        click.echo(_statistics_line(counts), err=True)
+        if "receiver" in counts:
+            click.echo(_statistics_line(counts), err=True)
 
 
 @click.command("listen")
@@ -231,11 +241,7 @@ def listen_command(network, show_hits, as_json, framing, topics, pattern, messag
     if topics and not messages and framing in ("raw", "auto"):
         raise click.UsageError("--topic needs a framing with topics: --framing native or mcl "
                                "(raw readouts carry no topic)")
-    try:
-        run(_main, network, framing, list(topics), regex, show_hits, as_json, messages, count)
-    except BrokenPipeError:  # `mcast-trio listen | head`
-        sys.stderr.close()
-        raise SystemExit(0) from None
+    run(_main, network, framing, list(topics), regex, show_hits, as_json, messages, count)
 
 
 COMMANDS = [listen_command]
