@@ -151,18 +151,21 @@ def test_bad_group_is_a_usage_error_naming_it(mcast_trio_cli):
 # -- replay ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pace, n, expected_rate", [
-    (["--rate", "1000"], 1000, 1000.0),
-    (["--speed", "0.5"], 250, 250.0),  # recorded 500/s (2 ms apart), half as fast: 1 s
+@pytest.mark.parametrize("pace, n, passes, expected_rate", [
+    (["--rate", "1000"], 1000, 1, 1000.0),
+    (["--speed", "0.5"], 250, 1, 250.0),  # recorded 500/s (2 ms apart), half as fast: 1 s
+    # Below 1x and across loops: the pace holds over the pass boundary.
+    (["--speed", "0.5", "--loop", "2", "--keep-ids"], 125, 2, 250.0),
 ])
-async def test_replay_is_identical_and_paced(mcast_trio_cli, tmp_path, pace, n, expected_rate):
+async def test_replay_is_identical_and_paced(mcast_trio_cli, tmp_path, pace, n, passes, expected_rate):
     path = tmp_path / "run.apx"
     records = _write_apx(path, n)
     group, port = _endpoint()
+    n *= passes
     proc, got = await _receive_while(mcast_trio_cli, ["replay", str(path), "-g", f"{group}:{port}", *pace,
                                                       "--json"], group, port, n)
     assert proc.returncode == 0, proc.stderr
-    assert [data for data, _ in got] == records  # the file's records, byte for byte, in order
+    assert [data for data, _ in got] == records * passes  # the file's records, byte for byte, in order
     achieved = _rate([t for _, t in got])
     assert abs(achieved / expected_rate - 1) < 0.02, achieved
     summary = json.loads(proc.stdout)
@@ -278,6 +281,15 @@ async def test_listen_filter_and_messages(mcast_trio_cli):
     assert "filtered 2" in err
 
 
+async def test_listen_on_a_busy_unicast_port_fails_in_one_line(mcast_trio_cli):
+    port = _endpoint()[1]
+    async with open_receiver("127.0.0.1", port, readout_class=AstroPix4Readout):
+        result = await _run_async(mcast_trio_cli, "listen", "-g", f"127.0.0.1:{port}", "--count", "1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and str(port) in lines[0], result.stderr
+
+
 # -- probe -------------------------------------------------------------------------------------
 
 
@@ -302,6 +314,26 @@ async def test_probe_finds_traffic_on_loopback(mcast_trio_cli):
     assert len(lo["senders"]) == 1 and next(iter(lo["senders"])).startswith("127.0.0.1:")
     assert report["answer"].startswith("traffic arrives on lo from 127.0.0.1:")
     assert text.returncode == 0 and "traffic arrives on lo" in text.stdout
+
+
+async def test_probe_finds_ipv6_traffic_on_the_veth_pair(mcast_trio_cli):
+    port = _endpoint()[1]
+    group = f"ff12::7:{os.getpid() % 0xffff:x}"
+    async with trio.open_nursery() as nursery:
+        sim = await nursery.start(lambda task_status: trio.run_process(
+            [*mcast_trio_cli, "simulate", "-g", f"[{group}%mc0]:{port}", "--rate", "300", "--seconds", "20"],
+            capture_stdout=True, capture_stderr=True, check=False, task_status=task_status))
+        async with open_receiver(f"{group}%mc1", port, readout_class=AstroPix4Readout) as rx:
+            with trio.fail_after(15):
+                while rx.statistics().readouts < 5:
+                    await trio.sleep(0.01)
+        probe = await _run_async(mcast_trio_cli, "probe", f"[{group}]:{port}", "--seconds", "0.5", "--json")
+        sim.send_signal(signal.SIGTERM)
+    assert probe.returncode == 0, probe.stderr
+    report = json.loads(probe.stdout)
+    assert "mc1" in report["receiving"]  # the sender on mc0 reaches mc1 over the veth pair
+    lo = next(r for r in report["interfaces"] if r["interface"] == "lo")
+    assert not lo["joined"] and "loopback" in lo["error"]  # said why, not crashed
 
 
 def test_probe_says_when_nothing_arrives(mcast_trio_cli):

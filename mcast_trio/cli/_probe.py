@@ -120,7 +120,8 @@ async def _main(group, port, source, seconds, as_json) -> None:
         emit_json({"group": group, "port": port, "seconds": elapsed, "interfaces": results,
                    "receiving": [r["interface"] for r in results if r["datagrams"]], "answer": answer})
         return
-    click.echo(f"probe {group}:{port} for {elapsed:.1f} s")
+    where = f"[{group}]:{port}" if ":" in group else f"{group}:{port}"
+    click.echo(f"probe {where} for {elapsed:.1f} s")
     for r in results:
         if r["error"] is not None and not r["joined"]:
             click.echo(f"  {r['interface']:<8} not joined: {r['error']}")
@@ -163,15 +164,24 @@ def probe_command(endpoint, port, source, seconds, as_json):
     if named_port is not None and port is not None and port != named_port:
         raise click.UsageError(f"GROUP {group}:{named_port} names port {named_port} but --port is {port}")
     port = named_port if named_port is not None else (port if port is not None else DEFAULT_PORT)
-    # Validate like every other command (the library's checks, on loopback
-    # or, for a scoped IPv6 group, on its own interface).
+    # Validate like every other command (the library's checks): the group
+    # must be valid on at least one interface (an IPv6 group is not on
+    # loopback); a scope (ff12::1%mc0) is dropped: every interface is probed.
+    bare = group.split("%")[0] if ":" in group else group
     try:
         resolve_group(group, port, source=source)
     except (ValueError, TypeError) as exc:
-        if "%" not in group or "interface" not in str(exc):
+        if bare != group or not any(_valid_on(bare, port, source, name) for _index, name in socket.if_nameindex()):
             raise click.UsageError(str(exc)) from None
-    # Without a scope an IPv6 group is probed on each interface that takes it.
-    run(_main, group.split("%")[0] if "%" in group else group, port, source, seconds, as_json)
+    run(_main, bare, port, source, seconds, as_json)
+
+
+def _valid_on(group, port, source, interface) -> bool:
+    try:
+        resolve_group(group, port, interface=interface, source=source)
+    except (ValueError, TypeError, OSError):
+        return False
+    return True
 
 
 COMMANDS = [probe_command]

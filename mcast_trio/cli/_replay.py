@@ -10,7 +10,7 @@ import trio
 
 from .. import AstroPix4Readout, open_apx, open_sender
 from ._common import emit_json, fail, network_options, run, stop_on_signals
-from ._simulate import single_errors
+from ._simulate import _endpoint_text, single_errors
 
 __all__ = ["COMMANDS"]
 
@@ -167,7 +167,7 @@ def _format(summary: dict) -> str:
 
 async def _main(network, path, plan, loops, as_json) -> None:
     counts = {"readouts": 0, "passes": 0, "start": 0.0, "first": 0.0, "last": 0.0, "file": path,
-              "group": f"{network.group}:{network.port}"}
+              "group": _endpoint_text(network)}
     async with open_sender(network.group, network.port, framing="raw", **network.sender_options()) as sender:
         with single_errors():
             async with trio.open_nursery() as nursery:

@@ -107,10 +107,15 @@ async def simulate(sender, *, rate: float, seconds: float | None = None, seed: i
     return counts
 
 
+def _endpoint_text(network) -> str:
+    """``239.255.0.1:5007`` or ``[ff12::1%mc0]:5007``."""
+    return f"[{network.group}]:{network.port}" if ":" in network.group else f"{network.group}:{network.port}"
+
+
 def _summary(counts: dict, network) -> str:
     rate = counts["readouts"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
     text = (f"simulate: {counts['readouts']:,} readouts, {counts['hits']:,} hits, "
-            f"{counts['datagrams']:,} datagrams sent to {network.group}:{network.port} "
+            f"{counts['datagrams']:,} datagrams sent to {_endpoint_text(network)} "
             f"in {counts['seconds']:.2f} s ({rate:,.0f} readouts/s)")
     if counts["garbage"]:
         text += f", {counts['garbage']:,} of them garbage on purpose"
@@ -127,7 +132,7 @@ async def _main(network, rate, seconds, seed, mean_hits, garbage_every, as_json)
                                garbage_every=garbage_every, counts=counts)
                 nursery.cancel_scope.cancel()
         stats = sender.statistics()
-    counts["group"] = f"{network.group}:{network.port}"
+    counts["group"] = _endpoint_text(network)
     counts["rate"] = rate
     counts["send_errors"] = stats.errors
     counts["unsent"] = stats.unsent
