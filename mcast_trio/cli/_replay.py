@@ -6,9 +6,10 @@ that receivers see one continuous run."""
 from __future__ import annotations
 
 import click
+import numpy as np
 import trio
 
-from .. import AstroPix4Readout, open_apx, open_sender
+from .. import AstroPix4Readout, decode_readouts, open_apx, open_sender
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 from ._simulate import _endpoint_text, single_errors
 
@@ -59,56 +60,66 @@ class _Plan:
             return self.rate
         return None if self.recorded_rate is None else self.recorded_rate * self.speed
 
-    def target(self, index: int, pass_number: int, timestamp: int) -> float | None:
-        """Send time of the ``index``-th readout sent (all passes), seconds
-        after the start."""
+    def targets(self, first_index: int, pass_number: int, timestamps: np.ndarray) -> np.ndarray | None:
+        """Send times (seconds after the start) of a batch of readouts whose
+        first is the ``first_index``-th sent (all passes); None: at once."""
         if self.fast:
             return None
         if self.rate is not None:
-            return index / self.rate
-        elapsed_ns = pass_number * self.pass_ns + (timestamp - self.info["first_ts"])
-        return max(0, elapsed_ns) / 1e9 / self.speed
+            return (first_index + np.arange(len(timestamps), dtype=np.float64)) / self.rate
+        # Nanoseconds since the first readout of the file: u64 arithmetic
+        # wraps, read as int64 it is the exact signed difference.
+        elapsed = (timestamps.astype(np.uint64) - np.uint64(self.info["first_ts"])).view(np.int64)
+        elapsed = elapsed + pass_number * self.pass_ns
+        return np.maximum(elapsed, 0) / 1e9 / self.speed
 
-    def renumber(self, record: bytes, readout: AstroPix4Readout, pass_number: int) -> bytes:
+    def renumber(self, records: list[bytes], pass_number: int) -> list[bytes]:
         if self.keep_ids or pass_number == 0:
-            return record
-        rid = (readout.readout_id + pass_number * self.pass_ids) % _U32
-        ts = (readout.timestamp + pass_number * self.pass_ns) % _U64
-        return AstroPix4Readout(readout.data(), rid, ts).to_bytes()
+            return records
+        out = []
+        id_shift = pass_number * self.pass_ids
+        ts_shift = pass_number * self.pass_ns
+        for record in records:
+            readout = AstroPix4Readout.from_bytes(record)
+            readout.readout_id = (readout.readout_id + id_shift) % _U32
+            readout.timestamp = (readout.timestamp + ts_shift) % _U64
+            out.append(readout.to_bytes())
+        return out
 
 
 async def _replay(sender, path: str, plan: _Plan, loops: int, counts: dict) -> None:
-    """Send the passes; ``counts`` is updated as datagrams go out."""
+    """Send the passes; ``counts`` is updated as datagrams go out.
+
+    Per batch of records read from the file, the library's batch decoder
+    gives the ids and timestamps, the send times are computed for the whole
+    batch, and whatever is due is sent at once with ``send_many``; then the
+    task sleeps until the next send time (absolute, on the trio clock: no
+    drift accumulates, over a pass or across passes)."""
     start = trio.current_time()
     counts["start"] = start
-    from_bytes = AstroPix4Readout.from_bytes
     pass_number = 0
     last_target = 0.0
     with open_apx(path) as apx:
         while loops == 0 or pass_number < loops:
-            pending: list[bytes] = []
-            now = trio.current_time()
             for batch in apx.batches(_BATCH):
-                for record in batch:
-                    readout = from_bytes(record)
-                    target = plan.target(counts["readouts"] + len(pending), pass_number, readout.timestamp)
-                    if target is not None:
-                        # Timestamps that go backwards are sent at once, in order.
-                        target = max(target, last_target)
-                        last_target = target
-                        if start + target > now:
-                            if pending:
-                                await _send(sender, pending, counts)
-                                pending = []
-                            await trio.sleep_until(start + target)
-                            now = trio.current_time()
-                    pending.append(plan.renumber(record, readout, pass_number))
-                    if len(pending) >= _BATCH:
-                        await _send(sender, pending, counts)
-                        pending = []
-                        now = trio.current_time()
-            if pending:
-                await _send(sender, pending, counts)
+                rows = decode_readouts(batch, carry="never").readouts
+                targets = plan.targets(counts["readouts"], pass_number, rows.timestamp)
+                records = plan.renumber(batch, pass_number)
+                if targets is None:
+                    await _send(sender, records, counts)
+                    continue
+                # Timestamps that go backwards are sent at once, in order.
+                targets = np.maximum.accumulate(np.maximum(targets, last_target))
+                last_target = float(targets[-1])
+                i = 0
+                while i < len(records):
+                    now = trio.current_time() - start
+                    due = int(np.searchsorted(targets, now, side="right"))
+                    if due > i:
+                        await _send(sender, records[i:due], counts)
+                        i = due
+                    else:
+                        await trio.sleep_until(start + float(targets[i]))
             pass_number += 1
             counts["passes"] = pass_number
             if counts["readouts"] == 0:
@@ -126,11 +137,14 @@ async def _send(sender, datagrams: list[bytes], counts: dict) -> None:
 
 def _summary(counts: dict, plan: _Plan) -> dict:
     n = counts["readouts"]
-    span = counts["last"] - counts["first"] if n > 1 else 0.0
     elapsed = (counts["last"] - counts["start"]) if n else 0.0
     requested = plan.requested_rate
-    # Rate between the first and the last send: n - 1 intervals.
-    achieved = (n - 1) / span if span > 0 else None
+    # The first readout is due at the start, the last one n - 1 intervals
+    # later: the rate over the run, start-up latency included.
+    if plan.fast:
+        achieved = n / elapsed if elapsed > 0 else None
+    else:
+        achieved = (n - 1) / elapsed if n > 1 and elapsed > 0 else None
     return {
         "file": counts["file"],
         "readouts": n,
