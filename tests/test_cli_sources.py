@@ -194,6 +194,18 @@ async def test_replay_loop_continues_ids_and_keep_ids_repeats_them(mcast_trio_cl
     assert [data for data, _ in got] == records * 2
 
 
+async def test_replay_of_a_truncated_file_sends_the_complete_records(mcast_trio_cli, tmp_path):
+    path = tmp_path / "killed.apx"
+    records = _write_apx(path, 20)
+    path.write_bytes(path.read_bytes()[:-5])  # a writer killed inside the last record
+    group, port = _endpoint()
+    proc, got = await _receive_while(mcast_trio_cli, ["replay", str(path), "-g", f"{group}:{port}", "--fast"],
+                                     group, port, 19)
+    assert proc.returncode == 0, proc.stderr
+    assert [data for data, _ in got] == records[:19]
+    assert "truncated" in proc.stderr and "Warning" not in proc.stderr and "19 readouts" in proc.stdout
+
+
 def test_replay_of_a_missing_file_fails_in_one_line(mcast_trio_cli, tmp_path):
     missing = tmp_path / "nope.apx"
     result = _run(mcast_trio_cli, "replay", str(missing))

@@ -5,11 +5,13 @@ that receivers see one continuous run."""
 
 from __future__ import annotations
 
+import warnings
+
 import click
 import numpy as np
 import trio
 
-from .. import AstroPix4Readout, decode_readouts, open_apx, open_sender
+from .. import AstroPix4Readout, TruncatedRecordWarning, decode_readouts, open_apx, open_sender
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 from ._simulate import _endpoint_text, single_errors
 
@@ -24,13 +26,18 @@ _BATCH = 1024
 def _scan(path: str) -> dict:
     """One pass over the file: count, first and last readout id and
     timestamp (what renumbering and the recorded pace need)."""
-    info = {"count": 0, "first_id": 0, "last_id": 0, "first_ts": 0, "last_ts": 0}
-    with open_apx(path) as apx:
-        for readout in apx:
-            if info["count"] == 0:
-                info["first_id"], info["first_ts"] = readout.readout_id, readout.timestamp
-            info["last_id"], info["last_ts"] = readout.readout_id, readout.timestamp
-            info["count"] += 1
+    info = {"count": 0, "first_id": 0, "last_id": 0, "first_ts": 0, "last_ts": 0, "truncated": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedRecordWarning)  # said once, below
+        with open_apx(path) as apx:
+            for batch in apx.batches(_BATCH):
+                rows = decode_readouts(batch, carry="never").readouts
+                if info["count"] == 0:
+                    info["first_id"], info["first_ts"] = int(rows.readout_id[0]), int(rows.timestamp[0])
+                info["last_id"], info["last_ts"] = int(rows.readout_id[-1]), int(rows.timestamp[-1])
+                info["count"] += len(rows)
+            if apx.truncated is not None:
+                info["truncated"] = str(apx.truncated)
     return info
 
 
@@ -99,7 +106,8 @@ async def _replay(sender, path: str, plan: _Plan, loops: int, counts: dict) -> N
     counts["start"] = start
     pass_number = 0
     last_target = 0.0
-    with open_apx(path) as apx:
+    with warnings.catch_warnings(), open_apx(path) as apx:
+        warnings.simplefilter("ignore", TruncatedRecordWarning)  # said once, by the command
         while loops == 0 or pass_number < loops:
             for batch in apx.batches(_BATCH):
                 rows = decode_readouts(batch, carry="never").readouts
@@ -240,6 +248,9 @@ def replay_command(network, file, speed, rate, fast, loops, keep_ids, as_json):
         raise fail(f"{file}: {exc.strerror or exc}") from None
     except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
         raise fail(f"{file}: {exc}") from None
+    if info["truncated"]:
+        click.echo(f"replay: note: {file}: {info['truncated']}; the complete records before it are sent",
+                   err=True)
     plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
     if plan.requested_rate is None and not fast and info["count"] > 1:
         raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
