@@ -119,6 +119,10 @@ def _summary(counts: dict, network) -> str:
             f"in {counts['seconds']:.2f} s ({rate:,.0f} readouts/s)")
     if counts["garbage"]:
         text += f", {counts['garbage']:,} of them garbage on purpose"
+    if counts.get("send_errors"):
+        text += f"; {counts['send_errors']:,} refused by the kernel"
+    if counts.get("unsent"):
+        text += f"; {counts['unsent']:,} still queued at the end, not sent"
     return text
 
 
