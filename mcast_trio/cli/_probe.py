@@ -147,12 +147,13 @@ def _parse(ctx, param, value):
               help="How long to listen.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
 def probe_command(endpoint, port, source, seconds, as_json):
-    """Say where a group's traffic arrives: join it on every multicast-capable
-    interface for a few seconds and report, per interface, datagrams, rate,
-    senders and whether they look like AstroPix readouts.
+    """Say on which interface a group's traffic arrives, and from whom.
 
-    The answer to "am I receiving anything, and on which interface?".
-    Interfaces where joining fails are listed with the reason.
+    Joins the group on every multicast-capable interface for --seconds and
+    reports, per interface, datagrams, rate, senders and whether they look
+    like AstroPix readouts: the answer to "am I receiving anything, and on
+    which interface?". Interfaces where joining fails are listed with the
+    reason. An IPv6 group is probed on every interface that takes it.
 
     \b
     Examples:
