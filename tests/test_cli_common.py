@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 
-import pytest
 
 
 def run(cli, *args, timeout=60):

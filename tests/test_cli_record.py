@@ -7,7 +7,6 @@ sent and with the simulator's ground truth."""
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import json
 import os
@@ -17,7 +16,6 @@ import struct
 import subprocess
 import warnings
 
-import numpy as np
 import pytest
 import trio
 

@@ -18,7 +18,6 @@ import mcast_trio
 from .. import AstroPix4Readout, decode_readouts, decoder_backend, open_receiver, open_sender, resolve_group
 from ..sim import DaqSimulator
 from ._common import emit_json, fail, run
-from ._simulate import single_errors
 
 __all__ = ["COMMANDS"]
 
@@ -312,8 +311,7 @@ def _print(result: dict) -> None:
 
 
 async def _network_benchmarks(which, group, port, datagrams, mean_hits, as_json) -> None:
-    with single_errors():
-        await _run_network_benchmarks(which, group, port, datagrams, mean_hits, as_json)
+    await _run_network_benchmarks(which, group, port, datagrams, mean_hits, as_json)
 
 
 async def _run_network_benchmarks(which, group, port, datagrams, mean_hits, as_json) -> None:

@@ -155,10 +155,17 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
       with :func:`stop_on_signals`, and flush first);
     * ``OSError`` (a busy port, a missing file, ...), ``MalformedDatagram``
       (a damaged file), ``ValueError``/``TypeError`` from the library: one
-      line ``Error: ...``, exit 1.
+      line ``Error: ...``, exit 1;
+    * a nursery's group holding a single exception counts as that exception;
+      several at once (a genuine concurrent failure) keep their traceback.
     """
     try:
-        return trio.run(async_fn, *args)
+        try:
+            return trio.run(async_fn, *args)
+        except BaseExceptionGroup as group:
+            # A nursery wraps even a single failure (a busy port, a file
+            # that cannot be written): report that one as itself.
+            raise _single(group) from None
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         raise SystemExit(0) from None
@@ -169,6 +176,20 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
             text = f"{exc.filename}: {text}"
         raise fail(text) from None
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside ``group`` (however nested), or ``group``
+    itself when it holds several (a genuine concurrent failure: traceback)."""
+    leaves: list[BaseException] = []
+    pending = [group]
+    while pending:
+        for exc in pending.pop().exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                pending.append(exc)
+            else:
+                leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 async def stop_on_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

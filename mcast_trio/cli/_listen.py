@@ -14,7 +14,6 @@ import trio
 
 from .. import HIT_DTYPE, AstroPix4Readout, MalformedDatagram, open_receiver
 from ._common import emit_json, network_options, run, stop_on_signals
-from ._simulate import single_errors
 
 __all__ = ["COMMANDS"]
 
@@ -179,15 +178,14 @@ def _statistics_line(counts: dict) -> str:
 async def _main(network, framing, topics, pattern, show_hits, as_json, messages, count) -> None:
     counts = {"readouts": 0, "hits": 0, "messages": 0, "mode": "messages" if messages else "readouts"}
     try:
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(stop_on_signals, nursery.cancel_scope)
-                if messages:
-                    await _messages(network, framing, topics, pattern, as_json, count, counts)
-                else:
-                    await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
-                                    counts)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, nursery.cancel_scope)
+            if messages:
+                await _messages(network, framing, topics, pattern, as_json, count, counts)
+            else:
+                await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
+                                counts)
+            nursery.cancel_scope.cancel()
     except BrokenPipeError:
         # The reader went away (`mcast-trio listen | head`): a normal end.
         # Later writes to stdout (at interpreter exit) go nowhere.

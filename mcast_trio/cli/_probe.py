@@ -11,7 +11,6 @@ import trio
 
 from .. import AstroPix4Readout, MalformedDatagram, open_receiver, resolve_group
 from ._common import DEFAULT_PORT, emit_json, parse_endpoint, run, stop_on_signals
-from ._simulate import single_errors
 
 __all__ = ["COMMANDS"]
 
@@ -94,7 +93,7 @@ def _answer(results: list[dict], seconds: float) -> str:
 async def _main(group, port, source, seconds, as_json) -> None:
     joins, skipped = _candidates(group, port, source)
     results = []
-    with single_errors(), trio.CancelScope() as outer:
+    with trio.CancelScope() as outer:
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, outer)
             async with trio.open_nursery() as receivers:

@@ -238,13 +238,6 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    leaves = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
-
-
 async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
     """A status line on stderr every ``every`` seconds, data or not."""
     while True:
@@ -311,13 +304,6 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                 totals.captured_bytes += len(payload)
                         segments.flush()
             nursery.cancel_scope.cancel()  # the signal listener, the status lines
-    except BaseExceptionGroup as group:
-        # One failure (a file that cannot be written, ...) comes out as
-        # itself, so that `run` reports it in one line.
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from None
-        raise
     finally:
         segments.close()
     elapsed = time.monotonic() - started

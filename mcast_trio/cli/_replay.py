@@ -13,7 +13,7 @@ import trio
 
 from .. import AstroPix4Readout, TruncatedRecordWarning, decode_readouts, open_apx, open_sender
 from ._common import emit_json, fail, network_options, run, stop_on_signals
-from ._simulate import _endpoint_text, single_errors
+from ._simulate import _endpoint_text
 
 __all__ = ["COMMANDS"]
 
@@ -191,11 +191,10 @@ async def _main(network, path, plan, loops, as_json) -> None:
     counts = {"readouts": 0, "passes": 0, "start": 0.0, "first": 0.0, "last": 0.0, "file": path,
               "group": _endpoint_text(network)}
     async with open_sender(network.group, network.port, framing="raw", **network.sender_options()) as sender:
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(stop_on_signals, nursery.cancel_scope)
-                await _replay(sender, path, plan, loops, counts)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, nursery.cancel_scope)
+            await _replay(sender, path, plan, loops, counts)
+            nursery.cancel_scope.cancel()
     stats = sender.statistics()
     counts["datagrams_sent"] = stats.datagrams
     counts["send_errors"] = stats.errors

@@ -4,7 +4,6 @@ exactly as astropix-analysis sends them."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -15,7 +14,7 @@ from .. import open_sender
 from ..sim import DaqSimulator
 from ._common import emit_json, network_options, run, stop_on_signals
 
-__all__ = ["COMMANDS", "GARBAGE", "simulate", "single_errors"]
+__all__ = ["COMMANDS", "GARBAGE", "simulate"]
 
 #: The datagram added on purpose after every ``garbage_every`` readouts.
 GARBAGE = b"\x00garbage, not a readout"
@@ -24,22 +23,6 @@ MEAN_HITS = 4.0
 #: Longest pause between two sends (seconds); lower rates send one readout
 #: per tick.
 _TICK = 0.01
-
-
-@contextlib.contextmanager
-def single_errors():
-    """Re-raise a nursery's group of one exception (nested or not) as that
-    exception, so that ``run()`` turns an ``OSError`` raised inside a nursery
-    into its one-line error instead of a traceback."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        if error is group:
-            raise
-        raise error from None
 
 
 def _new_counts() -> dict:
@@ -129,12 +112,11 @@ def _summary(counts: dict, network) -> str:
 async def _main(network, rate, seconds, seed, mean_hits, garbage_every, as_json) -> None:
     counts = _new_counts()
     async with open_sender(network.group, network.port, framing="raw", **network.sender_options()) as sender:
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                await nursery.start(stop_on_signals, nursery.cancel_scope)
-                await simulate(sender, rate=rate, seconds=seconds, seed=seed, mean_hits=mean_hits,
-                               garbage_every=garbage_every, counts=counts)
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signals, nursery.cancel_scope)
+            await simulate(sender, rate=rate, seconds=seconds, seed=seed, mean_hits=mean_hits,
+                           garbage_every=garbage_every, counts=counts)
+            nursery.cancel_scope.cancel()
         stats = sender.statistics()
     counts["group"] = _endpoint_text(network)
     counts["rate"] = rate
