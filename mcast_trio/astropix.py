@@ -393,6 +393,7 @@ class MulticastReceiver:
                 readout_id = getattr(readout, "readout_id", None)
                 if readout_id is not None:
                     self._senders.observe(address, int(readout_id) & 0xFFFFFFFF)
+                    self._senders.tracker(address).add_volume(0, len(data))
                 return readout
         finally:
             if deadline is not None and sock.fileno() >= 0:

@@ -144,9 +144,12 @@ def test_rates_from_statistics_deltas(t1, after, expected):
     acc = Accumulator(rate_period=1.0)
     key = ("127.0.0.1", 4000)
     acc.observe(10.0, stats(senders={key: SenderStats()}))
-    acc.observe(10.0 + t1, stats(senders={key: SenderStats(received=after["readouts"])}, **after))
+    acc.observe(10.0 + t1, stats(senders={key: SenderStats(received=after["readouts"], hits=after["hits"],
+                                                              bytes=after["bytes"])}, **after))
     assert (acc.rates.readouts, acc.rates.hits, acc.rates.mbytes) == pytest.approx(expected)
-    assert acc.senders(10.0 + t1)[0].readouts_per_s == pytest.approx(expected[0])
+    (view,) = acc.senders(10.0 + t1)
+    # per sender, from the sender's own counters
+    assert (view.readouts_per_s, view.hits_per_s, view.mbytes_per_s) == pytest.approx(expected)
     assert list(acc.history) == ([pytest.approx(expected[0])] if t1 >= 1.0 else [])
 
 

@@ -228,3 +228,28 @@ def test_statistics_are_frozen_snapshots():
     assert (before.datagrams, after.datagrams) == (0, 2)
     with pytest.raises(AttributeError):
         after.datagrams = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("framing", ["raw", "native"])
+def test_hits_and_bytes_are_counted_per_sender(framing):
+    # Two senders interleaved (raw: by address; native: by address and
+    # sender id), in every split: each sender's hits and bytes are its own,
+    # and they add up to the receiver's totals.
+    a, b = R[:3], R[3:6]
+    if framing == "raw":
+        datagrams = [(a[0], A), (b[0], B), (a[1], A), (b[1], B), (a[2], A), (b[2], B)]
+        keys = {A: a, B: b}
+        size = len
+    else:
+        da, db = native(a, sender_id=1), native(b, sender_id=2)
+        datagrams = [(d, A) for pair in zip(da, db) for d in pair]
+        keys = {(*A, 1): a, (*A, 2): b}
+        size = len  # framed: the payload, i.e. the serialized readout
+    row = Row("volume", dict(readout_class=AstroPix4Readout, framing=framing), datagrams, [])
+    for sizes in _splits(len(datagrams)):
+        _, stats = _feed(row, sizes)
+        assert set(stats.senders) == set(keys), sizes
+        for key, sent in keys.items():
+            assert stats.senders[key].hits == hits(sent), (key, sizes)
+            assert stats.senders[key].bytes == sum(map(size, sent)), (key, sizes)
+        assert sum(s.hits for s in stats.senders.values()) == stats.hits

@@ -360,7 +360,7 @@ class ReceivePipeline:
             good = None
         c.readouts += len(rows) - len(decoded.errors)
         c.hits += len(decoded.hits)
-        self._track_readouts(batch, rows, good, index, rejected)
+        self._track_readouts(batch, rows, lengths, good, index, rejected)
         if good is not None:
             # Malformed datagrams are counted, never delivered.
             keep = np.flatnonzero(good)
@@ -372,23 +372,40 @@ class ReceivePipeline:
         data = gather(batch.buffer, offsets, lengths) if self.keep_bytes else None
         return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class)
 
-    def _track_readouts(self, batch, rows, good, index, rejected=None) -> None:
-        ids = rows.readout_id if good is None else rows.readout_id[good]
-        positions = np.arange(len(rows)) if good is None else np.flatnonzero(good)
+    def _track_readouts(self, batch, rows, lengths, good, index, rejected=None) -> None:
+        """Loss accounting and volume (hits, bytes) per sender of the decoded
+        ``rows`` (``lengths``: their datagram sizes; ``good``: the
+        well-formed rows, None: all; ``index``: their positions in the
+        batch, None: the same)."""
+        if good is None:
+            ids, hits, sizes = rows.readout_id, rows.n_hits, lengths
+            positions = np.arange(len(rows))
+        else:
+            ids, hits, sizes = rows.readout_id[good], rows.n_hits[good], lengths[good]
+            positions = np.flatnonzero(good)
         if index is not None:
             positions = index[positions]
         if rejected:
             # Readouts a filter rejected were received all the same: they are
             # no loss. Account for them in arrival order with the others.
             self._track_pairs(batch, sorted([*zip(positions.tolist(), ids.tolist()), *rejected]))
+            self._add_volume(batch, positions, hits, sizes)
             return
         if len(ids) == 0:
             return
         first = int(positions[0])
         if self._same_source or batch.same_source(positions):
-            self.senders.tracker(_source(batch, first)).observe_many(ids)
+            tracker = self.senders.tracker(_source(batch, first))
+            tracker.observe_many(ids)
+            tracker.add_volume(int(hits.sum()), int(sizes.sum()))
             return
         self._track_pairs(batch, zip(positions.tolist(), ids.tolist()))
+        self._add_volume(batch, positions, hits, sizes)
+
+    def _add_volume(self, batch, positions, hits, sizes) -> None:
+        tracker = self.senders.tracker
+        for pos, n_hits, size in zip(positions.tolist(), hits.tolist(), sizes.tolist()):
+            tracker(_source(batch, pos)).add_volume(n_hits, size)
 
     def _track_pairs(self, batch, pairs) -> None:
         observe = self.senders.observe
@@ -438,7 +455,10 @@ class ReceivePipeline:
                             self.senders.observe((*source, header.sender_id), header.sequence)
                     continue
                 if message.sender_id is not None:
-                    self.senders.observe((*source, message.sender_id), message.sequence)
+                    key = (*source, message.sender_id)
+                    self.senders.observe(key, message.sequence)
+                    if not readout_mode:
+                        self.senders.tracker(key).add_volume(0, len(message.payload))
                 elif readout_mode and type(message.payload) is not bytes:
                     # An MCL payload that is an object (dict, int...), not a readout.
                     c.malformed += 1
@@ -471,5 +491,9 @@ class ReceivePipeline:
             out = [out[k] for k in keep.tolist()]
             decoded = _well_formed(decoded, keep)
         lengths = np.fromiter((len(m.payload) for m in out), dtype=np.int64, count=len(out))
+        if native:
+            tracker = self.senders.tracker
+            for m, n_hits, size in zip(out, decoded.readouts.n_hits.tolist(), lengths.tolist()):
+                tracker((*m.address, m.sender_id)).add_volume(n_hits, size)
         data = b"".join(m.payload for m in out) if self.keep_bytes else None
         return ReadoutChunk(data, lengths, decoded, self.readout_class)

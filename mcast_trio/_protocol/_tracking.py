@@ -86,6 +86,10 @@ class SenderStats:
         highest: The highest id seen since the last restart, or None before
             the first arrival (and after :meth:`SequenceTracker.restart`
             until the next one).
+        hits: Hits decoded from this sender's readouts (receivers in
+            readout mode; 0 otherwise).
+        bytes: Bytes of this sender's well-formed readouts or messages as
+            received (raw: the datagrams; framed: the payloads).
     """
 
     received: int = 0
@@ -94,6 +98,8 @@ class SenderStats:
     reordered: int = 0
     restarts: int = 0
     highest: int | None = None
+    hits: int = 0
+    bytes: int = 0
 
 
 try:
@@ -153,6 +159,8 @@ class SequenceTracker:
         "duplicates",
         "reordered",
         "restarts",
+        "hits",
+        "bytes",
     )
 
     def __init__(
@@ -183,6 +191,9 @@ class SequenceTracker:
         self.duplicates = 0
         self.reordered = 0
         self.restarts = 0
+        # Volume (not sequence accounting: a restart keeps it).
+        self.hits = 0
+        self.bytes = 0
 
     @property
     def window(self) -> int:
@@ -262,6 +273,12 @@ class SequenceTracker:
         self.received += 1
         return REORDERED
 
+    def add_volume(self, hits: int, nbytes: int) -> None:
+        """Count ``hits`` decoded and ``nbytes`` received from this sender
+        (what the receivers report per sender next to the sequence counters)."""
+        self.hits += hits
+        self.bytes += nbytes
+
     def observe_many(self, seqs) -> None:
         """Account for the arrival of every id in ``seqs``, in order.
 
@@ -331,6 +348,8 @@ class SequenceTracker:
             reordered=self.reordered,
             restarts=self.restarts,
             highest=self._highest,
+            hits=self.hits,
+            bytes=self.bytes,
         )
 
     def __repr__(self) -> str:

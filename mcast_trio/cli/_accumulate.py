@@ -53,7 +53,7 @@ COUNTERS = ("datagrams", "bytes", "readouts", "hits", "lost", "duplicates", "reo
             "malformed", "truncated", "dropped", "kernel_drops")
 
 #: Per-sender counters, named as in :class:`~mcast_trio.SenderStats`.
-SENDER_COUNTERS = ("received", "lost", "duplicates", "reordered", "restarts")
+SENDER_COUNTERS = ("received", "lost", "duplicates", "reordered", "restarts", "hits", "bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,8 @@ class SenderView:
     """One sender as the monitor shows it.
 
     ``counters`` are since the last reset (:data:`SENDER_COUNTERS`);
-    ``readouts_per_s`` is its rate of distinct readout ids; ``age`` the
+    ``readouts_per_s`` is its rate of distinct readout ids, ``hits_per_s``
+    and ``mbytes_per_s`` its hits and bytes (MB = 10**6 bytes); ``age`` the
     seconds since its last datagram was seen (to the sampling period);
     ``loss`` the fraction lost since the reset.
     """
@@ -79,6 +80,8 @@ class SenderView:
     name: str
     counters: dict
     readouts_per_s: float
+    hits_per_s: float
+    mbytes_per_s: float
     age: float
     alive: bool
     loss: float
@@ -140,7 +143,8 @@ class Accumulator:
         self.auto_resets = 0
         self.events: collections.deque[str] = collections.deque(maxlen=8)
         self.rates = Rates()
-        self.sender_rates: dict[Any, float] = {}
+        #: sender -> (readouts/s, hits/s, MB/s) over the last rate period
+        self.sender_rates: dict[Any, tuple[float, float, float]] = {}
         self._baseline: dict[str, int] = {name: 0 for name in COUNTERS}
         self._sender_baseline: dict[Any, dict[str, int]] = {}
         self._last: Any = None  # the latest statistics snapshot
@@ -209,8 +213,12 @@ class Accumulator:
 
         self.rates = Rates(readouts=delta("readouts") / dt, hits=delta("hits") / dt,
                            mbytes=delta("bytes") / dt / 1e6, datagrams=delta("datagrams") / dt)
+        def sender_delta(key, sender, name):
+            return (getattr(sender, name, 0) - getattr(before.senders.get(key), name, 0)) / dt
+
         self.sender_rates = {
-            key: (s.received - getattr(before.senders.get(key), "received", 0)) / dt
+            key: (sender_delta(key, s, "received"), sender_delta(key, s, "hits"),
+                  sender_delta(key, s, "bytes") / 1e6)
             for key, s in after.senders.items()
         }
         self.history.append(self.rates.readouts)
@@ -227,7 +235,7 @@ class Accumulator:
         self.resets += 1
         if stats is not None:
             self._baseline = {name: _counter(stats, name) for name in COUNTERS}
-            self._sender_baseline = {key: {n: getattr(s, n) for n in SENDER_COUNTERS}
+            self._sender_baseline = {key: {n: getattr(s, n, 0) for n in SENDER_COUNTERS}
                                      for key, s in stats.senders.items()}
 
     # -- reading ----------------------------------------------------------
@@ -258,12 +266,13 @@ class Accumulator:
         views = []
         for key, sender in stats.senders.items():
             base = self._sender_baseline.get(key, {}) if since_reset else {}
-            counters = {n: getattr(sender, n) - base.get(n, 0) for n in SENDER_COUNTERS}
+            counters = {n: getattr(sender, n, 0) - base.get(n, 0) for n in SENDER_COUNTERS}
             arrived = self._seen.get(key, (0, now))[1]
             age = max(0.0, now - arrived)
             total = counters["received"] + counters["lost"]
             loss = counters["lost"] / total if total > 0 else 0.0
-            views.append(SenderView(sender_name(key), counters, self.sender_rates.get(key, 0.0), age,
+            readouts_per_s, hits_per_s, mbytes_per_s = self.sender_rates.get(key, (0.0, 0.0, 0.0))
+            views.append(SenderView(sender_name(key), counters, readouts_per_s, hits_per_s, mbytes_per_s, age,
                                     age < self.stale, loss))
         return views
 

@@ -130,6 +130,7 @@ def summary(acc: Accumulator, now: float, ui: UiState, *, final: bool = False) -
                   "mb_per_s": round(rates.mbytes, 4), "datagrams_per_s": round(rates.datagrams, 1)},
         "senders": {
             view.name: {**view.counters, "readouts_per_s": round(view.readouts_per_s, 1),
+                        "hits_per_s": round(view.hits_per_s, 1), "mb_per_s": round(view.mbytes_per_s, 4),
                         "alive": view.alive, "silent_s": round(view.age, 2)}
             for view in acc.senders(now, since_reset=False)
         },
@@ -339,12 +340,11 @@ def render_frame(acc: Accumulator, now: float, ui: UiState):
     # The sender table as fixed-width lines (a rich Table costs ~5 ms a frame).
     header = ("sender", "state", "readouts/s", "hits/s", "MB/s", "received", "lost", "dup", "reord",
               "restarts", "malformed", "dropped", "kernel drops")
-    one = len(senders) == 1
     cells = []
     for view in senders:
         state = ("alive", "green") if view.alive else (f"stale {view.age:.0f}s", "red")
-        cells.append(([view.name, state, _fmt(view.readouts_per_s), _fmt(rates.hits) if one else "-",
-                       f"{rates.mbytes:.2f}" if one else "-", _fmt(view.counters["received"]),
+        cells.append(([view.name, state, _fmt(view.readouts_per_s), _fmt(view.hits_per_s),
+                       f"{view.mbytes_per_s:.2f}", _fmt(view.counters["received"]),
                        _fmt(view.counters["lost"]), _fmt(view.counters["duplicates"]),
                        _fmt(view.counters["reordered"]), _fmt(view.counters["restarts"]), "-", "-", "-"], ""))
     cells.append((["all", "", _fmt(rates.readouts), _fmt(rates.hits), f"{rates.mbytes:.2f}",
