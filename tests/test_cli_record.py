@@ -16,6 +16,7 @@ import struct
 import subprocess
 import warnings
 
+import numpy as np
 import pytest
 import trio
 
@@ -289,3 +290,35 @@ def test_sizes():
     assert parse_size("4096") == 4096
     with pytest.raises(ValueError, match="not a size"):
         parse_size("1 parsec")
+
+
+async def test_simulate_record_decode_end_to_end(mcast_trio_cli, tmp_path):
+    # The chain, every step a command as a shifter runs it:
+    # `simulate` in one process, `record` in another, then `decode`; the
+    # decoded table holds every readout the simulator sent, in order, and
+    # exactly the hits its ground truth says it sent.
+    group, port = _endpoint()
+    out = tmp_path / "run.apx"
+    recorder = await _start(mcast_trio_cli, str(out), "--group", f"{group}:{port}")
+    await _poll(lambda: _ready(out), what="the recorder to join")
+    simulate = await trio.run_process(
+        [*mcast_trio_cli, "simulate", "--group", f"{group}:{port}", "--rate", "4000", "--seconds", "1",
+         "--seed", "11", "--json"], capture_stdout=True, capture_stderr=True)
+    sent = json.loads(simulate.stdout.decode().strip().splitlines()[-1])
+    assert sent["readouts"] >= 3000 and sent["hits"] > 0
+    await _poll(lambda: len(_records(out)) >= sent["readouts"], what="every readout in the file")
+    recorder.send_signal(signal.SIGTERM)
+    code, _, err = await _finish(recorder)
+    assert code == 0, err
+    table = tmp_path / "run.npz"
+    decoded = await trio.run_process([*mcast_trio_cli, "decode", str(out), "--to", "npz", "--out", str(table)],
+                                     capture_stdout=True, capture_stderr=True, check=False)
+    assert decoded.returncode == 0, decoded.stderr
+    with np.load(table) as columns:
+        readout_ids = np.unique(columns["readout_id"])
+        n_hits = len(columns["readout_id"])
+    records = _records(out)
+    assert len(records) == sent["readouts"]
+    assert [int.from_bytes(r[3:7], "little") for r in records] == list(range(sent["readouts"]))
+    assert n_hits == sent["hits"]  # the simulator's ground truth, split hits included
+    assert readout_ids.min() >= 0 and readout_ids.max() < sent["readouts"]
