@@ -86,7 +86,7 @@ class ReceiverService:
         self.pipeline = ReceivePipeline(
             readout_class=config.readout_class, framing=config.framing, topics=config.topics,
             filter=config.filter, max_senders=config.max_senders, loss_window=config.loss_window,
-            reassembly=config.reassembly)
+            reassembly=config.reassembly, on_malformed=config.on_malformed)
         self._counters = self.pipeline.counters
         self.joined = trio.Event()
 
@@ -177,6 +177,7 @@ class _Config:
     loss_window: int
     reassembly: tuple[float, int, int]
     network: Any
+    on_malformed: Any = None
 
 
 def _check_readout_class(readout_class) -> None:
@@ -197,7 +198,7 @@ def _configure(
     filter=None, overflow=None, batch_size=256, max_datagram_size=65535,
     max_per_wake=4096, max_busy=0.005, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
     reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
-    allow_unicast=False, allow_control_groups=False,
+    allow_unicast=False, allow_control_groups=False, on_malformed=None,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
     spec = _groups.resolve_group(group, port, interface=interface, source=source,
@@ -224,10 +225,14 @@ def _configure(
         names=("reassembly_timeout", "max_pending_messages", "max_reassembly_bytes"))
     if framing.msgpack:
         require_msgpack()
+    if on_malformed is not None and not callable(on_malformed):
+        raise TypeError(f"on_malformed={on_malformed!r} is not callable; allowed: a function "
+                        "(payload, source) -> None, or None")
     if network is None:
         network = current_network()
     return _Config(spec, readout_class, framing, topics, filter, overflow, batch_size, max_datagram_size,
-                   max_per_wake, max_busy, rcvbuf, max_senders, loss_window, reassembly, network)
+                   max_per_wake, max_busy, rcvbuf, max_senders, loss_window, reassembly, network,
+                   on_malformed)
 
 
 #: The keyword options of open_receiver / serve_receiver (those of _configure).
@@ -478,6 +483,10 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             a second one fails with ``OSError`` (EADDRINUSE).
         allow_control_groups: accept link-local control groups
             (224.0.0.0/24, well-known ``ff02::`` groups), refused by default.
+        on_malformed: a function ``(payload, source) -> None`` the receive
+            task calls with the bytes of every malformed datagram (framed
+            modes: malformed frame or payload) as it counts it, e.g. to keep
+            them in a capture file; it must be quick and must not block.
 
     Yields:
         A :class:`MulticastReceiver`.

@@ -249,6 +249,33 @@ async def test_messages_mode_keeps_garbage_in_the_capture_file(mcast_trio_cli, t
     assert got == garbage
 
 
+async def test_readout_mode_keeps_malformed_datagrams_in_the_capture_file(mcast_trio_cli, tmp_path):
+    # The default mode records everything received too: the receiver hands
+    # each malformed datagram to the recorder (on_malformed) as it counts it.
+    group, port = _endpoint()
+    out = tmp_path / "g.apx"
+    readouts = DaqSimulator(seed=16).generate(20).datagrams()
+    garbage = [b"\x00garbage %d" % i for i in range(4)]
+    stream = readouts[:5] + garbage[:2] + readouts[5:] + garbage[2:]
+    process = await _start(mcast_trio_cli, str(out), "-g", f"{group}:{port}", "--seconds", "3", "--json")
+    await _poll(lambda: _ready(out), what="the recorder to start")
+    await _send(group, port, stream)
+    code, stdout, stderr = await _finish(process)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["readouts_written"] == 20 and summary["malformed"] == 4 and summary["captured"] == 4
+    assert _strict_records(out) == readouts
+    data = (tmp_path / "g.capture").read_bytes()
+    header = struct.Struct("<QIH16s")
+    pos, got = 8, []
+    while pos < len(data):
+        _ns, length, _port, _address = header.unpack_from(data, pos)
+        pos += header.size
+        got.append(data[pos:pos + length])
+        pos += length
+    assert got == garbage
+
+
 def _run(cli, *args):
     return subprocess.run([*cli, "record", *args], capture_output=True, text=True, timeout=30)
 

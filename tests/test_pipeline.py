@@ -253,3 +253,22 @@ def test_hits_and_bytes_are_counted_per_sender(framing):
             assert stats.senders[key].hits == hits(sent), (key, sizes)
             assert stats.senders[key].bytes == sum(map(size, sent)), (key, sizes)
         assert sum(s.hits for s in stats.senders.values()) == stats.hits
+
+
+@pytest.mark.parametrize("options, datagrams, bad", [
+    (dict(readout_class=AstroPix4Readout), [(R[0], A), (BAD_HEADER, B), (R[1], A), (SHORT, A)],
+     [(BAD_HEADER, B), (SHORT, A)]),
+    (dict(readout_class=AstroPix4Readout, filter=lambda payload, source: True),
+     [(SHORT, B), (R[0], A)], [(SHORT, B)]),
+    (dict(framing="native"), [(b"not a frame", A)] + [(d, A) for d in native([b"ok"])], [(b"not a frame", A)]),
+    (dict(readout_class=AstroPix4Readout, framing="native"), [(d, B) for d in native([R[0], b"junk"])],
+     [(b"junk", B)]),
+])
+def test_on_malformed_gets_every_malformed_payload_with_its_source(options, datagrams, bad):
+    for sizes in _splits(len(datagrams)):
+        seen = []
+        pipeline = ReceivePipeline(**options, on_malformed=lambda payload, source: seen.append((payload, source)))
+        for batch, n in _batches(datagrams, sizes, 65535):
+            pipeline.run(batch, n, now=1.0)
+        assert seen == bad, sizes
+        assert pipeline.statistics().malformed == len(bad)

@@ -126,6 +126,7 @@ _BAD = [
     (dict(readout_class=AstroPix4Readout, framing="raw", max_pending_messages="x"), TypeError,
      ["max_pending_messages='x'"]),
     (dict(framing="nope"), ValueError, ["framing='nope'", "'raw', 'native', 'mcl', 'auto'"]),
+    (dict(on_malformed=5), TypeError, ["on_malformed=5", "not callable"]),
 ]
 
 

@@ -198,6 +198,9 @@ class ReceivePipeline:
         clock: the clock :attr:`deadline` is compared with (default
             ``time.perf_counter``: real time, which a virtual trio clock does
             not see).
+        on_malformed: called as ``on_malformed(payload, source)`` with the
+            bytes of every malformed datagram (or framed payload) as it is
+            counted, e.g. to keep it in a capture file; it must not block.
 
     Attributes:
         counters: the live :class:`ReceiverCounters`; :meth:`statistics`
@@ -212,7 +215,8 @@ class ReceivePipeline:
     def __init__(self, *, readout_class=None, framing: Framing | str = "auto", topics=None, filter=None,
                  max_senders: int = 64, loss_window: int = 1024,
                  reassembly: tuple[float, int, int] = (2.0, 256, 32 << 20),
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 on_malformed: Callable[[bytes, Any], None] | None = None) -> None:
         if not isinstance(framing, Framing):
             framing = lookup_framing(framing)
         framing = framing.resolve(readouts=readout_class is not None)
@@ -222,6 +226,7 @@ class ReceivePipeline:
         self.deadline = math.inf
         self.keep_bytes = True
         self.clock = clock
+        self.on_malformed = on_malformed
         self.senders: SenderTable = SenderTable(max_senders=max_senders, window=loss_window)
         timeout, max_messages, max_bytes = reassembly
         self.reassembly_timeout = timeout
@@ -356,6 +361,12 @@ class ReceivePipeline:
             c.malformed += len(decoded.errors)
             c.last_error = decoded.errors[-1][1]
             good = ~rows.malformed
+            if self.on_malformed is not None:
+                view = memoryview(batch.buffer)
+                for k, _reason in decoded.errors:
+                    start = int(offsets[k])
+                    self.on_malformed(view[start:start + int(lengths[k])].tobytes(),
+                                      _source(batch, int(index[k]) if index is not None else k))
         else:
             good = None
         c.readouts += len(rows) - len(decoded.errors)
@@ -446,6 +457,8 @@ class ReceivePipeline:
                 except MalformedFrame as exc:
                     c.malformed += 1
                     c.last_error = str(exc)
+                    if self.on_malformed is not None:
+                        self.on_malformed(bytes(datagram), source)
                     continue
                 if message is None:
                     if native and decoder.filtered != filtered:
@@ -464,6 +477,8 @@ class ReceivePipeline:
                     c.malformed += 1
                     c.last_error = (f"MCL payload is {type(message.payload).__name__}, "
                                     f"expected a serialized readout (bytes)")
+                    if self.on_malformed is not None:
+                        self.on_malformed(bytes(datagram), source)
                     continue
             if not self._accept_all and not self._accept(message.topic, message.payload, source):
                 c.filtered += 1
@@ -484,6 +499,9 @@ class ReceivePipeline:
         c.hits += len(decoded.hits)
         if decoded.errors:
             c.last_error = decoded.errors[-1][1]
+            if self.on_malformed is not None:
+                for k, _reason in decoded.errors:
+                    self.on_malformed(bytes(out[k].payload), out[k].address)
             # Malformed readouts are counted, never delivered.
             keep = np.flatnonzero(~decoded.readouts.malformed)
             if len(keep) == 0:

@@ -6,8 +6,8 @@ with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and the writer
 well-formed readouts of one receive batch) at a time and hands its records
 to :class:`~mcast_trio.ApxWriter` with ``flush="batch"``: one ``write`` per
 chunk, so a killed recorder loses at most the chunk in progress. Malformed
-datagrams are counted by the receiver (the readout path does not keep their
-bytes); ``--messages`` keeps them.
+datagrams are counted by the receiver and handed to the recorder by its
+``on_malformed`` hook: they go to the capture file.
 
 ``--messages``: a message-mode receiver (``--framing raw`` to take every
 datagram as it is); a payload that is a well-formed serialized readout goes
@@ -28,6 +28,7 @@ msgpack) is stored as its JSON text.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -263,8 +264,18 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     segments = _Segments(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
     totals = _Totals()
     send, receive = trio.open_memory_channel(queue)
+    malformed: collections.deque = collections.deque()  # (payload, source) from the receive task
+
+    def write_malformed() -> None:
+        while malformed:
+            payload, source = malformed.popleft()
+            segments.write_capture(payload, source)
+            totals.captured += 1
+            totals.captured_bytes += len(payload)
+
     options = dict(group=network.group, port=network.port, send_channel=send, drop_channel=receive.clone(),
                    readout_class=None if messages else AstroPix4Readout, framing=framing,
+                   on_malformed=lambda payload, source: malformed.append((payload, source)),
                    **network.receiver_options())
     rx_scope = trio.CancelScope()
     started = time.monotonic()
@@ -281,6 +292,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                 nursery.start_soon(_status, status_every, service, totals, segments)
             async with receive:
                 async for item in receive:
+                    write_malformed()
                     if count is not None and totals.readouts >= count:
                         continue  # drained and discarded: --count readouts are written
                     if isinstance(item, ReadoutChunk):
@@ -303,6 +315,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                 totals.captured += 1
                                 totals.captured_bytes += len(payload)
                         segments.flush()
+            write_malformed()
             nursery.cancel_scope.cancel()  # the signal listener, the status lines
     finally:
         segments.close()
@@ -382,11 +395,11 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
     start time, mcast_trio version, command line, segment number). With
     --rotate-size/--rotate-time the files are OUT-0001.apx, OUT-0002.apx, ...
     An existing file is never replaced: without rotation OUT.apx must not
-    exist; with rotation a taken name is skipped. Malformed datagrams are
-    counted; with --messages --framing raw they are kept in OUT.capture
-    (8 bytes MCTCAP01, then per datagram: u64 arrival ns, u32 length, u16
-    source port, 16-byte source address (IPv4 as ::ffff:a.b.c.d), all
-    little-endian, then the payload).
+    exist; with rotation a taken name is skipped. Malformed datagrams (and,
+    with --messages, every payload that is not a readout) are counted and
+    kept in OUT.capture (8 bytes MCTCAP01, then per datagram: u64 arrival
+    ns, u32 length, u16 source port, 16-byte source address (IPv4 as
+    ::ffff:a.b.c.d), all little-endian, then the payload).
 
     On Ctrl-C or SIGTERM the recorder stops receiving, writes every readout
     already received, closes the file and exits 0. The summary (readouts,
@@ -398,7 +411,7 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
       mcast-trio record run.apx
       mcast-trio record run.apx --rotate-size 1GB --rotate-time 3600
       mcast-trio record run.apx -g 127.0.0.1:5007 --seconds 60 --json
-      mcast-trio record run.apx --messages --framing raw   # keep garbage too
+      mcast-trio record run.apx --messages --framing native  # framed messages
     """
     out = out if out.suffix else out.with_suffix(".apx")
     if rotate_size is None and rotate_time is None and out.exists():
