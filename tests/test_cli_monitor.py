@@ -338,9 +338,12 @@ def test_usage_errors(mcast_trio_cli):
     bad = subprocess.run([*mcast_trio_cli, "monitor", "--loss-alarm", "2"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "--loss-alarm" in bad.stderr
-    bad = subprocess.run([*mcast_trio_cli, "monitor", "--group", "10.1.2.3"], capture_output=True,
+    bad = subprocess.run([*mcast_trio_cli, "monitor", "--group", "0.0.0.0"], capture_output=True,
                          text=True, timeout=30)
-    assert bad.returncode == 2 and "10.1.2.3" in bad.stderr
+    assert bad.returncode == 2 and "group='0.0.0.0'" in bad.stderr
+    bad = subprocess.run([*mcast_trio_cli, "monitor", "--run", "../elsewhere"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "'../elsewhere' is not a run name" in bad.stderr
 
 
 def test_a_busy_unicast_port_is_one_line_exit_1(mcast_trio_cli):

@@ -253,6 +253,15 @@ async def _snapshot(arrays: dict, ui: UiState, seq: int) -> None:
     ui.message = f"snapshot {path}"
 
 
+def _check_run_name(value: str | None) -> str | None:
+    """A run name becomes part of file names: letters, digits, ``._-+`` only."""
+    if value is not None and (not value or not all(ch.isalnum() or ch in "._-+" for ch in value)
+                              or value.startswith(".")):
+        raise click.BadParameter(f"{value!r} is not a run name; allowed: letters, digits and ._-+ "
+                                 "(not starting with a dot)", param_hint="'--run'")
+    return value
+
+
 def _write_snapshot(arrays: dict, directory: pathlib.Path, run_name: str, seq: int) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     while True:
@@ -458,7 +467,7 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
               help="Use the terminal's alternate screen.")
 @click.option("--snapshot-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               default=pathlib.Path("."), show_default=True, help="Where key s writes its files.")
-@click.option("--run", "run_name", default=None,
+@click.option("--run", "run_name", default=None, callback=lambda ctx, param, value: _check_run_name(value),
               help="Run name of the snapshot files {run}-{seq:03d}.npz/.png [default: the start time].")
 @click.option("--tot-max", type=click.FloatRange(0, None, min_open=True), default=100.0, show_default=True,
               help="Upper edge of the TOT histogram (us); above it: the overflow bin.")
