@@ -421,3 +421,19 @@ def test_demo_headless_lines(mcast_trio_cli):
     counts = [int(m.group(1).replace(",", "")) for m in re.finditer(r" readouts ([\d,]+) ", result.stdout)]
     assert len(counts) >= 2 and counts[-1] > 0, result.stdout
     assert "malformed" in result.stdout
+
+
+def test_malformed_datagrams_are_counted_per_sender_and_reset():
+    acc = Accumulator()
+    a, b = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
+    acc.observe(0.0, stats(readouts=2, senders={a: SenderStats(received=1), b: SenderStats(received=1)}))
+    for source in (a, a, b):
+        acc.add_malformed(source)  # what the receiver's on_malformed hook calls
+    views = {v.name: v.counters["malformed"] for v in acc.senders(0.0)}
+    assert views == {"127.0.0.1:4001": 2, "127.0.0.1:4002": 1}
+    acc.reset(0.5)
+    acc.add_malformed(b)
+    assert {v.name: v.counters["malformed"] for v in acc.senders(0.5)} == {"127.0.0.1:4001": 0,
+                                                                         "127.0.0.1:4002": 1}
+    assert {v.name: v.counters["malformed"] for v in acc.senders(0.5, since_reset=False)} == {
+        "127.0.0.1:4001": 2, "127.0.0.1:4002": 2}

@@ -152,6 +152,10 @@ class Accumulator:
         self._seen: dict[Any, tuple[int, float]] = {}  # sender -> (arrivals, time they last changed)
         self._restarts = 0
         self._datagrams_at: float | None = None
+        #: malformed datagrams per source address, cumulative (from the
+        #: receiver's on_malformed hook: the statistics count them in total only)
+        self.malformed_by_sender: collections.Counter = collections.Counter()
+        self._malformed_baseline: collections.Counter = collections.Counter()
 
     # -- feeding ----------------------------------------------------------
 
@@ -170,6 +174,11 @@ class Accumulator:
         np.clip(index, 0, self.tot_bins, out=index)
         self.tot_counts += np.bincount(index, minlength=self.tot_bins + 1)
         self.tot_sum += float(tot.sum())
+
+    def add_malformed(self, source: Any) -> None:
+        """Count one malformed datagram from ``source`` (the receiver's
+        ``on_malformed`` hook calls this)."""
+        self.malformed_by_sender[source] += 1
 
     def observe(self, now: float, stats: Any, *, rate_point: bool | None = None) -> list[str]:
         """Take a statistics snapshot at time ``now`` (seconds, any clock):
@@ -233,6 +242,7 @@ class Accumulator:
         self.hits = 0
         self.readouts = 0
         self.resets += 1
+        self._malformed_baseline = collections.Counter(self.malformed_by_sender)
         if stats is not None:
             self._baseline = {name: _counter(stats, name) for name in COUNTERS}
             self._sender_baseline = {key: {n: getattr(s, n, 0) for n in SENDER_COUNTERS}
@@ -267,6 +277,8 @@ class Accumulator:
         for key, sender in stats.senders.items():
             base = self._sender_baseline.get(key, {}) if since_reset else {}
             counters = {n: getattr(sender, n, 0) - base.get(n, 0) for n in SENDER_COUNTERS}
+            counters["malformed"] = self.malformed_by_sender[key] - (
+                self._malformed_baseline[key] if since_reset else 0)
             arrived = self._seen.get(key, (0, now))[1]
             age = max(0.0, now - arrived)
             total = counters["received"] + counters["lost"]

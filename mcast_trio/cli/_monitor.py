@@ -355,7 +355,8 @@ def render_frame(acc: Accumulator, now: float, ui: UiState):
         cells.append(([view.name, state, _fmt(view.readouts_per_s), _fmt(view.hits_per_s),
                        f"{view.mbytes_per_s:.2f}", _fmt(view.counters["received"]),
                        _fmt(view.counters["lost"]), _fmt(view.counters["duplicates"]),
-                       _fmt(view.counters["reordered"]), _fmt(view.counters["restarts"]), "-", "-", "-"], ""))
+                       _fmt(view.counters["reordered"]), _fmt(view.counters["restarts"]),
+                       _fmt(view.counters["malformed"]), "-", "-"], ""))
     cells.append((["all", "", _fmt(rates.readouts), _fmt(rates.hits), f"{rates.mbytes:.2f}",
                    _fmt(counters["readouts"]), _fmt(counters["lost"]), _fmt(counters["duplicates"]),
                    _fmt(counters["reordered"]), _fmt(counters["restarts"]), _fmt(counters["malformed"]),
@@ -424,6 +425,8 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
     run_name = config.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     ui = UiState(log=config.log, run=run_name, title=config.title or f"{group}:{port}", started=_now(),
                  snapshot_dir=config.snapshot_dir)
+    # Malformed datagrams are counted per sender as the receive task meets them.
+    receiver_options = dict(receiver_options, on_malformed=lambda payload, source: acc.add_malformed(source))
     async with open_receiver(group, port, AstroPix4Readout, **receiver_options) as receiver:
         acc.observe(_now(), receiver.statistics())
         async with trio.open_nursery() as nursery:
