@@ -25,6 +25,7 @@ from ._errors import MalformedReadout
 
 __all__ = [
     "check_readouts",
+    "readout_ids_and_timestamps",
     "HEADER",
     "HEADER_SIZE",
     "IDLE_BYTE",
@@ -280,6 +281,15 @@ def check_readout(datagram) -> tuple[int, int, int]:
     return readout_id, timestamp, length
 
 
+def _le_field(buf: np.ndarray, offsets: np.ndarray, at: int, size: int) -> np.ndarray:
+    """The little-endian unsigned ``size``-byte field at ``offsets + at`` of
+    every record, as ``uint64``."""
+    value = np.zeros(len(offsets), dtype=np.uint64)
+    for k in range(size):
+        value |= buf[offsets + (at + k)].astype(np.uint64) << np.uint64(8 * k)
+    return value
+
+
 def check_readouts(data, lengths) -> np.ndarray:
     """Check serialized readouts lying back to back in ``data`` (``lengths[i]``
     bytes each; what a receiver's :class:`~mcast_trio.ReadoutChunk` holds),
@@ -301,12 +311,13 @@ def check_readouts(data, lengths) -> np.ndarray:
     if len(lengths) > 1:
         np.cumsum(lengths[:-1], out=offsets[1:])
     ok = lengths >= HEADER_SIZE
-    if ok.all():
-        declared = np.zeros(len(lengths), dtype=np.int64)
-        for k in range(4):  # the little-endian u32 length field
-            declared |= buf[offsets + LENGTH_OFFSET + k].astype(np.int64) << (8 * k)
-        ok = ((buf[offsets] == HEADER[0]) & (buf[offsets + 1] == HEADER[1]) & (buf[offsets + 2] == HEADER[2])
-              & (declared == lengths - HEADER_SIZE))
+    if ok.any():
+        # Read headers only where a record has one (elsewhere: the first
+        # record's, whose result is masked out by ``ok``).
+        at = np.where(ok, offsets, int(offsets[np.argmax(ok)]))
+        declared = _le_field(buf, at, LENGTH_OFFSET, 4).astype(np.int64)
+        ok &= ((buf[at] == HEADER[0]) & (buf[at + 1] == HEADER[1]) & (buf[at + 2] == HEADER[2])
+               & (declared == lengths - HEADER_SIZE))
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         start = int(offsets[bad])
@@ -314,6 +325,20 @@ def check_readouts(data, lengths) -> np.ndarray:
         error = parse_readout_header(record)[0]
         raise MalformedReadout(f"readout {bad} at offset {start}: {readout_error_message(record, error)}")
     return offsets
+
+
+def readout_ids_and_timestamps(records) -> tuple[np.ndarray, np.ndarray]:
+    """The readout ids (``uint32``) and timestamps (``uint64``) of a list of
+    serialized readouts, read from their headers all at once (checked as
+    :func:`check_readouts` checks them), without decoding any hit.
+
+    Raises:
+        MalformedReadout: one of them is malformed.
+    """
+    data = b"".join(records)
+    offsets = check_readouts(data, np.fromiter(map(len, records), dtype=np.int64, count=len(records)))
+    buf = np.frombuffer(data, dtype=np.uint8)
+    return _le_field(buf, offsets, 3, 4).astype(np.uint32), _le_field(buf, offsets, 7, 8)
 
 
 def pack_readout_header(readout_id: int, timestamp: int, data_length: int) -> bytes:

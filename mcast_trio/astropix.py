@@ -132,7 +132,48 @@ class ReceiverStatistics:
 _ReceiverCounters = counters_for(ReceiverStatistics)
 
 
-class MulticastSender:
+class _SocketOwner:
+    """What both classes share as owners of one blocking socket (``_sock``)
+    for a group (``_spec``): options, descriptor, context manager, repr."""
+
+    _sock: socket.socket
+    _spec: _groups.GroupSpec
+    _where = "on"  # "to" for a sender: how the repr names the group
+
+    @property
+    def spec(self) -> _groups.GroupSpec:
+        """The validated group or destination (:class:`mcast_trio.GroupSpec`)."""
+        return self._spec
+
+    def set_option(self, level: int, option: int, value: int | bytes) -> None:
+        """Set a socket option (``setsockopt``) on the underlying socket.
+
+        astropix-analysis' classes *are* sockets, so its scripts may set
+        options directly; this is the equivalent, e.g.
+        ``sender.set_option(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)``.
+
+        Raises:
+            OSError: the kernel refused the option or value.
+            TypeError: ``value`` is neither an int nor bytes.
+        """
+        _sockets.set_socket_option(self._sock, level, option, value)
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed), e.g. for ``select``."""
+        return self._sock.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock.fileno() < 0 else "open"
+        return f"<mcast_trio.astropix.{type(self).__name__} {self._where} {self._spec} ({state})>"
+
+
+class MulticastSender(_SocketOwner):
     """Send readouts to a group (or astropix-analysis' default unicast host).
 
     Same signature and defaults as astropix-analysis'
@@ -164,6 +205,8 @@ class MulticastSender:
         OSError: the socket could not be opened.
     """
 
+    _where = "to"
+
     def __init__(self, group: str = LOCAL_HOST, port: int = DEFAULT_PORT, ttl: int = 2, *,
                  interface: str | int | None = None, loop: bool = True,
                  timeout: float | None = None, sndbuf: int | None = None,
@@ -179,11 +222,6 @@ class MulticastSender:
         # (the same bytes as to_bytes()). Only on a blocking socket: with a
         # timeout, socket.send does the waiting.
         self._fd = self._sock.fileno() if (_HAVE_MMSG and self._sock.gettimeout() is None) else -1
-
-    @property
-    def spec(self) -> _groups.GroupSpec:
-        """The validated destination (:class:`mcast_trio.GroupSpec`)."""
-        return self._spec
 
     def send_data(self, data) -> int:
         """Send one datagram.
@@ -239,40 +277,13 @@ class MulticastSender:
         except ConnectionRefusedError:
             return self._send(data)
 
-    def set_option(self, level: int, option: int, value: int | bytes) -> None:
-        """Set a socket option (``setsockopt``) on the underlying socket.
-
-        astropix-analysis' classes *are* sockets, so its scripts may set
-        options directly; this is the equivalent, e.g.
-        ``sender.set_option(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)``.
-
-        Raises:
-            OSError: the kernel refused the option or value.
-            TypeError: ``value`` is neither an int nor bytes.
-        """
-        _sockets.set_socket_option(self._sock, level, option, value)
-
-    def fileno(self) -> int:
-        """The socket's file descriptor (-1 once closed)."""
-        return self._sock.fileno()
-
     def close(self) -> None:
         """Close the socket; idempotent, never raises."""
         self._fd = -1  # never a descriptor number that may be reused
         _sockets.close_sender_socket(self._sock)
 
-    def __enter__(self) -> MulticastSender:
-        return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._sock.fileno() < 0 else "open"
-        return f"<mcast_trio.astropix.MulticastSender to {self._spec} ({state})>"
-
-
-class MulticastReceiver:
+class MulticastReceiver(_SocketOwner):
     """Receive readouts from a group (or astropix-analysis' default unicast host).
 
     Same signature and defaults as astropix-analysis'
@@ -338,11 +349,6 @@ class MulticastReceiver:
             self._spec, rcvbuf=rcvbuf, timeout=self._timeout)
         self._c = _ReceiverCounters()
 
-    @property
-    def spec(self) -> _groups.GroupSpec:
-        """The validated group (:class:`mcast_trio.GroupSpec`)."""
-        return self._spec
-
     def receive(self, max_size: int = DEFAULT_MAX_PACKET_SIZE):
         """Wait for the next well-formed readout and return it.
 
@@ -406,29 +412,6 @@ class MulticastReceiver:
                                 senders=MappingProxyType(senders), rcvbuf=self._rcvbuf,
                                 **sender_totals(senders))
 
-    def set_option(self, level: int, option: int, value: int | bytes) -> None:
-        """Set a socket option (``setsockopt``) on the underlying socket.
-
-        Raises:
-            OSError: the kernel refused the option or value.
-            TypeError: ``value`` is neither an int nor bytes.
-        """
-        _sockets.set_socket_option(self._sock, level, option, value)
-
-    def fileno(self) -> int:
-        """The socket's file descriptor (-1 once closed), e.g. for ``select``."""
-        return self._sock.fileno()
-
     def close(self) -> None:
         """Leave the group and close the socket; idempotent, never raises."""
         _sockets.close_receiver_socket(self._sock, self._spec)
-
-    def __enter__(self) -> MulticastReceiver:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._sock.fileno() < 0 else "open"
-        return f"<mcast_trio.astropix.MulticastReceiver on {self._spec} ({state})>"

@@ -118,3 +118,24 @@ def test_pack_round_trips_and_matches_the_c_writer(rid, ts, data):
     with a, b:
         assert _mmsg.send_readout(a.fileno(), data, rid, ts) == len(header) + len(data)
         assert b.recv(70000) == header + data
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_vectorized_check_agrees_with_the_owner(name):
+    # check_readouts / readout_ids_and_timestamps read every header of a
+    # list at once; placed among good readouts, each case must be judged as
+    # parse_readout_header judges it, and reported as the first bad one.
+    datagram = CASES[name]
+    error, rid, ts, _length = _format.parse_readout_header(datagram)
+    records = [GOOD, datagram, CASES["too-short-zeros"] if error else GOOD]
+    lengths = [len(r) for r in records]
+    if error:
+        with pytest.raises(MalformedReadout, match=r"^readout 1 at offset 32: "):
+            _format.check_readouts(b"".join(records), lengths)
+        with pytest.raises(MalformedReadout, match=r"^readout 1 "):
+            _format.readout_ids_and_timestamps(records)
+    else:
+        assert list(_format.check_readouts(b"".join(records), lengths)) == [0, 32, 32 + len(datagram)]
+        ids, timestamps = _format.readout_ids_and_timestamps(records)
+        assert (ids.dtype, timestamps.dtype) == (np.uint32, np.uint64)
+        assert ids.tolist() == [RID, rid, RID] and timestamps.tolist() == [TS, ts, TS]

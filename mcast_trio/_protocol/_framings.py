@@ -33,6 +33,7 @@ its record.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -129,17 +130,11 @@ _MCL = Framing(
     msgpack=True,
     raw_readouts=False,
 )
-_AUTO = Framing(
+# A sender's auto: native framing, except that serialized readouts go raw.
+_AUTO = dataclasses.replace(
+    _NATIVE,
     name="auto",
     description="serialized AstroPix readouts raw, other messages native",
-    encoder=NativeEncoder,
-    decoder=NativeDecoder,
-    fragments=True,
-    topics=True,
-    objects=False,
-    sequenced=True,
-    reassembly=True,
-    msgpack=False,
     raw_readouts=True,
 )
 

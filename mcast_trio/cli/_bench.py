@@ -26,7 +26,7 @@ __all__ = ["COMMANDS"]
 BENCH_GROUP = "239.255.77.11"
 BENCH_PORT = 47311
 _CHUNK = 1024
-_BENCHMARKS = ("decode", "transport", "send", "receive-path")
+_BENCHMARKS = ("decode", "transport", "send")
 
 
 def _best(function, repeats: int) -> float:
@@ -238,52 +238,6 @@ async def bench_send(group: str, port: int, total: int, mean_hits: float) -> dic
     return {"benchmark": "send", "group": f"{group}:{port}", "datagrams": total, "rows": rows}
 
 
-async def bench_receive_path(group: str, port: int, burst: int, rounds: int, mean_hits: float) -> dict:
-    """CPU per datagram of the receiver draining a socket buffer filled
-    beforehand (the trio loop does not run while the plain socket sends)."""
-    datagrams = DaqSimulator(7, start_ns=0, mean_hits=mean_hits).datagrams(burst)
-    rows = []
-    for case, options, style in (("readouts, batches()", {}, "batches"), ("readouts, async for", {}, "each")):
-        best = float("inf")
-        sock = _plain_sender(group, port)
-        async with open_receiver(group, port, readout_class=AstroPix4Readout, **options) as rx:
-            got = 0
-            arrived = trio.Event()
-
-            async def consume():
-                nonlocal got
-                if style == "batches":
-                    async for batch in rx.batches():
-                        got += len(batch.readouts)
-                        if got >= burst:
-                            arrived.set()
-                else:
-                    async for _readout in rx:
-                        got += 1
-                        if got >= burst:
-                            arrived.set()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(consume)
-                await trio.sleep(0.02)
-                for _ in range(rounds):
-                    got = 0
-                    arrived = trio.Event()
-                    for d in datagrams:  # synchronous: the receive task does not run
-                        sock.send(d)
-                    t0 = time.process_time()
-                    with trio.move_on_after(5):
-                        await arrived.wait()
-                    best = min(best, (time.process_time() - t0) / burst * 1e6)
-                stats = rx.statistics()
-                nursery.cancel_scope.cancel()
-        sock.close()
-        rows.append({"case": case, "cpu_us_per_datagram": best, "datagrams_per_cpu_s": 1e6 / best,
-                     "kernel_drops": stats.kernel_drops, "dropped": stats.dropped})
-    return {"benchmark": "receive-path", "burst": burst, "rounds": rounds,
-            "bytes_per_datagram": sum(map(len, datagrams)) / len(datagrams), "rows": rows}
-
-
 # -- output ------------------------------------------------------------------------------------
 
 
@@ -302,26 +256,12 @@ def _print(result: dict) -> None:
             loss = f"{row['loss'] * 100:.1f}%" if "loss" in row else "-"
             click.echo(f"  {row['case']:<36}{row['datagrams_per_s']:>13,.0f}{loss:>8}"
                        f"{row['cpu_us_per_datagram']:>14.2f}{row['rate_ratio']:>11.2f}x")
-    else:
-        click.echo(f"receive-path: bursts of {result['burst']:,} datagrams (~{result['bytes_per_datagram']:.0f} B)"
-                   f" from a filled socket buffer, best of {result['rounds']}")
-        click.echo(f"  {'case':<36}{'CPU us/dgram':>14}{'datagrams/CPU-s':>17}")
-        for row in result["rows"]:
-            click.echo(f"  {row['case']:<36}{row['cpu_us_per_datagram']:>14.2f}{row['datagrams_per_cpu_s']:>17,.0f}")
 
 
 async def _network_benchmarks(which, group, port, datagrams, mean_hits, as_json) -> None:
-    await _run_network_benchmarks(which, group, port, datagrams, mean_hits, as_json)
-
-
-async def _run_network_benchmarks(which, group, port, datagrams, mean_hits, as_json) -> None:
     for name in which:
-        if name == "transport":
-            result = await bench_transport(group, port, datagrams, mean_hits)
-        elif name == "send":
-            result = await bench_send(group, port, datagrams, mean_hits)
-        else:
-            result = await bench_receive_path(group, port, 2000, 10, mean_hits)
+        bench = bench_transport if name == "transport" else bench_send
+        result = await bench(group, port, datagrams, mean_hits)
         emit_json(result) if as_json else _print(result)
 
 
@@ -354,8 +294,9 @@ def bench_command(which, datagrams, readouts, mean_hits, repeats, group, port, f
     decoding readout objects one at a time, in-process. transport: an
     open_sender -> open_receiver pair on loopback in one process against a
     plain Python socket loop (rate, loss, CPU per datagram). send: send rate
-    of send_many against a plain sendto loop. receive-path: receiver CPU per
-    datagram draining a filled socket buffer. A few seconds each. Run the
+    of send_many against a plain sendto loop. A few seconds each. --full
+    also runs the repository's scripts (two-process transport, receive-path
+    CPU per datagram, the pure-Python reference decoder). Run the
     network ones inside a private network namespace or on a host where
     loopback multicast to the benchmark group is harmless.
 
@@ -384,8 +325,8 @@ def bench_command(which, datagrams, readouts, mean_hits, repeats, group, port, f
     if network:
         run(_network_benchmarks, network, spec.group, port, datagrams, mean_hits, as_json)
     if bench_dir is not None:
-        scripts = {"decode": ["bench_decode.py"], "transport": ["bench_transport.py"], "send": ["bench_send.py"],
-                   "receive-path": ["bench_receive_path.py"]}
+        scripts = {"decode": ["bench_decode.py"], "transport": ["bench_transport.py", "bench_receive_path.py"],
+                   "send": ["bench_send.py"]}
         for name in names:
             for script in scripts[name]:
                 click.echo(f"== {script} ==", err=as_json)

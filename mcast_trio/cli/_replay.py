@@ -11,7 +11,8 @@ import click
 import numpy as np
 import trio
 
-from .. import AstroPix4Readout, TruncatedRecordWarning, decode_readouts, open_apx, open_sender
+from .. import AstroPix4Readout, TruncatedRecordWarning, open_apx, open_sender
+from .._format import readout_ids_and_timestamps
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 from ._simulate import _endpoint_text
 
@@ -31,11 +32,11 @@ def _scan(path: str) -> dict:
         warnings.simplefilter("ignore", TruncatedRecordWarning)  # said once, below
         with open_apx(path) as apx:
             for batch in apx.batches(_BATCH):
-                rows = decode_readouts(batch, carry="never").readouts
+                ids, timestamps = readout_ids_and_timestamps(batch)
                 if info["count"] == 0:
-                    info["first_id"], info["first_ts"] = int(rows.readout_id[0]), int(rows.timestamp[0])
-                info["last_id"], info["last_ts"] = int(rows.readout_id[-1]), int(rows.timestamp[-1])
-                info["count"] += len(rows)
+                    info["first_id"], info["first_ts"] = int(ids[0]), int(timestamps[0])
+                info["last_id"], info["last_ts"] = int(ids[-1]), int(timestamps[-1])
+                info["count"] += len(ids)
             if apx.truncated is not None:
                 info["truncated"] = str(apx.truncated)
     return info
@@ -97,8 +98,8 @@ class _Plan:
 async def _replay(sender, path: str, plan: _Plan, loops: int, counts: dict) -> None:
     """Send the passes; ``counts`` is updated as datagrams go out.
 
-    Per batch of records read from the file, the library's batch decoder
-    gives the ids and timestamps, the send times are computed for the whole
+    Per batch of records read from the file, their headers give the
+    timestamps (read all at once, no hit decoded), the send times are computed for the whole
     batch, and whatever is due is sent at once with ``send_many``; then the
     task sleeps until the next send time (absolute, on the trio clock: no
     drift accumulates, over a pass or across passes)."""
@@ -110,8 +111,8 @@ async def _replay(sender, path: str, plan: _Plan, loops: int, counts: dict) -> N
         warnings.simplefilter("ignore", TruncatedRecordWarning)  # said once, by the command
         while loops == 0 or pass_number < loops:
             for batch in apx.batches(_BATCH):
-                rows = decode_readouts(batch, carry="never").readouts
-                targets = plan.targets(counts["readouts"], pass_number, rows.timestamp)
+                _ids, timestamps = readout_ids_and_timestamps(batch)
+                targets = plan.targets(counts["readouts"], pass_number, timestamps)
                 records = plan.renumber(batch, pass_number)
                 if targets is None:
                     await _send(sender, records, counts)
