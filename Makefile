@@ -47,6 +47,7 @@ bench: install
 	$(NETNS) $(VPY) benchmarks/bench_transport.py
 	$(NETNS) $(VPY) benchmarks/bench_send.py
 	$(NETNS) $(VPY) benchmarks/bench_receive_path.py
+	$(NETNS) $(VPY) benchmarks/bench_tools.py
 
 docs: install
 	$(VPY) -m pip install -q ".[docs]"
