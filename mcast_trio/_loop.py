@@ -38,7 +38,9 @@ async def receive_loop(endpoint, pipeline, deliver: Callable[[Any], Awaitable[No
         endpoint: a receiver endpoint of the current network (see
             :mod:`mcast_trio._io._net`).
         pipeline: the :class:`ReceivePipeline` that counts, decodes and
-            filters; its ``counters.kernel_drops`` is kept up to date here.
+            filters; its ``counters.kernel_drops`` is kept up to date here:
+            from every batch, and from the socket's own counter when the
+            loop goes idle (drops after the last queued datagram).
         deliver: ``await deliver(item)`` for every non-empty result of the
             pipeline; it should not block for long (it may checkpoint; it
             then sets ``pipeline.deadline`` itself if it wants a new budget).
@@ -62,7 +64,7 @@ async def receive_loop(endpoint, pipeline, deliver: Callable[[Any], Awaitable[No
     current_time = trio.current_time
     checkpoint = trio.lowlevel.checkpoint
     # 0 where the OS counts kernel drops, None only where it does not.
-    counters.kernel_drops = kernel_drops(batch)
+    counters.kernel_drops = kernel_drops()
     task_status.started(started)
     while True:
         received = 0
@@ -94,6 +96,12 @@ async def receive_loop(endpoint, pipeline, deliver: Callable[[Any], Awaitable[No
                 pipeline.deadline = clock() + max_busy
                 received = 0
         pipeline.expire(current_time())
+        # Idle: the socket is empty. Drops after the last datagram it queued
+        # travel with no datagram: read the socket's own counter (one system
+        # call per wake-up, none per batch).
+        drops = kernel_drops()
+        if drops is not None:
+            counters.kernel_drops = drops
         if pipeline.pending:
             # Wake up in time to expire incomplete messages even if nothing
             # else arrives.

@@ -88,6 +88,7 @@ class ReceiverService:
             filter=config.filter, max_senders=config.max_senders, loss_window=config.loss_window,
             reassembly=config.reassembly, on_malformed=config.on_malformed)
         self._counters = self.pipeline.counters
+        self._endpoint = None
         self.joined = trio.Event()
 
     @property
@@ -101,11 +102,22 @@ class ReceiverService:
         self.pipeline.keep_bytes = _validate.check_bool("keep_bytes", value)
 
     def statistics(self) -> ReceiverStatistics:
-        """A frozen snapshot of the counters (see :class:`ReceiverStatistics`)."""
+        """A frozen snapshot of the counters (see :class:`ReceiverStatistics`).
+
+        ``kernel_drops`` is read from the socket at this moment, so that it
+        includes drops after the last datagram the socket queued: once the
+        socket's queue is drained, ``datagrams + kernel_drops`` is what
+        reached the socket."""
+        endpoint = self._endpoint
+        if endpoint is not None:
+            drops = endpoint.kernel_drops()
+            if drops is not None:
+                self._counters.kernel_drops = drops
         return self.pipeline.statistics()
 
     async def _run(self, endpoint, task_status, started) -> None:
         config = self.config
+        self._endpoint = endpoint
         self._counters.rcvbuf = endpoint.granted_rcvbuf
         self.joined.set()
         await receive_loop(endpoint, self.pipeline, self._deliver, batch_size=config.batch_size,

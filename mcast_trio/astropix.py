@@ -102,7 +102,9 @@ class ReceiverStatistics:
         malformed: datagrams that were not a readout (counted, skipped).
         truncated: datagrams longer than ``max_size`` (counted, skipped).
         kernel_drops: datagrams the kernel dropped for lack of buffer space
-            since the socket was opened, or None where the OS does not say.
+            since the socket was opened (read from the socket when the
+            statistics are taken; it does not wrap at 2**32), or None where
+            the OS does not say.
         lost: readout ids never received, summed over ``senders``.
         duplicates: sum over ``senders``.
         reordered: sum over ``senders``.
@@ -348,6 +350,9 @@ class MulticastReceiver(_SocketOwner):
         self._sock, self._rcvbuf = _sockets.open_blocking_receiver_socket(
             self._spec, rcvbuf=rcvbuf, timeout=self._timeout)
         self._c = _ReceiverCounters()
+        # The socket's drop counter, unwrapped; None where the OS cannot tell.
+        self._drops: _sockets.DropCounter | None = (
+            _sockets.DropCounter() if _sockets.socket_drop_count(self._sock) is not None else None)
 
     def receive(self, max_size: int = DEFAULT_MAX_PACKET_SIZE):
         """Wait for the next well-formed readout and return it.
@@ -408,10 +413,20 @@ class MulticastReceiver(_SocketOwner):
     def statistics(self) -> ReceiverStatistics:
         """A frozen snapshot of the counters (see :class:`ReceiverStatistics`)."""
         senders = self._senders.snapshot()
-        return self._c.snapshot(kernel_drops=_sockets.socket_drop_count(self._sock),
+        return self._c.snapshot(kernel_drops=self._kernel_drops(),
                                 senders=MappingProxyType(senders), rcvbuf=self._rcvbuf,
                                 **sender_totals(senders))
 
+    def _kernel_drops(self) -> int | None:
+        """The socket's drop counter now (the last reading once closed)."""
+        drops = self._drops
+        if drops is None:
+            return None
+        if self._sock.fileno() < 0:
+            return drops.total
+        return drops.update(_sockets.socket_drop_count(self._sock))
+
     def close(self) -> None:
         """Leave the group and close the socket; idempotent, never raises."""
+        self._kernel_drops()  # the last reading, kept for statistics()
         _sockets.close_receiver_socket(self._sock, self._spec)

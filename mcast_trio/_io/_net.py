@@ -17,8 +17,13 @@ A network has two methods:
   ``granted_rcvbuf``, ``receive_batch(batch) -> int`` (non-blocking, fills a
   :class:`~mcast_trio._io._batchio.ReceiveBatch` from slot 0 and sets its
   ``count``; returns the count, 0 when nothing is queued),
-  ``kernel_drops(batch) -> int | None`` (datagrams dropped for lack of
-  buffer space so far, None if unknown),
+  ``kernel_drops(batch=None) -> int | None`` (datagrams dropped for lack
+  of buffer space since the endpoint was opened, None if the network cannot
+  tell; cumulative, never wrapping, never going down: with a ``batch``, as
+  far as the datagrams just received in it tell, without a system call;
+  without one, right now, drops after the last queued datagram included:
+  the receive loop asks so when it goes idle, the receiver whenever its
+  statistics are taken; after ``close()``, the last count),
   ``async wait_readable()`` and ``close()`` (never raises, never blocks;
   leaves the group);
 * ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
@@ -41,28 +46,43 @@ from typing import Any
 
 import trio
 
-from . import _batchio, _sockets
+from . import _batchio, _constants, _sockets
 
 __all__ = ["SocketNetwork", "current_network", "use_network"]
 
 
 class _SocketReceiver:
-    __slots__ = ("sock", "spec", "granted_rcvbuf")
+    __slots__ = ("sock", "spec", "granted_rcvbuf", "_drops", "_known", "_closed")
 
     def __init__(self, spec, rcvbuf) -> None:
         self.spec = spec
         self.sock, self.granted_rcvbuf = _sockets.open_receiver_socket(spec, rcvbuf=rcvbuf)
+        self._drops = _sockets.DropCounter()
+        self._closed = False
+        # Whether the OS reports drops at all (SO_MEMINFO or SO_RXQ_OVFL).
+        self._known = _sockets.socket_drop_count(self.sock) is not None \
+            or _constants.SO_RXQ_OVFL is not None
 
     def receive_batch(self, batch) -> int:
         return _batchio.receive_batch(self.sock, batch)
 
-    def kernel_drops(self, batch) -> int | None:
-        return batch.kernel_drops
+    def kernel_drops(self, batch=None) -> int | None:
+        if not self._known:
+            return None
+        if batch is not None:
+            # The value the batch's datagrams carried (no system call).
+            return self._drops.update(batch.kernel_drops)
+        if self._closed:
+            return self._drops.total
+        return self._drops.update(_sockets.socket_drop_count(self.sock))
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)
 
     def close(self) -> None:
+        if not self._closed:
+            self.kernel_drops()  # the last reading, while the socket exists
+            self._closed = True
         _sockets.close_receiver_socket(self.sock, self.spec)
 
 

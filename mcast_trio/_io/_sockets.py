@@ -82,6 +82,7 @@ __all__ = [
     "open_sender_socket",
     "pack_sockaddr",
     "set_socket_option",
+    "DropCounter",
     "socket_drop_count",
 ]
 
@@ -627,6 +628,44 @@ def set_socket_option(sock: Any, level: int, option: int, value: int | bytes) ->
     except OSError as exc:
         raise _oserror(exc, f"setsockopt(level={level}, option={option}, value={value!r})"
                        ) from exc
+
+
+class DropCounter:
+    """The kernel drop count of one receiving socket, cumulative and unwrapped.
+
+    The kernel keeps one drop counter per socket (``sk_drops``, the "drops"
+    column of ``/proc/net/udp``), 32 bits wide. It reaches user space two
+    ways: as the ``SO_RXQ_OVFL`` value a received datagram carries (the
+    counter when that datagram was queued: it lags, and never shows drops
+    after the last datagram queued) and through :func:`socket_drop_count`
+    (the counter now). Both are readings of the same counter, so they are
+    not added: each reading advances the total by how far the counter moved
+    since the previous one, modulo 2**32. A reading older than the previous
+    one (a datagram's ``SO_RXQ_OVFL`` value after an immediate reading)
+    moves the counter "backwards" by less than 2**31 and is ignored, so the
+    total never goes down, never counts a drop twice, and survives the
+    counter's wrap at 2**32 as long as fewer than 2**31 drops happen between
+    two readings.
+
+    Attributes:
+        total (int): drops counted since the socket was opened.
+    """
+
+    __slots__ = ("_raw", "total")
+
+    def __init__(self) -> None:
+        self._raw = 0  # the counter starts at 0 when the socket is opened
+        self.total = 0
+
+    def update(self, raw: int | None) -> int:
+        """Account for a reading ``raw`` of the 32-bit counter (None: no
+        reading) and return :attr:`total`."""
+        if raw is not None:
+            delta = (raw - self._raw) & 0xFFFFFFFF
+            if delta and delta < 0x80000000:
+                self._raw = raw
+                self.total += delta
+        return self.total
 
 
 def socket_drop_count(sock: Any) -> int | None:

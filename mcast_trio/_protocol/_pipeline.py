@@ -65,7 +65,11 @@ class ReceiverStatistics:
             consumer's channel was full (overflow policy).
         dropped_chunks: channel items dropped.
         kernel_drops: datagrams the kernel dropped for lack of buffer space
-            (``SO_RXQ_OVFL``): 0 from the start where the OS reports it
+            since the socket was opened (the socket's drop counter, as
+            ``SO_RXQ_OVFL`` and ``SO_MEMINFO`` report it, read when the
+            receive task goes idle and whenever statistics are taken, so
+            that drops after the last queued datagram are included; it does
+            not wrap at 2**32): 0 from the start where the OS reports it
             (Linux), None only where it does not.
         lost: sum over ``senders``.
         duplicates: sum over ``senders``.

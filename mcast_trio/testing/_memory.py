@@ -240,7 +240,7 @@ class MemoryReceiver:
         batch.count = n
         return n
 
-    def kernel_drops(self, batch) -> int:
+    def kernel_drops(self, batch=None) -> int:
         return self.drops
 
     async def wait_readable(self) -> None:
