@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - not compiled
     _send_readout_c = None
 from ._readout import AstroPix4Readout
 from ._counters import counters_for
-from ._protocol._tracking import SenderStats, SenderTable, sender_totals
+from ._protocol._tracking import SenderStats, SenderTable
 from ._validate import check_int
 
 __all__ = [
@@ -126,6 +126,7 @@ class ReceiverStatistics:
     duplicates: int = 0
     reordered: int = 0
     restarts: int = 0
+    evicted: int = 0
     senders: Mapping[Any, SenderStats] = field(default_factory=dict)
     rcvbuf: int = 0
     last_error: str | None = None
@@ -415,7 +416,7 @@ class MulticastReceiver(_SocketOwner):
         senders = self._senders.snapshot()
         return self._c.snapshot(kernel_drops=self._kernel_drops(),
                                 senders=MappingProxyType(senders), rcvbuf=self._rcvbuf,
-                                **sender_totals(senders))
+                                **self._senders.totals(senders))
 
     def _kernel_drops(self) -> int | None:
         """The socket's drop counter now (the last reading once closed)."""

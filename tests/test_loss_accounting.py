@@ -200,3 +200,65 @@ def test_astropix_receiver_counts_drops_at_the_end_of_a_burst_and_after_close(ep
     finally:
         receiver.close()
     assert receiver.statistics().kernel_drops == drops
+
+
+# -- (6) losses of evicted senders stay in the totals ----------------------------
+
+
+async def test_100_daq_restarts_losing_10_readouts_each_report_1000_lost(ep):
+    group, port = ep
+    restarts, lost_each = 100, 10
+    sim = DaqSimulator(5, start_ns=0, mean_hits=1.0)
+    batch = sim.generate(30)
+    # Each DAQ run sends readouts 0..9 and 20..29: readouts 10..19 are lost.
+    run = [d for i, d in enumerate(batch.datagrams()) if not 10 <= i < 20]
+    async with open_receiver(group, port, AstroPix4Readout) as receiver:
+        for _ in range(restarts):
+            sock = plain_sender()  # a restarted DAQ: a new source port
+            try:
+                for d in run:
+                    sock.sendto(d, (group, port))
+            finally:
+                sock.close()
+            await trio.sleep(0)
+        await wait_until(lambda: receiver.statistics().datagrams == restarts * len(run), "every datagram")
+        s = receiver.statistics()
+    assert s.kernel_drops == 0
+    assert s.lost == restarts * lost_each
+    assert s.evicted == restarts - 64
+    assert len(s.senders) == 64
+    assert s.restarts == 0 and s.duplicates == 0
+
+
+def test_totals_of_60000_senders_never_go_down():
+    table = SenderTable(64)
+    previous = 0
+    for n in range(60_000):
+        table.observe(("127.0.0.1", n), 7)
+        table.observe(("127.0.0.1", n), 9)  # 8 is lost
+        table.observe(("127.0.0.1", n), 9)  # a duplicate
+        if n % 997 == 0:
+            totals = table.totals()
+            assert totals["lost"] == n + 1 >= previous
+            previous = totals["lost"]
+    totals = table.totals()
+    assert totals == {"lost": 60_000, "duplicates": 60_000, "reordered": 0, "restarts": 0,
+                      "evicted": 60_000 - 64}
+    table.forget(("127.0.0.1", 59_999))
+    assert table.totals()["lost"] == 60_000
+
+
+def test_pipeline_statistics_keep_evicted_losses():
+    sim = DaqSimulator(6, start_ns=0, mean_hits=1.0)
+    datagrams = sim.generate(3).datagrams()
+    pipeline = ReceivePipeline(readout_class=AstroPix4Readout, max_senders=2)
+    from mcast_trio._io._batchio import ReceiveBatch
+
+    batch = ReceiveBatch(4, 2048)
+    for n in range(10):
+        batch.store(0, datagrams[0], ("127.0.0.1", 1000 + n))
+        batch.store(1, datagrams[2], ("127.0.0.1", 1000 + n))  # readout 1 lost
+        batch.count = 2
+        pipeline.run(batch, 2, 0.0)
+    s = pipeline.statistics()
+    assert (s.lost, s.evicted, len(s.senders)) == (10, 8, 2)

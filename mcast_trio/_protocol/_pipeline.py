@@ -41,7 +41,7 @@ from ._message import Message
 from ._native import NativeDecoder, parse_header
 from ._reassembly import ReassemblyStats
 from ._kernels import batch_summary, gather
-from ._tracking import SenderStats, SenderTable, sender_totals
+from ._tracking import SenderStats, SenderTable
 
 __all__ = ["ReceivePipeline", "ReadoutChunk", "ReceiverStatistics"]
 
@@ -71,10 +71,14 @@ class ReceiverStatistics:
             that drops after the last queued datagram are included; it does
             not wrap at 2**32): 0 from the start where the OS reports it
             (Linux), None only where it does not.
-        lost: sum over ``senders``.
-        duplicates: sum over ``senders``.
-        reordered: sum over ``senders``.
-        restarts: sum over ``senders``.
+        lost: sum over every sender seen, including those no longer in
+            ``senders`` (evicted when more than ``max_senders`` were seen):
+            it never goes down.
+        duplicates: likewise.
+        reordered: likewise.
+        restarts: likewise.
+        evicted: senders evicted from ``senders`` to make room for new ones
+            (their counts stay in the totals).
         senders: per-sender :class:`SenderStats`, keyed by source address
             ``(host, port)`` (raw readouts: by readout id) or
             ``(host, port, sender_id)`` (native framing: by sequence number).
@@ -99,6 +103,7 @@ class ReceiverStatistics:
     duplicates: int = 0
     reordered: int = 0
     restarts: int = 0
+    evicted: int = 0
     senders: Mapping[Any, SenderStats] = field(default_factory=dict)
     reassembly: ReassemblyStats | None = None
     rcvbuf: int = 0
@@ -278,7 +283,7 @@ class ReceivePipeline:
         return c.snapshot(
             filtered=c.filtered + (decoder.filtered if isinstance(decoder, NativeDecoder) else 0),
             senders=MappingProxyType(senders),
-            **sender_totals(senders),
+            **self.senders.totals(senders),
             reassembly=decoder.stats if decoder is not None else None,
         )
 

@@ -362,11 +362,15 @@ class SequenceTracker:
 
 K = TypeVar("K", bound=Hashable)
 
+#: The per-sender counters the receivers report summed.
+_TOTALS = ("lost", "duplicates", "reordered", "restarts")
+
 
 def sender_totals(senders: Mapping[Any, SenderStats]) -> dict[str, int]:
     """The ``lost``, ``duplicates``, ``reordered`` and ``restarts`` of
-    ``senders`` (a :meth:`SenderTable.snapshot`), summed: the receivers'
-    statistics report these totals next to the per-sender records."""
+    ``senders`` (a :meth:`SenderTable.snapshot`), summed. The receivers
+    report :meth:`SenderTable.totals`, which adds what senders no longer
+    tracked counted."""
     values = senders.values()
     return {
         "lost": sum(s.lost for s in values),
@@ -382,7 +386,8 @@ class SenderTable(Generic[K]):
     The key is whatever identifies a sender to the caller: a source address
     ``(host, port)``, or ``(address, sender_id)`` for native frames. When a
     new sender would exceed ``max_senders``, the sender seen least recently is
-    forgotten (its counters are dropped) and :attr:`evicted` is incremented.
+    forgotten and :attr:`evicted` is incremented; what it counted stays in
+    :meth:`totals` (totals never go down).
 
     Args:
         max_senders: Most senders tracked at once. Allowed: ``1 .. 2**20``.
@@ -410,7 +415,10 @@ class SenderTable(Generic[K]):
             window, restart_threshold, modulus
         )
         self._trackers: OrderedDict[K, SequenceTracker] = OrderedDict()
+        #: Senders forgotten to make room for new ones.
         self.evicted = 0
+        # What the senders no longer tracked (evicted or forgotten) counted.
+        self._gone = dict.fromkeys(_TOTALS, 0)
 
     @property
     def max_senders(self) -> int:
@@ -423,7 +431,7 @@ class SenderTable(Generic[K]):
         tracker = trackers.get(key)
         if tracker is None:
             if len(trackers) >= self._max_senders:
-                trackers.popitem(last=False)
+                self._keep_counts(trackers.popitem(last=False)[1])
                 self.evicted += 1
             tracker = trackers[key] = self._factory()
         else:
@@ -451,13 +459,36 @@ class SenderTable(Generic[K]):
         return self._trackers.get(key)
 
     def forget(self, key: K) -> None:
-        """Stop tracking ``key`` (no error if it is not tracked)."""
-        self._trackers.pop(key, None)
+        """Stop tracking ``key`` (no error if it is not tracked); what it
+        counted stays in :meth:`totals`."""
+        tracker = self._trackers.pop(key, None)
+        if tracker is not None:
+            self._keep_counts(tracker)
+
+    def _keep_counts(self, tracker: SequenceTracker) -> None:
+        gone = self._gone
+        for name in _TOTALS:
+            gone[name] += getattr(tracker, name)
 
     def snapshot(self) -> dict[K, SenderStats]:
         """Return ``{key: SenderStats}`` for every tracked sender, least
         recently seen first."""
         return {key: tracker.stats() for key, tracker in self._trackers.items()}
+
+    def totals(self, snapshot: Mapping[K, SenderStats] | None = None) -> dict[str, int]:
+        """``lost``, ``duplicates``, ``reordered`` and ``restarts`` summed
+        over every sender ever seen, those no longer tracked included, and
+        ``evicted``: what the receivers' statistics report.
+
+        Args:
+            snapshot: this table's :meth:`snapshot`, if the caller has just
+                taken one (saves taking it again).
+        """
+        totals = sender_totals(self.snapshot() if snapshot is None else snapshot)
+        for name, value in self._gone.items():
+            totals[name] += value
+        totals["evicted"] = self.evicted
+        return totals
 
     def __len__(self) -> int:
         return len(self._trackers)
