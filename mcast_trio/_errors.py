@@ -7,6 +7,8 @@ escaping a parser is a bug.
 
 from __future__ import annotations
 
+import trio
+
 __all__ = ["MalformedDatagram", "MalformedReadout", "MalformedFrame"]
 
 
@@ -33,7 +35,9 @@ class _SingleExceptionUnwrapper:
     context managers of this package (``open_sender``, ``open_receiver``, ...)
     promise plain exceptions: an error from the caller's own block, or from
     opening a socket, comes out as itself so that ``except OSError`` works.
-    Only genuinely concurrent failures (two or more exceptions) stay grouped.
+    Only genuinely concurrent failures (two or more exceptions) stay grouped;
+    ``trio.Cancelled`` leaves (tasks cancelled with an outer scope) are no
+    second exception.
 
     Only the wrappers a nursery added are removed: what the caller's block
     raised is passed on exactly as raised, an ``ExceptionGroup`` of the
@@ -71,7 +75,15 @@ class _SingleExceptionUnwrapper:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None or exc is self.body or not isinstance(exc, BaseExceptionGroup):
             return False
-        single = exc
+        # ``Cancelled`` is no failure: an outer scope was cancelled while
+        # the exception left (e.g. raised in a ``finally`` of a block inside
+        # ``move_on_after``), so the nursery's other tasks, cancelled with
+        # it, add ``Cancelled`` leaves. They do not make a second exception;
+        # once the single one left, the cancellation is delivered again at
+        # the next checkpoint of the cancelled scope.
+        _cancelled, single = exc.split(trio.Cancelled)
+        if single is None:
+            return False
         while isinstance(single, BaseExceptionGroup):
             body = self._as_body(single)
             if body is not None:

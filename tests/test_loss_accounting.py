@@ -262,3 +262,51 @@ def test_pipeline_statistics_keep_evicted_losses():
         pipeline.run(batch, 2, 0.0)
     s = pipeline.statistics()
     assert (s.lost, s.evicted, len(s.senders)) == (10, 8, 2)
+
+
+# -- (8) a single error inside a cancelled outer scope --------------------------
+
+
+async def test_open_receiver_oserror_in_finally_under_move_on_after_comes_out_as_itself(ep):
+    group, port = ep
+    with pytest.raises(OSError) as info:
+        with trio.move_on_after(0.05):
+            async with open_receiver(group, port):
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    raise OSError(errno.EIO, "flush failed")
+    assert type(info.value) is OSError and info.value.errno == errno.EIO
+
+
+async def test_open_sender_oserror_in_finally_under_move_on_after_comes_out_as_itself(ep):
+    group, port = ep
+    with pytest.raises(OSError) as info:
+        with trio.move_on_after(0.05):
+            async with open_sender(group, port):
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    raise OSError(errno.EIO, "flush failed")
+    assert type(info.value) is OSError and info.value.errno == errno.EIO
+
+
+async def test_two_errors_under_a_cancelled_scope_stay_grouped(ep):
+    group, port = ep
+
+    async def fail():
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise KeyError("task")
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        with trio.move_on_after(0.05):
+            async with trio.open_nursery() as outer:
+                outer.start_soon(fail)
+                async with open_receiver(group, port):
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        raise OSError(errno.EIO, "flush failed")
+    assert info.value.subgroup(OSError) is not None and info.value.subgroup(KeyError) is not None
