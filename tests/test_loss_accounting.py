@@ -310,3 +310,38 @@ async def test_two_errors_under_a_cancelled_scope_stay_grouped(ep):
                     finally:
                         raise OSError(errno.EIO, "flush failed")
     assert info.value.subgroup(OSError) is not None and info.value.subgroup(KeyError) is not None
+
+
+# -- (18) the sender's bind error names local_address ---------------------------
+
+_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+async def test_bind_error_names_local_address(ep):
+    group, port = ep
+    try:
+        with open(_PORT_RANGE) as f:
+            saved = f.read()
+        with open(_PORT_RANGE, "w") as f:
+            f.write(saved)
+    except OSError as exc:
+        pytest.skip(f"cannot set {_PORT_RANGE} in this namespace ({exc}); the test needs it to make "
+                    "binding local_address fail")
+    free = port + 500
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        holder.bind(("127.0.0.1", free))
+        # Inside the private namespace only: one ephemeral port, taken.
+        with open(_PORT_RANGE, "w") as f:
+            f.write(f"{free} {free}")
+        with pytest.raises(OSError) as info:
+            async with open_sender(group, port, local_address="127.0.0.1"):
+                pass
+    finally:
+        with open(_PORT_RANGE, "w") as f:
+            f.write(saved)
+        holder.close()
+    assert info.value.errno == errno.EADDRINUSE
+    message = str(info.value)
+    assert "local_address='127.0.0.1'" in message
+    assert "allowed:" in message and "ip_local_port_range" in message

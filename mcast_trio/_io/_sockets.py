@@ -218,9 +218,29 @@ def _oserror(exc: OSError, what: str) -> OSError:
     return new
 
 
-def _bind_error(exc: OSError, spec: GroupSpec, address: tuple[Any, ...]) -> OSError:
-    """The OSError to raise when a receiver cannot bind: names the group, the
-    port and, for ``EADDRINUSE``, the likely cause; keeps the errno."""
+def _bind_error(exc: OSError, spec: GroupSpec, address: tuple[Any, ...], *,
+                local_address: Any = None) -> OSError:
+    """The OSError to raise when a socket cannot bind; keeps the errno.
+
+    A receiver's: names the group, the port and, for ``EADDRINUSE``, the
+    likely cause. A sender's (``local_address`` given, the argument that
+    made it bind): names ``local_address=`` with its value, the cause and
+    what to do instead."""
+    if local_address is not None:
+        host = address[0]
+        if exc.errno == _errno.EADDRNOTAVAIL:
+            cause = f"{host} is not an address of this host"
+        elif exc.errno == _errno.EADDRINUSE:
+            cause = (f"no local port is free on {host} (all ports of"
+                     " net.ipv4.ip_local_port_range are taken)")
+        else:
+            cause = f"the kernel refused to bind the sender to {address}"
+        new = OSError(exc.errno, f"local_address={local_address!r}: {cause}"
+                                 f" ({exc.strerror or exc}); allowed: a unicast address of this"
+                                 f" host, preferably of interface {spec.interface_name!r}, or None"
+                                 " (the interface's own address)")
+        new.__cause__ = exc
+        return new
     if exc.errno != _errno.EADDRINUSE:
         return _oserror(exc, f"cannot bind a receiver for {spec} to {address}")
     if spec.unicast:
@@ -417,7 +437,7 @@ def _open_sender_stdlib(spec: GroupSpec, sndbuf: int | None, loop: bool,
             try:
                 sock.bind(bind_to)
             except OSError as exc:
-                raise _oserror(exc, f"cannot bind the sender to {bind_to}") from exc
+                raise _bind_error(exc, spec, bind_to, local_address=local_address) from exc
         if connect:
             try:
                 sock.connect(spec.sockaddr)
