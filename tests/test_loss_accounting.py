@@ -345,3 +345,49 @@ async def test_bind_error_names_local_address(ep):
     message = str(info.value)
     assert "local_address='127.0.0.1'" in message
     assert "allowed:" in message and "ip_local_port_range" in message
+
+
+# -- (3) one carry chain per sender ---------------------------------------------
+
+
+def _split_sim(seed: int, chip_id: int, start_id: int) -> DaqSimulator:
+    return DaqSimulator(seed, start_ns=0, chip_id=chip_id, mean_hits=3.0, split_fraction=0.6,
+                        start_id=start_id)
+
+
+def _assert_hits_equal(hits: np.ndarray, truth: np.ndarray, who: str) -> None:
+    assert len(hits) == len(truth), f"{who}: {len(hits)} hits decoded, {len(truth)} real"
+    for name in HIT_DTYPE.names:
+        np.testing.assert_array_equal(hits[name], truth[name], err_msg=f"{who}: {name}")
+
+
+@pytest.mark.parametrize("start_b", [0, 900_000], ids=["ids-in-lockstep", "ids-unrelated"])
+async def test_two_daqs_on_one_group_keep_their_own_carry(ep, start_b):
+    group, port = ep
+    n = 600
+    a = _split_sim(21, 1, 0).generate(n)
+    b = _split_sim(22, 2, start_b).generate(n)
+    assert a.n_split > 100 and b.n_split > 100
+    hits = []
+    async with open_receiver(group, port, AstroPix4Readout) as receiver:
+        sock_a, sock_b = plain_sender(), plain_sender()
+        try:
+            for da, db in zip(a.datagrams(), b.datagrams()):
+                sock_a.sendto(da, (group, port))
+                sock_b.sendto(db, (group, port))
+        finally:
+            sock_a.close()
+            sock_b.close()
+        while sum(len(h) for h in hits) < len(a.truth) + len(b.truth) \
+                or receiver.statistics().readouts < 2 * n:
+            with trio.move_on_after(2) as scope:
+                hits.append(np.asarray((await receiver.receive_batch()).hits))
+            if scope.cancelled_caught:
+                break
+        s = receiver.statistics()
+    assert s.kernel_drops == 0 and s.datagrams == 2 * n and s.lost == 0
+    hits = np.concatenate(hits)
+    assert set(np.unique(hits["chip_id"]).tolist()) <= {1, 2}
+    _assert_hits_equal(hits[hits["chip_id"] == 1], a.truth, "sender A")
+    _assert_hits_equal(hits[hits["chip_id"] == 2], b.truth, "sender B")
+    assert s.hits == len(hits)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Generator, Mapping
 
 import numpy as np
 
-from .._batch import CARRY_MODES, DecodedBatch, decode_readouts, decode_trusted
+from .._batch import CARRY_MODES, DecodedBatch, decode_trusted
 from .._counters import counters_for
 from .._errors import MalformedFrame
 from .._format import readout_id_of
@@ -185,6 +186,97 @@ def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
                         backend=decoded.backend)
 
 
+class _CarryTable:
+    """The decoding carry of each sender: the extra bytes its last readout
+    left and that readout's id (what :func:`decode_trusted` takes and
+    returns), so that a hit split across two readouts of one sender is never
+    completed with the bytes of another. Bounded like the sender table: past
+    ``max_senders`` the sender seen least recently is forgotten (at worst
+    the first hit of its next readout is not completed: the same as a lost
+    readout)."""
+
+    __slots__ = ("_max", "_state")
+
+    def __init__(self, max_senders: int) -> None:
+        self._max = max_senders
+        self._state: OrderedDict[Any, tuple[bytes | None, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def decode(self, key, buf, offsets: np.ndarray, lengths: np.ndarray) -> DecodedBatch:
+        """Decode the readouts of sender ``key`` (in its arrival order),
+        carrying on from and into its own state."""
+        state = self._state
+        extra, last_id = state.get(key, (None, -1))
+        decoded = decode_trusted(buf, offsets, lengths, extra, last_id, _CONSECUTIVE)
+        if key in state:
+            state.move_to_end(key)
+        elif len(state) >= self._max:
+            state.popitem(last=False)
+        state[key] = (decoded.extra_bytes, decoded.last_id)
+        return decoded
+
+    def decode_senders(self, buf, offsets: np.ndarray, lengths: np.ndarray, inverse: np.ndarray,
+                       keys: list) -> DecodedBatch:
+        """Decode readouts of several senders: row ``k`` came from sender
+        ``keys[inverse[k]]``. One compiled call per sender (its rows in
+        arrival order), then the rows and their hits are put back in arrival
+        order, as one call would have returned them. The result's
+        ``extra_bytes``/``last_id`` are None/-1: the carries stay here."""
+        if len(keys) == 1:
+            return self.decode(keys[0], buf, offsets, lengths)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(inverse, minlength=len(keys)), out=bounds[1:])
+        parts = []
+        for g, key in enumerate(keys):
+            rows = order[bounds[g]:bounds[g + 1]]
+            parts.append(self.decode(key, buf, offsets.take(rows), lengths.take(rows)))
+        return _merge(parts, order, bounds)
+
+
+def _merge(parts: list, order: np.ndarray, bounds: np.ndarray) -> DecodedBatch:
+    """One :class:`DecodedBatch` in arrival order from the batches of
+    :meth:`_CarryTable.decode_senders` (part ``g`` holds the rows
+    ``order[bounds[g]:bounds[g + 1]]``)."""
+    hits = np.concatenate([p.hits.view(np.ndarray) for p in parts])
+    grouped = np.concatenate([p.readouts.view(np.ndarray) for p in parts])
+    base = 0
+    for g, p in enumerate(parts):
+        if base:
+            grouped["first_hit"][bounds[g]:bounds[g + 1]] += base
+        base += len(p.hits)
+    rows = np.empty_like(grouped)
+    rows[order] = grouped
+    n_hits = rows["n_hits"].astype(np.int64)
+    first = np.zeros(len(rows), dtype=np.int64)
+    if len(rows) > 1:
+        np.cumsum(n_hits[:-1], out=first[1:])
+    if len(hits):
+        hits = hits[np.repeat(rows["first_hit"].astype(np.int64) - first, n_hits)
+                    + np.arange(len(hits), dtype=np.int64)]
+    rows["first_hit"] = first
+    errors = tuple(sorted((int(order[bounds[g] + k]), message)
+                          for g, p in enumerate(parts) for k, message in p.errors))
+    return DecodedBatch(hits=hits.view(np.recarray), readouts=rows.view(np.recarray), errors=errors,
+                        extra_bytes=None, last_id=-1, backend=parts[0].backend)
+
+
+def _batch_senders(batch, positions: np.ndarray) -> tuple[np.ndarray, list]:
+    """``(inverse, keys)``: the datagrams at ``positions`` of ``batch`` came
+    from ``keys[inverse[k]]`` (numpy on the address arrays, one source
+    lookup per sender, none per datagram)."""
+    raw = np.concatenate([
+        batch.families[positions, None], batch.addresses[positions],
+        batch.ports[positions].view(np.uint8).reshape(-1, 2),
+        batch.scope_ids[positions].view(np.uint8).reshape(-1, 4)], axis=1)
+    flat = np.ascontiguousarray(raw).view(np.dtype((np.void, raw.shape[1]))).ravel()
+    _unique, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    keys = [_source(batch, int(positions[k])) for k in first.tolist()]
+    return inverse.reshape(-1), keys
+
+
 def _source(batch, i: int) -> tuple:
     source = batch.source(i)
     # Loss is tracked per (host, port); IPv6 sources keep their scope.
@@ -251,8 +343,8 @@ class ReceivePipeline:
         self._accept = make_filter(topics, filter)
         self._accept_all = filter is None and topics is None
         self._raw_readouts = readout_class is not None and framing.decoder is None
-        self._extra: bytes | None = None
-        self._last_id = -1
+        # The decoding carry, per sender (address, port).
+        self._carry = _CarryTable(max_senders)
         self._same_source = False
 
     def _sender_restarted(self, source, sender_id: int) -> None:
@@ -362,9 +454,14 @@ class ReceivePipeline:
             if rejected:
                 self._track_pairs(batch, rejected)
             return None
-        decoded = decode_trusted(batch.buffer, offsets, lengths, self._extra, self._last_id, _CONSECUTIVE)
-        self._extra = decoded.extra_bytes
-        self._last_id = decoded.last_id
+        if self._same_source:
+            # The common case: one sender, one compiled call.
+            key = _source(batch, int(index[0]) if index is not None else 0)
+            decoded = self._carry.decode(key, batch.buffer, offsets, lengths)
+        else:
+            key = None
+            inverse, keys = _batch_senders(batch, index if index is not None else np.arange(len(lengths)))
+            decoded = self._carry.decode_senders(batch.buffer, offsets, lengths, inverse, keys)
         rows = decoded.readouts
         if decoded.errors:
             c.malformed += len(decoded.errors)
@@ -380,7 +477,7 @@ class ReceivePipeline:
             good = None
         c.readouts += len(rows) - len(decoded.errors)
         c.hits += len(decoded.hits)
-        self._track_readouts(batch, rows, lengths, good, index, rejected)
+        self._track_readouts(batch, rows, lengths, good, index, rejected, key)
         if good is not None:
             # Malformed datagrams are counted, never delivered.
             keep = np.flatnonzero(good)
@@ -392,11 +489,11 @@ class ReceivePipeline:
         data = gather(batch.buffer, offsets, lengths) if self.keep_bytes else None
         return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class)
 
-    def _track_readouts(self, batch, rows, lengths, good, index, rejected=None) -> None:
+    def _track_readouts(self, batch, rows, lengths, good, index, rejected=None, key=None) -> None:
         """Loss accounting and volume (hits, bytes) per sender of the decoded
         ``rows`` (``lengths``: their datagram sizes; ``good``: the
         well-formed rows, None: all; ``index``: their positions in the
-        batch, None: the same)."""
+        batch, None: the same; ``key``: their one sender, if known)."""
         if good is None:
             ids, hits, sizes = rows.readout_id, rows.n_hits, lengths
             positions = np.arange(len(rows))
@@ -415,7 +512,7 @@ class ReceivePipeline:
             return
         first = int(positions[0])
         if self._same_source or batch.same_source(positions):
-            tracker = self.senders.tracker(_source(batch, first))
+            tracker = self.senders.tracker(key if key is not None else _source(batch, first))
             tracker.observe_many(ids)
             tracker.add_volume(int(hits.sum()), int(sizes.sum()))
             return
@@ -498,11 +595,18 @@ class ReceivePipeline:
         c.messages += len(out)
         if not readout_mode:
             return out
-        # Framed readouts: decode the payloads of this batch together.
-        decoded = decode_readouts([m.payload for m in out], extra_bytes=self._extra,
-                                  last_id=self._last_id, carry="consecutive")
-        self._extra = decoded.extra_bytes
-        self._last_id = decoded.last_id
+        # Framed readouts: decode the payloads of this batch together, each
+        # sender (address, port) carrying on its own chain.
+        payloads = [m.payload for m in out]
+        lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
+        offsets = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1], out=offsets[1:])
+        groups: dict[Any, int] = {}
+        inverse = np.fromiter((groups.setdefault(m.address, len(groups)) for m in out),
+                              dtype=np.int64, count=len(out))
+        joined = b"".join(payloads)
+        decoded = self._carry.decode_senders(joined, offsets, lengths, inverse, list(groups))
         c.malformed += len(decoded.errors)
         c.readouts += len(decoded.readouts) - len(decoded.errors)
         c.hits += len(decoded.hits)
@@ -517,10 +621,14 @@ class ReceivePipeline:
                 return None
             out = [out[k] for k in keep.tolist()]
             decoded = _well_formed(decoded, keep)
-        lengths = np.fromiter((len(m.payload) for m in out), dtype=np.int64, count=len(out))
+            lengths = lengths.take(keep)
+            joined = None
         if native:
             tracker = self.senders.tracker
             for m, n_hits, size in zip(out, decoded.readouts.n_hits.tolist(), lengths.tolist()):
                 tracker((*m.address, m.sender_id)).add_volume(n_hits, size)
-        data = b"".join(m.payload for m in out) if self.keep_bytes else None
+        if not self.keep_bytes:
+            data = None
+        else:
+            data = joined if joined is not None else b"".join(m.payload for m in out)
         return ReadoutChunk(data, lengths, decoded, self.readout_class)
