@@ -391,3 +391,64 @@ async def test_two_daqs_on_one_group_keep_their_own_carry(ep, start_b):
     _assert_hits_equal(hits[hits["chip_id"] == 1], a.truth, "sender A")
     _assert_hits_equal(hits[hits["chip_id"] == 2], b.truth, "sender B")
     assert s.hits == len(hits)
+
+
+def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams():
+    from mcast_trio._io._batchio import ReceiveBatch
+
+    n = 300
+    a = _split_sim(31, 3, 0).generate(n)
+    b = _split_sim(32, 4, 0).generate(n)
+    src_a, src_b = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
+    arrivals = []
+    for k, (da, db) in enumerate(zip(a.datagrams(), b.datagrams())):
+        arrivals += [(da, src_a), (db, src_b)]
+        if k % 50 == 7:
+            arrivals.append((b"\x00" * 30, ("127.0.0.1", 4003)))  # garbage from a third source
+    bad = []
+    pipeline = ReceivePipeline(readout_class=AstroPix4Readout,
+                               on_malformed=lambda payload, source: bad.append((payload, source)))
+    batch = ReceiveBatch(7, 2048)
+    hits = []
+    for start in range(0, len(arrivals), 7):
+        part = arrivals[start:start + 7]
+        for i, (data, source) in enumerate(part):
+            batch.store(i, data, source)
+        batch.count = len(part)
+        chunk = pipeline.run(batch, len(part), 0.0)
+        if chunk is not None:
+            assert len(chunk.batch.readouts) == len(chunk) == sum(src != ("127.0.0.1", 4003)
+                                                                  for _d, src in part)
+            assert chunk.batch.hits.readout_id.tolist() == np.repeat(
+                chunk.batch.readouts.readout_id, chunk.batch.readouts.n_hits).tolist()
+            hits.append(np.asarray(chunk.batch.hits))
+    hits = np.concatenate(hits)
+    _assert_hits_equal(hits[hits["chip_id"] == 3], a.truth, "sender A")
+    _assert_hits_equal(hits[hits["chip_id"] == 4], b.truth, "sender B")
+    s = pipeline.statistics()
+    assert s.malformed == len(bad) == 6 and {src for _p, src in bad} == {("127.0.0.1", 4003)}
+    assert s.lost == 0 and s.readouts == 2 * n
+
+
+async def test_two_native_senders_keep_their_own_carry(ep):
+    group, port = ep
+    n = 300
+    a = _split_sim(41, 5, 0).generate(n)
+    b = _split_sim(42, 6, 0).generate(n)
+    hits = []
+    async with open_receiver(group, port, AstroPix4Readout, framing="native") as receiver:
+        async with open_sender(group, port, framing="native") as sa, \
+                open_sender(group, port, framing="native") as sb:
+            for da, db in zip(a.datagrams(), b.datagrams()):
+                await sa.send(da)
+                await sb.send(db)
+        while receiver.statistics().readouts < 2 * n or sum(map(len, hits)) < len(a.truth) + len(b.truth):
+            with trio.move_on_after(2) as scope:
+                hits.append(np.asarray((await receiver.receive_batch()).hits))
+            if scope.cancelled_caught:
+                break
+        s = receiver.statistics()
+    assert s.kernel_drops == 0 and s.lost == 0
+    hits = np.concatenate(hits)
+    _assert_hits_equal(hits[hits["chip_id"] == 5], a.truth, "sender A")
+    _assert_hits_equal(hits[hits["chip_id"] == 6], b.truth, "sender B")
