@@ -212,15 +212,19 @@ async def test_100_daq_restarts_losing_10_readouts_each_report_1000_lost(ep):
     batch = sim.generate(30)
     # Each DAQ run sends readouts 0..9 and 20..29: readouts 10..19 are lost.
     run = [d for i, d in enumerate(batch.datagrams()) if not 10 <= i < 20]
+    socks = []
     async with open_receiver(group, port, AstroPix4Readout) as receiver:
-        for _ in range(restarts):
-            sock = plain_sender()  # a restarted DAQ: a new source port
-            try:
+        try:
+            for _ in range(restarts):
+                # A restarted DAQ: a new source port (the old sockets stay
+                # open, so that no port is drawn twice).
+                socks.append(plain_sender())
                 for d in run:
-                    sock.sendto(d, (group, port))
-            finally:
+                    socks[-1].sendto(d, (group, port))
+                await trio.sleep(0)
+        finally:
+            for sock in socks:
                 sock.close()
-            await trio.sleep(0)
         await wait_until(lambda: receiver.statistics().datagrams == restarts * len(run), "every datagram")
         s = receiver.statistics()
     assert s.kernel_drops == 0
@@ -393,18 +397,21 @@ async def test_two_daqs_on_one_group_keep_their_own_carry(ep, start_b):
     assert s.hits == len(hits)
 
 
-def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams():
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host):
     from mcast_trio._io._batchio import ReceiveBatch
 
     n = 300
     a = _split_sim(31, 3, 0).generate(n)
     b = _split_sim(32, 4, 0).generate(n)
-    src_a, src_b = ("127.0.0.1", 4001), ("127.0.0.1", 4002)
+    def src(port):
+        return (host, port) if ":" not in host else (host, port, 0, 0)
+    src_a, src_b, src_bad = src(4001), src(4002), src(4003)
     arrivals = []
     for k, (da, db) in enumerate(zip(a.datagrams(), b.datagrams())):
         arrivals += [(da, src_a), (db, src_b)]
         if k % 50 == 7:
-            arrivals.append((b"\x00" * 30, ("127.0.0.1", 4003)))  # garbage from a third source
+            arrivals.append((b"\x00" * 30, src_bad))  # garbage from a third source
     bad = []
     pipeline = ReceivePipeline(readout_class=AstroPix4Readout,
                                on_malformed=lambda payload, source: bad.append((payload, source)))
@@ -417,8 +424,8 @@ def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams():
         batch.count = len(part)
         chunk = pipeline.run(batch, len(part), 0.0)
         if chunk is not None:
-            assert len(chunk.batch.readouts) == len(chunk) == sum(src != ("127.0.0.1", 4003)
-                                                                  for _d, src in part)
+            assert len(chunk.batch.readouts) == len(chunk) == sum(source != src_bad
+                                                                  for _d, source in part)
             assert chunk.batch.hits.readout_id.tolist() == np.repeat(
                 chunk.batch.readouts.readout_id, chunk.batch.readouts.n_hits).tolist()
             hits.append(np.asarray(chunk.batch.hits))
@@ -426,8 +433,35 @@ def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams():
     _assert_hits_equal(hits[hits["chip_id"] == 3], a.truth, "sender A")
     _assert_hits_equal(hits[hits["chip_id"] == 4], b.truth, "sender B")
     s = pipeline.statistics()
-    assert s.malformed == len(bad) == 6 and {src for _p, src in bad} == {("127.0.0.1", 4003)}
+    assert s.malformed == len(bad) == 6 and {source for _p, source in bad} == {src_bad}
     assert s.lost == 0 and s.readouts == 2 * n
+    assert {k: (v.received, v.hits) for k, v in s.senders.items()} == {
+        src_a: (n, len(a.truth)), src_b: (n, len(b.truth))}
+
+
+def test_pipeline_losses_of_interleaved_senders_are_theirs():
+    from mcast_trio._io._batchio import ReceiveBatch
+
+    a = DaqSimulator(51, start_ns=0).generate(100).datagrams()
+    b = DaqSimulator(52, start_ns=0, start_id=5000).generate(100).datagrams()
+    arrivals = []
+    for k in range(100):
+        if not 10 <= k < 15:
+            arrivals.append((a[k], ("127.0.0.1", 1)))
+        if k != 60:
+            arrivals.append((b[k], ("127.0.0.1", 2)))
+    pipeline = ReceivePipeline(readout_class=AstroPix4Readout)
+    batch = ReceiveBatch(64, 2048)
+    for start in range(0, len(arrivals), 64):
+        part = arrivals[start:start + 64]
+        for i, (data, source) in enumerate(part):
+            batch.store(i, data, source)
+        batch.count = len(part)
+        pipeline.run(batch, len(part), 0.0)
+    s = pipeline.statistics()
+    assert {k: (v.received, v.lost) for k, v in s.senders.items()} == {
+        ("127.0.0.1", 1): (95, 5), ("127.0.0.1", 2): (99, 1)}
+    assert s.lost == 6
 
 
 async def test_two_native_senders_keep_their_own_carry(ep):

@@ -240,22 +240,30 @@ def _merge(parts: list, order: np.ndarray, bounds: np.ndarray) -> DecodedBatch:
     """One :class:`DecodedBatch` in arrival order from the batches of
     :meth:`_CarryTable.decode_senders` (part ``g`` holds the rows
     ``order[bounds[g]:bounds[g + 1]]``)."""
-    hits = np.concatenate([p.hits.view(np.ndarray) for p in parts])
-    grouped = np.concatenate([p.readouts.view(np.ndarray) for p in parts])
+    # Records are moved as opaque bytes (numpy copies structured records
+    # field by field, several times slower).
+    hit_dtype = parts[0].hits.dtype
+    row_dtype = parts[0].readouts.dtype
+    hit_bytes = np.dtype((np.void, hit_dtype.itemsize))
+    row_bytes = np.dtype((np.void, row_dtype.itemsize))
+    hits = np.concatenate([p.hits.view(np.ndarray).view(hit_bytes) for p in parts])
+    grouped = np.concatenate([p.readouts.view(np.ndarray).view(row_bytes) for p in parts]).view(row_dtype)
     base = 0
     for g, p in enumerate(parts):
         if base:
             grouped["first_hit"][bounds[g]:bounds[g + 1]] += base
         base += len(p.hits)
-    rows = np.empty_like(grouped)
-    rows[order] = grouped
+    raw_rows = np.empty(len(grouped), dtype=row_bytes)
+    raw_rows[order] = grouped.view(row_bytes)
+    rows = raw_rows.view(row_dtype)
     n_hits = rows["n_hits"].astype(np.int64)
     first = np.zeros(len(rows), dtype=np.int64)
     if len(rows) > 1:
         np.cumsum(n_hits[:-1], out=first[1:])
     if len(hits):
-        hits = hits[np.repeat(rows["first_hit"].astype(np.int64) - first, n_hits)
-                    + np.arange(len(hits), dtype=np.int64)]
+        hits = hits.take(np.repeat(rows["first_hit"].astype(np.int64) - first, n_hits)
+                         + np.arange(len(hits), dtype=np.int64))
+    hits = hits.view(hit_dtype)
     rows["first_hit"] = first
     errors = tuple(sorted((int(order[bounds[g] + k]), message)
                           for g, p in enumerate(parts) for k, message in p.errors))
@@ -267,11 +275,19 @@ def _batch_senders(batch, positions: np.ndarray) -> tuple[np.ndarray, list]:
     """``(inverse, keys)``: the datagrams at ``positions`` of ``batch`` came
     from ``keys[inverse[k]]`` (numpy on the address arrays, one source
     lookup per sender, none per datagram)."""
-    raw = np.concatenate([
-        batch.families[positions, None], batch.addresses[positions],
-        batch.ports[positions].view(np.uint8).reshape(-1, 2),
-        batch.scope_ids[positions].view(np.uint8).reshape(-1, 4)], axis=1)
-    flat = np.ascontiguousarray(raw).view(np.dtype((np.void, raw.shape[1]))).ravel()
+    families = batch.families[positions]
+    if (families != 6).all():
+        # IPv4 (or no address): family, address and port fit in 64 bits.
+        flat = ((families.astype(np.uint64) << np.uint64(56))
+                | (batch.addresses[positions, :4].copy().view(">u4").ravel().astype(np.uint64)
+                   << np.uint64(16))
+                | batch.ports[positions].astype(np.uint64))
+    else:
+        raw = np.concatenate([
+            families[:, None], batch.addresses[positions],
+            batch.ports[positions].view(np.uint8).reshape(-1, 2),
+            batch.scope_ids[positions].view(np.uint8).reshape(-1, 4)], axis=1)
+        flat = np.ascontiguousarray(raw).view(np.dtype((np.void, raw.shape[1]))).ravel()
     _unique, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
     keys = [_source(batch, int(positions[k])) for k in first.tolist()]
     return inverse.reshape(-1), keys
@@ -462,6 +478,8 @@ class ReceivePipeline:
             key = None
             inverse, keys = _batch_senders(batch, index if index is not None else np.arange(len(lengths)))
             decoded = self._carry.decode_senders(batch.buffer, offsets, lengths, inverse, keys)
+            if len(keys) == 1:
+                key = keys[0]
         rows = decoded.readouts
         if decoded.errors:
             c.malformed += len(decoded.errors)
@@ -477,7 +495,8 @@ class ReceivePipeline:
             good = None
         c.readouts += len(rows) - len(decoded.errors)
         c.hits += len(decoded.hits)
-        self._track_readouts(batch, rows, lengths, good, index, rejected, key)
+        self._track_readouts(batch, rows, lengths, good, index, rejected, key,
+                             None if key is not None else (inverse, keys))
         if good is not None:
             # Malformed datagrams are counted, never delivered.
             keep = np.flatnonzero(good)
@@ -489,11 +508,14 @@ class ReceivePipeline:
         data = gather(batch.buffer, offsets, lengths) if self.keep_bytes else None
         return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class)
 
-    def _track_readouts(self, batch, rows, lengths, good, index, rejected=None, key=None) -> None:
+    def _track_readouts(self, batch, rows, lengths, good, index, rejected=None, key=None,
+                        groups=None) -> None:
         """Loss accounting and volume (hits, bytes) per sender of the decoded
         ``rows`` (``lengths``: their datagram sizes; ``good``: the
         well-formed rows, None: all; ``index``: their positions in the
-        batch, None: the same; ``key``: their one sender, if known)."""
+        batch, None: the same; ``key``: their one sender, if known;
+        ``groups``: else ``(inverse, keys)``, row ``k`` came from
+        ``keys[inverse[k]]``)."""
         if good is None:
             ids, hits, sizes = rows.readout_id, rows.n_hits, lengths
             positions = np.arange(len(rows))
@@ -509,6 +531,20 @@ class ReceivePipeline:
             self._add_volume(batch, positions, hits, sizes)
             return
         if len(ids) == 0:
+            return
+        if groups is not None:
+            # Several senders: each sender's readouts in one call, in
+            # arrival order (the trackers are independent).
+            inverse, keys = groups
+            if good is not None:
+                inverse = inverse[good]
+            tracker = self.senders.tracker
+            for g, sender in enumerate(keys):
+                mine = inverse == g
+                if mine.any():
+                    t = tracker(sender)
+                    t.observe_many(ids[mine])
+                    t.add_volume(int(hits[mine].sum()), int(sizes[mine].sum()))
             return
         first = int(positions[0])
         if self._same_source or batch.same_source(positions):
