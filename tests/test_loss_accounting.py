@@ -266,6 +266,7 @@ def test_pipeline_statistics_keep_evicted_losses():
         pipeline.run(batch, 2, 0.0)
     s = pipeline.statistics()
     assert (s.lost, s.evicted, len(s.senders)) == (10, 8, 2)
+    assert len(pipeline._carry) == 2  # the carry chains are bounded alike
 
 
 # -- (8) a single error inside a cancelled outer scope --------------------------

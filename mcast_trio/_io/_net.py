@@ -70,8 +70,9 @@ class _SocketReceiver:
         if not self._known:
             return None
         if batch is not None:
-            # The value the batch's datagrams carried (no system call).
-            return self._drops.update(batch.kernel_drops)
+            # The value the batch's datagrams carried (no system call); 0
+            # means none carried one (the kernel attaches it once non-zero).
+            return self._drops.update(batch.kernel_drops or None)
         if self._closed:
             return self._drops.total
         return self._drops.update(_sockets.socket_drop_count(self.sock))
