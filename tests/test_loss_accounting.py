@@ -399,7 +399,8 @@ async def test_two_daqs_on_one_group_keep_their_own_carry(ep, start_b):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host):
+@pytest.mark.parametrize("filtered", [False, True], ids=["counted", "filtered"])
+def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host, filtered):
     from mcast_trio._io._batchio import ReceiveBatch
 
     n = 300
@@ -415,6 +416,7 @@ def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host)
             arrivals.append((b"\x00" * 30, src_bad))  # garbage from a third source
     bad = []
     pipeline = ReceivePipeline(readout_class=AstroPix4Readout,
+                               filter=(lambda payload, source: source != src_bad) if filtered else None,
                                on_malformed=lambda payload, source: bad.append((payload, source)))
     batch = ReceiveBatch(7, 2048)
     hits = []
@@ -434,7 +436,10 @@ def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host)
     _assert_hits_equal(hits[hits["chip_id"] == 3], a.truth, "sender A")
     _assert_hits_equal(hits[hits["chip_id"] == 4], b.truth, "sender B")
     s = pipeline.statistics()
-    assert s.malformed == len(bad) == 6 and {source for _p, source in bad} == {src_bad}
+    if filtered:
+        assert s.filtered == 6 and s.malformed == len(bad) == 0
+    else:
+        assert s.malformed == len(bad) == 6 and {source for _p, source in bad} == {src_bad}
     assert s.lost == 0 and s.readouts == 2 * n
     assert {k: (v.received, v.hits) for k, v in s.senders.items()} == {
         src_a: (n, len(a.truth)), src_b: (n, len(b.truth))}
