@@ -131,7 +131,7 @@ class _Ticker:
         return self.ticks / ((self.end - self.start) / 0.1)
 
 
-def _send_paced(sock, datagrams, address, per_second: float | None = None, burst: int = 16) -> None:
+def _send_paced(sock, datagrams, address, per_second: float | None = None, burst: int = 8) -> None:
     """Send from a worker thread: ``per_second`` datagrams a second, or in
     bursts of ``burst`` with a short pause (so that a draining receiver
     never overflows its buffer)."""
@@ -373,7 +373,8 @@ async def test_a_stalled_consumer_holds_at_most_max_queue_bytes(ep, overflow):
         async with open_receiver(group, port, framing="mcl", max_queue_bytes=8 * MiB, overflow=overflow) as rx:
             datagrams = [d for p in payloads for d in encoder.encode(p)]
             await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port))
-            await _wait_until(lambda: rx.statistics().messages >= count, "every message", 30)
+            await _wait_until(lambda: rx.statistics().messages >= count or rx.statistics().kernel_drops,
+                              "every message", 30)
             stats = rx.statistics()
             got = []
             with trio.move_on_after(0.5):
@@ -384,7 +385,7 @@ async def test_a_stalled_consumer_holds_at_most_max_queue_bytes(ep, overflow):
     assert stats.kernel_drops == 0 and stats.messages == count
     # What was queued fits the bound (one message may be alone beyond it).
     assert 1 <= len(got) <= 8
-    assert stats.dropped == count - len(got) and stats.dropped_chunks == stats.dropped
+    assert stats.dropped == count - len(got) and 1 <= stats.dropped_chunks <= stats.dropped
     if overflow == "drop_oldest":
         assert got == list(range(count - len(got), count))
     else:
@@ -402,7 +403,8 @@ async def test_a_stalled_consumer_of_readouts_is_bounded_in_bytes(ep):
         async with open_receiver(group, port, AstroPix4Readout, max_queue_bytes=256 << 10,
                                  overflow="drop_newest") as rx:
             await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port))
-            await _wait_until(lambda: rx.statistics().readouts >= len(datagrams), "every readout", 30)
+            await _wait_until(lambda: rx.statistics().readouts >= len(datagrams) or rx.statistics().kernel_drops,
+                              "every readout", 30)
             stats = rx.statistics()
             got = []
             with trio.move_on_after(0.5):
@@ -445,7 +447,8 @@ async def test_mcl_reassembly_charges_the_topic(ep):
     try:
         async with open_receiver(group, port, framing="mcl", max_reassembly_bytes=bound) as rx:
             await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port))
-            await _wait_until(lambda: rx.statistics().datagrams >= len(datagrams), "every chunk", 20)
+            await _wait_until(lambda: rx.statistics().datagrams >= len(datagrams) or rx.statistics().kernel_drops,
+                              "every chunk", 20)
             stats = rx.statistics()
     finally:
         sock.close()
