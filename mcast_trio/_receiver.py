@@ -155,12 +155,14 @@ class ReceiverService:
             return size + _MESSAGE_COST * len(item)
         return sum([len(m.payload) for m in item]) + _MESSAGE_COST * len(item)
 
-    def _settle(self) -> None:
-        """Forget the costs of the items taken out of the channel since."""
+    def _settle(self):
+        """Forget the costs of the items taken out of the channel since;
+        return the channel's statistics."""
         costs = self._costs
-        used = self._send.statistics().current_buffer_used
-        while len(costs) > used:
+        state = self._send.statistics()
+        while len(costs) > state.current_buffer_used:
             self.queued_bytes -= costs.popleft()
+        return state
 
     def _fits(self, cost: int) -> bool:
         # An item larger than the bound still goes into an empty channel.
@@ -174,7 +176,7 @@ class ReceiverService:
     async def _deliver(self, item) -> None:
         send = self._send
         cost = self._item_bytes(item)
-        self._settle()
+        state = self._settle()
         if self._fits(cost):
             try:
                 send.send_nowait(item)
@@ -185,9 +187,9 @@ class ReceiverService:
                 self._count_dropped(item)
                 return
             else:
-                self._queued(cost)
-                state = send.statistics()
-                if (state.current_buffer_used * 2 > state.max_buffer_size
+                self._costs.append(cost)
+                self.queued_bytes += cost
+                if ((state.current_buffer_used + 1) * 2 > state.max_buffer_size
                         or self.queued_bytes * 2 > self._max_bytes):
                     # The consumer is falling behind while the socket keeps
                     # delivering: let it run now rather than after
