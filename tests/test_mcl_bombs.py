@@ -20,7 +20,7 @@ each with a test that failed before its fix, over real sockets:
 
 The attacks whose memory is measured run in a child process
 (``python tests/test_mcl_bombs.py SCENARIO ...``) that reports its own peak
-RSS (``ru_maxrss``) against its RSS before the attack, so that the rest of
+RSS (``VmHWM``) against its RSS before the attack, so that the rest of
 the test run does not blur the figure. Everything runs only inside a private
 network namespace (``tools/netns-run``); elsewhere the module is skipped
 with that reason.
@@ -32,7 +32,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -90,12 +89,15 @@ def chunked_bomb() -> list[bytes]:
             for i, chunk in enumerate(chunks)]
 
 
-def _rss_kib() -> int:
+def _rss_kib(field: str = "VmRSS") -> int:
+    """This process's resident memory now (``VmRSS``) or at its peak
+    (``VmHWM``: the high-water mark of this process image; ``ru_maxrss``
+    would include the parent's, inherited through fork and exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
+    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 async def _wait_until(predicate, what: str, timeout: float) -> None:
@@ -180,7 +182,7 @@ async def _scenario_flood(group: str, port: int) -> dict:
     finally:
         sock.close()
     return dict(kept=ticker.kept(), worst_gap=max(ticker.gaps), base_kib=base,
-                peak_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                peak_kib=_rss_kib("VmHWM"),
                 malformed=stats.malformed, messages=stats.messages, kernel_drops=stats.kernel_drops,
                 last_error=stats.last_error, got=len(got), in_order=got == [b"message %d" % k for k in range(bombs)])
 
@@ -220,7 +222,7 @@ async def _scenario_chunked(group: str, port: int, mode: str) -> dict:
     finally:
         sock.close()
     return dict(kept=ticker.kept(), worst_gap=max(ticker.gaps), base_kib=base,
-                peak_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                peak_kib=_rss_kib("VmHWM"),
                 malformed=stats.malformed, kernel_drops=stats.kernel_drops, last_error=stats.last_error,
                 delivered_after=got == [readout], reassembly_bytes=stats.reassembly.bytes_buffered,
                 datagrams=stats.datagrams, sent=len(bomb) + len(after))
