@@ -44,7 +44,14 @@ import trio
 
 msgpack = pytest.importorskip("msgpack", reason="framing='mcl' needs the optional msgpack package")
 
-from mcast_trio import AstroPix4Readout, MclDecoder, MclEncoder, open_receiver, open_sender  # noqa: E402
+from mcast_trio import (  # noqa: E402
+    AstroPix4Readout,
+    MalformedFrame,
+    MclDecoder,
+    MclEncoder,
+    open_receiver,
+    open_sender,
+)
 from mcast_trio.sim import DaqSimulator  # noqa: E402
 from mcast_trio.testing import isolation_problem, joined_ipv4_groups  # noqa: E402
 
@@ -339,6 +346,32 @@ async def _receive_large(group, port, payloads, got, ticker, beat, receiving) ->
                     receiving.append((sent, time.perf_counter()))
                 nursery.cancel_scope.cancel()
         got.append(rx.statistics())
+
+
+@pytest.mark.parametrize(
+    ("datagram", "limit"),
+    [
+        pytest.param(BOMB, 8124, id="empty arrays"),
+        pytest.param(b"\x92\xc0\xde" + (16000).to_bytes(2, "big")
+                     + b"".join(b"\xcd" + i.to_bytes(2, "big") + b"\x80" for i in range(16000)),
+                     8000, id="empty maps"),
+        # An ext object is built by Python code (msgpack.ExtType): it counts 8.
+        pytest.param(b"\x92\xc0\xdc" + (21000).to_bytes(2, "big") + b"\xc7\x00\x01" * 21000,
+                     7875, id="empty ext objects"),
+    ],
+)
+def test_dense_datagrams_are_refused_naming_the_bound(datagram, limit):
+    dec = MclDecoder()
+    with pytest.raises(MalformedFrame, match=rf"^offset 0: datagram builds more than {limit} arrays"):
+        dec.feed(datagram, ("127.0.0.1", 1), 0.0)
+
+
+def test_timestamps_come_out_as_nanoseconds():
+    # 10,830 msgpack timestamps in one datagram: ints, built in C, not one
+    # Python Timestamp object (about 0.4 us of Python each) per 6 bytes.
+    n = 10830
+    datagram = b"\x92\xc0\xdc" + n.to_bytes(2, "big") + b"\xd6\xff\x00\x00\x00\x01" * n
+    assert MclDecoder().feed(datagram, ("127.0.0.1", 1), 0.0).payload == [10**9] * n
 
 
 def test_large_records_are_unpacked_in_slices():

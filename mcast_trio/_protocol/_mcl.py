@@ -90,6 +90,9 @@ _GC_PAUSE_MIN = 4096
 #: empty list takes 1 byte of msgpack and 72 bytes of Python objects.
 MCL_BYTES_PER_CONTAINER = 8
 MCL_MIN_CONTAINERS = 512
+#: An ext object (``msgpack.ExtType``, built by Python code, about 1 us)
+#: counts as this many containers. MCL never sends one.
+_EXT_WEIGHT = 8
 #: Messages longer than this are unpacked in slices of this size, with
 #: :meth:`MclDecoder.feed_paced` handing control back between two slices;
 #: the density bound holds for every slice's end: after ``k`` bytes, at
@@ -137,8 +140,12 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
       is 1 byte of msgpack and 72 bytes of memory, tracked by the garbage
       collector. At most ``max(512, n // 8)`` of them are built (counted by
       msgpack's hooks as they are made; the first one beyond the bound
-      stops the unpacking): a datagram of 65,000 empty lists (an "array
-      bomb") is refused after 8,125, in well under a millisecond.
+      stops the unpacking; an ext object, built by Python code, counts as
+      8): a datagram of 65,000 empty lists (an "array bomb") is refused
+      after 8,125, in about a millisecond.
+    * A msgpack timestamp (ext type -1) comes out as an int, nanoseconds
+      since the epoch (msgpack's ``timestamp=2``: built in C, no Python
+      ``Timestamp`` object per 6 bytes).
     * For inputs of 4 KiB or more the cyclic garbage collector is paused
       while the objects are built: tens of thousands of containers otherwise
       trigger a collection every 700 of them, each older-generation one
@@ -152,8 +159,9 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
     unpackb = msgpack.unpackb
     if n <= MCL_MIN_CONTAINERS:
         # Cannot hold more containers than bytes: no counting needed.
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
-                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
+                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                       max_ext_len=n)
     limit = _container_limit(n)
     built = 0
 
@@ -167,15 +175,19 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
     ext_type = msgpack.ExtType
 
     def ext(code, payload):
-        return count(ext_type(code, payload))
+        # Built in Python (a named tuple), so it counts as several.
+        nonlocal built
+        built += _EXT_WEIGHT - 1
+        count(None)
+        return ext_type(code, payload)
 
     enabled = n >= _GC_PAUSE_MIN and _gc.isenabled()
     if enabled:
         _gc.disable()
     try:
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
-                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
-                       list_hook=count, object_hook=count, ext_hook=ext)
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
+                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                       max_ext_len=n, list_hook=count, object_hook=count, ext_hook=ext)
     finally:
         if enabled:
             _gc.enable()
@@ -216,10 +228,14 @@ def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
     ext_type = msgpack.ExtType
 
     def ext(code, payload):
-        return count(ext_type(code, payload))
+        # Built in Python (a named tuple), so it counts as several.
+        nonlocal built
+        built += _EXT_WEIGHT - 1
+        count(None)
+        return ext_type(code, payload)
 
     unpacker = msgpack.Unpacker(
-        raw=True, use_list=True, strict_map_key=False, max_buffer_size=n, max_str_len=n,
+        raw=True, use_list=True, strict_map_key=False, timestamp=2, max_buffer_size=n, max_str_len=n,
         max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
         list_hook=count, object_hook=count, ext_hook=ext)
     view = memoryview(data)
@@ -400,7 +416,9 @@ class MclDecoder:
       array of more elements, no map of more entries than half, no string
       longer than the bytes);
     * nor more than ``max(512, n // 8)`` containers (arrays, maps, ext
-      objects), counted as they are built: an "array bomb" (65,000 empty
+      objects; an ext object, built by Python code, counts as 8; a msgpack
+      timestamp comes out as an int of nanoseconds since the epoch, built
+      in C), counted as they are built: an "array bomb" (65,000 empty
       lists in one datagram, 32 million in a reassembled message) is
       refused after at most 8,125 of them, as :exc:`MalformedFrame` (a
       datagram) or, for a reassembled message, :exc:`MalformedFrame` raised
