@@ -526,7 +526,9 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             msgpack). An item that would go beyond it is treated as if the
             channel were full (the overflow policy applies and counts what it
             drops in ``dropped``/``dropped_chunks``), except that an item
-            alone in the channel is never refused for its size.
+            alone in the channel is never refused for its size (an item is
+            one receive batch: up to ``batch_size`` datagrams, or the
+            messages they complete).
         interface: name, index or address of the interface to join on; the
             default is the loopback interface.
         source: receive only from this source (source-specific multicast).

@@ -456,6 +456,34 @@ async def test_a_stalled_consumer_of_readouts_is_bounded_in_bytes(ep):
     assert held <= 256 << 10
 
 
+async def test_block_waits_for_room_in_bytes(ep):
+    # overflow="block": a consumer that stalls, then reads; nothing dropped,
+    # and no more than the bound queued while it stalled.
+    group, port = ep
+    payloads = [bytes([k]) * 100_000 for k in range(20)]
+    encoder = MclEncoder(b"t")
+    sock = plain_sender()
+    try:
+        async with open_receiver(group, port, framing="mcl", max_queue_bytes=300_000,
+                                 overflow="block") as rx:
+            datagrams = [d for p in payloads for d in encoder.encode(p)]
+            await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port))
+            await trio.sleep(0.3)
+            stalled = rx.statistics()
+            got = []
+            with trio.fail_after(10):
+                while len(got) < len(payloads):
+                    got.append((await rx.receive()).payload)
+            stats = rx.statistics()
+    finally:
+        sock.close()
+    # The task waited for room in bytes (items are far from the queue_size
+    # of 256): it had not taken in every message while the consumer stalled.
+    assert stalled.messages < len(payloads), stalled
+    assert got == payloads
+    assert stats.dropped == 0 and stats.kernel_drops == 0 and stats.messages == len(payloads)
+
+
 async def test_max_queue_bytes_is_validated_before_anything_opens(ep):
     group, port = ep
     for value, kind, allowed in [(0, ValueError, "out of range"), (-1, ValueError, "out of range"),
