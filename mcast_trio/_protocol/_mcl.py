@@ -440,14 +440,16 @@ class MclDecoder:
         topics: Accept only these topics (str or bytes, exact match); None
             accepts every topic (including nil).
         max_messages, max_bytes, timeout: Reassembly bounds, as for
-            :class:`Reassembler` (overheads included in ``max_bytes``).
+            :class:`Reassembler` (overheads and each incomplete message's
+            topic included in ``max_bytes``).
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
         built_bytes: Estimated memory, in bytes, of the payloads of every
             message returned so far (a byte string: its length; any other
-            object: 16 bytes per byte of its msgpack, an upper estimate): a
-            receiver charges it to its queue's byte bound.
+            object: 16 bytes per byte of its msgpack, an estimate; 64 bytes
+            more per message): a receiver charges it to its queue's byte
+            bound.
 
     Raises:
         ImportError: msgpack is not installed (``pip install mcast_trio[mcl]``).
