@@ -51,6 +51,15 @@ __all__ = [
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest", "block")
 #: The framings a receiver takes, in the order error messages list them.
 _FRAMINGS = ("raw", "native", "mcl", "auto")
+#: Default bound of the consumer's channel in bytes (``max_queue_bytes``).
+DEFAULT_MAX_QUEUE_BYTES = 64 << 20
+#: What a queued item costs besides what :func:`_item_bytes` counts: a
+#: message's tuple and list slot, a chunk's objects.
+_MESSAGE_COST = 96
+_CHUNK_COST = 512
+#: How often a receive task with ``overflow="block"`` looks whether the
+#: consumer has freed enough bytes (it waits for items in the channel itself).
+_BLOCK_POLL = 0.001
 
 
 class ReceiverService:
@@ -67,6 +76,9 @@ class ReceiverService:
         joined: a :class:`trio.Event`, set once the group is joined.
         pipeline: the sans-I/O receive pipeline the task feeds (its
             ``counters`` are the live counters).
+        queued_bytes: what the items in the channel hold, in bytes, as
+            counted against ``max_queue_bytes`` (updated when the task
+            delivers).
     """
 
     def __init__(self, config: "_Config", send_channel, drop_channel=None) -> None:
@@ -83,12 +95,23 @@ class ReceiverService:
                              "send_channel); or use overflow='drop_newest'")
         self._send = send_channel
         self._drop = drop_channel
+        # The byte bound: the cost of every item sent and not yet taken out,
+        # oldest first. The channel is first in, first out, so when it holds
+        # ``used`` items, the first ``len(costs) - used`` of these were taken
+        # (by the consumer or by drop_oldest): see _settle().
+        self._max_bytes = config.max_queue_bytes
+        self._costs: deque[int] = deque()
+        self.queued_bytes = 0
         self.pipeline = ReceivePipeline(
             readout_class=config.readout_class, framing=config.framing, topics=config.topics,
             filter=config.filter, max_senders=config.max_senders, loss_window=config.loss_window,
             reassembly=config.reassembly, on_malformed=config.on_malformed)
         self._counters = self.pipeline.counters
         self._endpoint = None
+        # MCL message payloads are objects; the decoder estimates their size.
+        decoder = self.pipeline._decoder
+        self._built = decoder if hasattr(decoder, "built_bytes") else None
+        self._built_seen = 0
         self.joined = trio.Event()
 
     @property
@@ -129,47 +152,100 @@ class ReceiverService:
         self._counters.dropped += len(item)  # datagrams (readouts) or messages
         self._counters.dropped_chunks += 1
 
+    def _item_bytes(self, item) -> int:
+        """What ``item`` holds in memory, in bytes (estimated for MCL objects)."""
+        if isinstance(item, ReadoutChunk):
+            batch = item.batch
+            size = batch.hits.nbytes + batch.readouts.nbytes + item.lengths.nbytes + _CHUNK_COST
+            return size if item.data is None else size + len(item.data)
+        if self._built is not None:
+            # Everything the MCL decoder built since the last item (what a
+            # filter rejected in between too: an overestimate, never less).
+            built = self._built.built_bytes
+            size = built - self._built_seen
+            self._built_seen = built
+            return size + _MESSAGE_COST * len(item)
+        return sum([len(m.payload) for m in item]) + _MESSAGE_COST * len(item)
+
+    def _settle(self):
+        """Forget the costs of the items taken out of the channel since;
+        return the channel's statistics."""
+        costs = self._costs
+        state = self._send.statistics()
+        while len(costs) > state.current_buffer_used:
+            self.queued_bytes -= costs.popleft()
+        return state
+
+    def _fits(self, cost: int) -> bool:
+        # An item larger than the bound still goes into an empty channel.
+        return not self._costs or self.queued_bytes + cost <= self._max_bytes
+
+    def _queued(self, cost: int) -> None:
+        self._costs.append(cost)
+        self.queued_bytes += cost
+        self._settle()
+
     async def _deliver(self, item) -> None:
         send = self._send
-        try:
-            send.send_nowait(item)
-            state = send.statistics()
-            if state.current_buffer_used * 2 > state.max_buffer_size:
-                # The consumer is falling behind while the socket keeps
-                # delivering: let it run now rather than after max_per_wake
-                # datagrams, or the overflow policy drops what it could have
-                # handled.
-                await trio.lowlevel.checkpoint()
-                self.pipeline.deadline = self.pipeline.clock() + self.config.max_busy
-            return
-        except trio.WouldBlock:
-            pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # Nobody listens any more: count what is thrown away.
-            self._count_dropped(item)
-            return
+        cost = self._item_bytes(item)
+        state = self._settle()
+        if self._fits(cost):
+            try:
+                send.send_nowait(item)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # Nobody listens any more: count what is thrown away.
+                self._count_dropped(item)
+                return
+            else:
+                self._costs.append(cost)
+                self.queued_bytes += cost
+                if ((state.current_buffer_used + 1) * 2 > state.max_buffer_size
+                        or self.queued_bytes * 2 > self._max_bytes):
+                    # The consumer is falling behind while the socket keeps
+                    # delivering: let it run now rather than after
+                    # max_per_wake datagrams, or the overflow policy drops
+                    # what it could have handled.
+                    await trio.lowlevel.checkpoint()
+                    self.pipeline.deadline = self.pipeline.clock() + self.config.max_busy
+                return
+        # Full: queue_size items, or max_queue_bytes bytes.
         policy = self.overflow
         if policy == "block":
             try:
+                while not self._fits(cost):
+                    # The channel waits for room for items, not for bytes.
+                    await trio.sleep(_BLOCK_POLL)
+                    self._settle()
                 await send.send(item)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # The consumer went away while we waited for it.
                 self._count_dropped(item)
+            else:
+                self._queued(cost)
         elif policy == "drop_newest":
             self._count_dropped(item)
         else:  # drop_oldest
             while True:
+                if self._fits(cost):
+                    try:
+                        send.send_nowait(item)
+                    except trio.WouldBlock:
+                        pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._count_dropped(item)
+                        return
+                    else:
+                        self._queued(cost)
+                        return
                 try:
                     oldest = self._drop.receive_nowait()
                 except trio.WouldBlock:
                     pass
                 else:
                     self._count_dropped(oldest)
-                try:
-                    send.send_nowait(item)
-                    return
-                except trio.WouldBlock:
-                    continue
+                self._settle()
 
 
 @dataclass(frozen=True)
@@ -190,6 +266,7 @@ class _Config:
     reassembly: tuple[float, int, int]
     network: Any
     on_malformed: Any = None
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
 
 
 def _check_readout_class(readout_class) -> None:
@@ -211,6 +288,7 @@ def _configure(
     max_per_wake=4096, max_busy=0.005, rcvbuf=_sockets.DEFAULT_RCVBUF, max_senders=64, loss_window=1024,
     reassembly_timeout=2.0, max_pending_messages=256, max_reassembly_bytes=32 << 20, network=None,
     allow_unicast=False, allow_control_groups=False, on_malformed=None,
+    max_queue_bytes=DEFAULT_MAX_QUEUE_BYTES,
 ) -> _Config:
     """Validate every receiver argument; raises before anything is opened."""
     spec = _groups.resolve_group(group, port, interface=interface, source=source,
@@ -227,6 +305,7 @@ def _configure(
     _validate.check_int("batch_size", batch_size, 1, 1024)
     _validate.check_int("max_datagram_size", max_datagram_size, 64, 65535)
     _validate.check_int("max_per_wake", max_per_wake, 1, 1 << 30)
+    _validate.check_int("max_queue_bytes", max_queue_bytes, 1, 1 << 40)
     max_busy = _validate.check_number("max_busy", max_busy, 0, 1, allowed="seconds in 0..1")
     if rcvbuf is not None:
         rcvbuf = _sockets.check_bufsize("rcvbuf", rcvbuf)
@@ -244,7 +323,7 @@ def _configure(
         network = current_network()
     return _Config(spec, readout_class, framing, topics, filter, overflow, batch_size, max_datagram_size,
                    max_per_wake, max_busy, rcvbuf, max_senders, loss_window, reassembly, network,
-                   on_malformed)
+                   on_malformed, max_queue_bytes)
 
 
 #: The keyword options of open_receiver / serve_receiver (those of _configure).
@@ -452,6 +531,16 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             consumer that stalls under full load may hold up to
             ``queue_size * batch_size`` readouts before the overflow policy
             drops any).
+        max_queue_bytes: bound of the same channel in bytes (1..2**40,
+            default 64 MiB): what its items hold (a readout chunk: its
+            serialized readouts and decoded arrays; a message: its payload;
+            an MCL object payload: an estimate, 16 bytes per byte of its
+            msgpack). An item that would go beyond it is treated as if the
+            channel were full (the overflow policy applies and counts what it
+            drops in ``dropped``/``dropped_chunks``), except that an item
+            alone in the channel is never refused for its size (an item is
+            one receive batch: up to ``batch_size`` datagrams, or the
+            messages they complete).
         interface: name, index or address of the interface to join on; the
             default is the loopback interface.
         source: receive only from this source (source-specific multicast).

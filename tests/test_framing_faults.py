@@ -508,7 +508,10 @@ async def test_mcl_array_bomb_is_counted_and_the_stream_goes_on():
 @pytest.mark.parametrize(
     "obj",
     [
-        pytest.param([[]] * (MCL_MTU - 8), id="densest array of empty arrays"),
+        # At most one container per 8 bytes (or 512): the densest allowed.
+        pytest.param([[]] * 510, id="512 containers in a small datagram"),  # with the frame and the payload arrays
+        pytest.param([[0] * 8] * ((MCL_MTU - 8) // 9), id="densest array of arrays"),
+        pytest.param([{b"x": 1.5, b"y": -2}] * 3_000, id="list of records"),
         pytest.param([None] * (MCL_MTU - 8), id="densest array of nil"),
         pytest.param({k: None for k in range(-32, 128)}, id="densest map"),
         pytest.param({i: i for i in range(9_000)}, id="large map"),
@@ -535,8 +538,10 @@ def test_mcl_limits_never_refuse_nesting_mcl_can_pack():
 @pytest.mark.parametrize(
     "obj",
     [
-        pytest.param([[]] * 200_000, id="chunked array of empty arrays"),
-        pytest.param({i: [i] for i in range(40_000)}, id="chunked map"),
+        pytest.param([[0] * 8] * 200_000, id="chunked array of arrays"),
+        pytest.param({i: [i, 2 * i, i / 2] for i in range(40_000)}, id="chunked map"),
+        pytest.param([{b"t": float(i), b"id": i, b"name": b"chip"} for i in range(100_000)],
+                     id="chunked list of records"),
     ],
 )
 def test_mcl_limits_never_refuse_what_mcl_sends_in_chunks(obj):

@@ -15,13 +15,14 @@ strings as bytes). Datagrams stay within the 65000 bytes MCL's listener
 reads. Needs the optional ``msgpack`` package
 (``pip install mcast_trio[mcl]``): :class:`MclEncoder`, :class:`MclDecoder`.
 
-Bounded work per datagram: see :class:`MclDecoder`.
+Bounded work and memory per datagram and per message: see :class:`MclDecoder`.
 """
 
 from __future__ import annotations
 
 import gc as _gc
-from collections.abc import Callable, Iterable
+from collections.abc import Generator, Iterable
+from types import GeneratorType
 from typing import Any
 
 from .._errors import MalformedFrame
@@ -30,7 +31,16 @@ from ._filters import normalize_topics
 from ._message import Message, as_payload
 from ._reassembly import MAX_FRAGMENTS, FragmentStore, ReassemblyStats
 
-__all__ = ["MCL_CHUNK_SIZE", "MCL_MAX_DATAGRAM", "require_msgpack", "MclEncoder", "MclDecoder"]
+__all__ = [
+    "MCL_CHUNK_SIZE",
+    "MCL_MAX_DATAGRAM",
+    "MCL_BYTES_PER_CONTAINER",
+    "MCL_MIN_CONTAINERS",
+    "MCL_UNPACK_SLICE",
+    "require_msgpack",
+    "MclEncoder",
+    "MclDecoder",
+]
 
 #: MCL's fragmentation threshold and chunk size (``MTU`` in mcl/network/udp.py).
 MCL_CHUNK_SIZE = 60000
@@ -73,41 +83,194 @@ _PACK_ERRORS = (TypeError, ValueError, OverflowError)
 #: collector's pause to pay off (a collection of the youngest generation
 #: every 700 new containers is cheap; the costly ones come after thousands).
 _GC_PAUSE_MIN = 4096
+#: A message (or datagram) of ``n`` bytes may build at most
+#: ``max(MCL_MIN_CONTAINERS, n // MCL_BYTES_PER_CONTAINER)`` containers
+#: (arrays, maps and ext objects): one per 8 bytes, and 512 whatever its
+#: size. A record of named fields, MCL's messages, takes tens of bytes; an
+#: empty list takes 1 byte of msgpack and 72 bytes of Python objects.
+MCL_BYTES_PER_CONTAINER = 8
+MCL_MIN_CONTAINERS = 512
+#: An ext object (``msgpack.ExtType``, built by Python code, about 1 us)
+#: counts as this many containers. MCL never sends one.
+_EXT_WEIGHT = 8
+#: Messages longer than this are unpacked in slices of this size, with
+#: :meth:`MclDecoder.feed_paced` handing control back between two slices;
+#: the density bound holds for every slice's end: after ``k`` bytes, at
+#: most ``max(512, k // 8)`` containers.
+MCL_UNPACK_SLICE = 1 << 16
+#: Bytes a message's payload is taken to hold in memory, per byte of its
+#: msgpack (an object payload: dicts, lists, numbers; a byte string holds
+#: its length): what :attr:`MclDecoder.built_bytes` adds up.
+_OBJECT_BYTES_PER_BYTE = 16
+
+#: First bytes of a msgpack str or bin (fixstr, str8/16/32, bin8/16/32):
+#: such a payload builds one bytes object, a copy, whatever its size.
+_BYTES_STARTS = frozenset(range(0xA0, 0xC0)) | {0xC4, 0xC5, 0xC6, 0xD9, 0xDA, 0xDB}
 
 
-def _unpack_bounded(unpackb: Callable[..., Any], data: bytes | bytearray | memoryview) -> Any:
+class _TooDense(Exception):
+    """The input asks for more containers than its size allows."""
+
+
+def _container_limit(n: int) -> int:
+    return max(MCL_MIN_CONTAINERS, n // MCL_BYTES_PER_CONTAINER)
+
+
+def _too_dense(what: str, limit: int, n: int, total: int | None = None) -> _TooDense:
+    where = f"{n} bytes" if total is None else f"its first {n} of {total} bytes"
+    return _TooDense(
+        f"offset 0: {what} builds more than {limit} arrays, maps and ext objects in "
+        f"{where}; allowed: one per {MCL_BYTES_PER_CONTAINER} bytes, or {MCL_MIN_CONTAINERS}"
+    )
+
+
+def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: str = "datagram") -> Any:
     """Unpack ``data`` (exactly one msgpack object) building no more than
-    its ``n`` bytes could legitimately hold: an element, a map entry's key
-    and value, a string's byte take at least 1 byte each, so no array of more
-    than ``n`` elements, no map of more than ``n // 2`` entries, no string,
-    bin or ext longer than ``n`` (msgpack's ``max_*_len`` limits). These are
-    the limits msgpack's ``unpackb`` derives by itself (its docstring, 1.x:
-    "*max_xxx_len* options are configured automatically from
-    ``len(packed)``"; ``max_map_len`` is half of it); they are set
-    explicitly so that the bound does not depend on the version's defaults.
-    They matter: a datagram that declares more elements than it has bytes
-    is refused at the header instead of building everything that follows
-    (``test_mcl_declared_length_beyond_the_datagram_is_refused_without_building``).
+    its ``n`` bytes could legitimately hold.
 
-    For larger inputs the cyclic garbage collector is paused while the
-    objects are built: tens of thousands of containers otherwise trigger a
-    collection every 700 of them, each older-generation one walking the
-    whole heap (measured: up to 250 ms for one 65 KB datagram in a process
-    holding 2 million objects, against 13 ms at most with the pause).
+    * An element, a map entry's key and value, a string's byte take at least
+      1 byte each, so no array of more than ``n`` elements, no map of more
+      than ``n // 2`` entries, no string, bin or ext longer than ``n``
+      (msgpack's ``max_*_len`` limits, set explicitly so that the bound does
+      not depend on the version's defaults). A datagram that declares more
+      elements than it has bytes is refused at the header instead of
+      building everything that follows
+      (``test_mcl_declared_length_beyond_the_datagram_is_refused_without_building``).
+    * Containers (arrays, maps, ext objects) are what costs: an empty list
+      is 1 byte of msgpack and 72 bytes of memory, tracked by the garbage
+      collector. At most ``max(512, n // 8)`` of them are built (counted by
+      msgpack's hooks as they are made; the first one beyond the bound
+      stops the unpacking; an ext object, built by Python code, counts as
+      8): a datagram of 65,000 empty lists (an "array bomb") is refused
+      after 8,125, in about a millisecond.
+    * A msgpack timestamp (ext type -1) comes out as an int, nanoseconds
+      since the epoch (msgpack's ``timestamp=2``: built in C, no Python
+      ``Timestamp`` object per 6 bytes).
+    * For inputs of 4 KiB or more the cyclic garbage collector is paused
+      while the objects are built: tens of thousands of containers otherwise
+      trigger a collection every 700 of them, each older-generation one
+      walking the whole heap.
+
+    Raises:
+        _TooDense: too many containers (its message says the bound).
+        Exception: whatever msgpack raises for bad bytes.
     """
     n = len(data)
-    if n < _GC_PAUSE_MIN:
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
-                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n)
-    enabled = _gc.isenabled()
+    unpackb = msgpack.unpackb
+    if n <= MCL_MIN_CONTAINERS:
+        # Cannot hold more containers than bytes: no counting needed.
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
+                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                       max_ext_len=n)
+    limit = _container_limit(n)
+    built = 0
+
+    def count(obj):
+        nonlocal built
+        built += 1
+        if built > limit:
+            raise _too_dense(what, limit, n)
+        return obj
+
+    ext_type = msgpack.ExtType
+
+    def ext(code, payload):
+        # Built in Python (a named tuple), so it counts as several.
+        nonlocal built
+        built += _EXT_WEIGHT - 1
+        count(None)
+        return ext_type(code, payload)
+
+    enabled = n >= _GC_PAUSE_MIN and _gc.isenabled()
     if enabled:
         _gc.disable()
     try:
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, max_str_len=n,
-                       max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n)
+        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
+                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                       max_ext_len=n, list_hook=count, object_hook=count, ext_hook=ext)
     finally:
         if enabled:
             _gc.enable()
+
+
+def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
+    """Unpack ``data`` (exactly one msgpack object, longer than
+    :data:`MCL_UNPACK_SLICE`) in slices of that size, yielding between two
+    slices; return the object.
+
+    msgpack's streaming ``Unpacker`` keeps its parse state between two
+    ``feed`` calls, so each slice costs what its own bytes build (at most
+    about 3 ms for 64 KiB of the densest content allowed), and the whole
+    costs what one ``unpackb`` would. The limits are those of
+    :func:`_unpack_bounded`, with the container bound checked against the
+    bytes fed so far: ``max(512, k // 8)`` after ``k`` bytes, so a bomb is
+    stopped in its first slice, not after building an eighth of a 32 MB
+    message. The garbage collector is paused within a slice, never across a
+    yield.
+
+    Raises:
+        _TooDense: too many containers.
+        ValueError: the bytes hold less or more than one object.
+        Exception: whatever msgpack raises for bad bytes.
+    """
+    n = len(data)
+    limit = MCL_MIN_CONTAINERS
+    built = 0
+    fed = 0
+
+    def count(obj):
+        nonlocal built
+        built += 1
+        if built > limit:
+            raise _too_dense("message", limit, fed, n)
+        return obj
+
+    ext_type = msgpack.ExtType
+
+    def ext(code, payload):
+        # Built in Python (a named tuple), so it counts as several.
+        nonlocal built
+        built += _EXT_WEIGHT - 1
+        count(None)
+        return ext_type(code, payload)
+
+    unpacker = msgpack.Unpacker(
+        raw=True, use_list=True, strict_map_key=False, timestamp=2, max_buffer_size=n, max_str_len=n,
+        max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
+        list_hook=count, object_hook=count, ext_hook=ext)
+    view = memoryview(data)
+    out_of_data = msgpack.OutOfData
+    while True:
+        end = min(fed + MCL_UNPACK_SLICE, n)
+        unpacker.feed(view[fed:end])
+        fed = end
+        limit = _container_limit(fed)
+        enabled = _gc.isenabled()
+        if enabled:
+            _gc.disable()
+        try:
+            obj = unpacker.unpack()
+        except out_of_data:
+            if fed == n:
+                raise ValueError(f"the {n} bytes end inside a msgpack object") from None
+            obj = unpacker  # not done
+        finally:
+            if enabled:
+                _gc.enable()
+        if obj is not unpacker:
+            if fed != n or unpacker.tell() != n:
+                raise ValueError(f"extra bytes after the msgpack object, at offset {unpacker.tell()}")
+            return obj
+        yield
+
+
+def _run(steps: Generator[None, Any, Any]) -> Any:
+    """Run a generator to completion; return its return value."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as stop:
+        return stop.value
 
 
 class MclEncoder:
@@ -243,24 +406,50 @@ class MclDecoder:
     merge; pass the full ``(host, port)`` as ``address`` to keep separate
     senders apart.
 
-    Bounded work per datagram: a datagram longer than 65000 bytes is
-    refused before it is unpacked (MCL never sends one, and its listener
-    reads at most 65000 bytes, so it could not read one either); unpacking
-    may not build more than the bytes could legitimately hold (msgpack's
-    ``max_*_len`` limits set from the size of the bytes: no array of more
-    elements, no map of more entries than half, no string longer than the
-    bytes); and the garbage collector is paused while the objects of inputs
-    of 4 KiB or more are built.
-    None of this refuses anything MCL (or :class:`MclEncoder`) produces.
+    Bounded work and memory per datagram and per message:
+
+    * a datagram longer than 65000 bytes is refused before it is unpacked
+      (MCL never sends one, and its listener reads at most 65000 bytes, so
+      it could not read one either);
+    * unpacking ``n`` bytes may not build more than they could
+      legitimately hold (msgpack's ``max_*_len`` limits set from ``n``: no
+      array of more elements, no map of more entries than half, no string
+      longer than the bytes);
+    * nor more than ``max(512, n // 8)`` containers (arrays, maps, ext
+      objects; an ext object, built by Python code, counts as 8; a msgpack
+      timestamp comes out as an int of nanoseconds since the epoch, built
+      in C), counted as they are built: an "array bomb" (65,000 empty
+      lists in one datagram, 32 million in a reassembled message) is
+      refused after at most 8,125 of them, as :exc:`MalformedFrame` (a
+      datagram) or, for a reassembled message, :exc:`MalformedFrame` raised
+      by the datagram that completes it; never delivered;
+    * a reassembled message longer than 64 KiB whose payload is not a byte
+      string is unpacked in 64 KiB slices: :meth:`feed_paced` returns a
+      generator that yields between two slices (the receive pipeline lets
+      other tasks run there), and the density bound holds after every
+      slice, so a bomb is stopped in its first slice;
+    * the garbage collector is paused while the objects of 4 KiB or more of
+      input are built (within a slice, never across a yield).
+
+    What MCL's own messages are (records of named fields, lists of them,
+    byte strings, numbers) is never refused; only shapes denser than one
+    container per 8 bytes are, which :class:`MclEncoder` can produce (e.g.
+    ``[[]] * 1000``) but no MCL message type does.
 
     Args:
         topics: Accept only these topics (str or bytes, exact match); None
             accepts every topic (including nil).
         max_messages, max_bytes, timeout: Reassembly bounds, as for
-            :class:`Reassembler` (overheads included in ``max_bytes``).
+            :class:`Reassembler` (overheads and each incomplete message's
+            topic included in ``max_bytes``).
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
+        built_bytes: Estimated memory, in bytes, of the payloads of every
+            message returned so far (a byte string: its length; any other
+            object: 16 bytes per byte of its msgpack, an estimate; 64 bytes
+            more per message): a receiver charges it to its queue's byte
+            bound.
 
     Raises:
         ImportError: msgpack is not installed (``pip install mcast_trio[mcl]``).
@@ -274,11 +463,11 @@ class MclDecoder:
         max_bytes: int = 32 << 20,
         timeout: float = 2.0,
     ) -> None:
-        msgpack = require_msgpack()
-        self._unpackb = msgpack.unpackb
+        self._msgpack = require_msgpack()
         self._topics = normalize_topics("topics", topics)
         self._store = FragmentStore(max_messages, max_bytes, timeout, recent=0)
         self.filtered = 0
+        self.built_bytes = 0
 
     @property
     def stats(self) -> ReassemblyStats:
@@ -291,6 +480,10 @@ class MclDecoder:
     def feed(self, datagram: bytes | bytearray | memoryview, address: Any, now: float) -> Message | None:
         """Decode one datagram.
 
+        A large reassembled message is unpacked here in one go (its slices
+        without pause); :meth:`feed_paced` lets the caller run between
+        them.
+
         Returns:
             The complete :class:`Message` (its payload the unpacked object),
             or None (chunk of an incomplete message, filtered topic, or a
@@ -300,7 +493,23 @@ class MclDecoder:
             MalformedFrame: The datagram is not an MCL frame (not a msgpack
                 array ``[topic, payload]`` or ``[topic, i, n, chunk]`` with
                 bytes/nil topic, bytes chunk and ``1 <= i <= n``), is longer
-                than 65000 bytes, or holds more than its size allows.
+                than 65000 bytes, or holds more than its size allows; or it
+                completes a message that holds more containers than its
+                size allows.
+        """
+        result = self.feed_paced(datagram, address, now)
+        if type(result) is GeneratorType:
+            return _run(result)
+        return result
+
+    def feed_paced(
+        self, datagram: bytes | bytearray | memoryview, address: Any, now: float
+    ) -> Message | None | Generator[None, Any, Message | None]:
+        """As :meth:`feed`, but a reassembled message that is unpacked in
+        slices comes back as a generator: iterate it (it yields between two
+        slices, where the caller may let other work run) and its return
+        value (``StopIteration.value``, or ``yield from``) is what
+        :meth:`feed` returns. It raises what :meth:`feed` raises.
         """
         n = len(datagram)
         if not n or datagram[0] not in _MCL_ARRAY_STARTS:
@@ -314,7 +523,9 @@ class MclDecoder:
                 f"at most {MCL_MAX_DATAGRAM}"
             )
         try:
-            frame = _unpack_bounded(self._unpackb, datagram)
+            frame = _unpack_bounded(self._msgpack, datagram)
+        except _TooDense as exc:
+            raise MalformedFrame(str(exc)) from None
         except Exception as exc:  # msgpack raises several types for bad bytes
             raise MalformedFrame(f"offset 0: datagram is not valid msgpack ({exc})") from None
         if type(frame) is not list or len(frame) not in (2, 4):
@@ -330,7 +541,10 @@ class MclDecoder:
             if topics is not None and topic not in topics:
                 self.filtered += 1
                 return None
-            return Message(topic, frame[1], address)
+            payload = frame[1]
+            self.built_bytes += (len(payload) if type(payload) is bytes
+                                 else _OBJECT_BYTES_PER_BYTE * n) + 64
+            return Message(topic, payload, address)
         _, index, count, chunk = frame
         if type(index) is not int or type(count) is not int or not 1 <= index <= count:
             raise MalformedFrame(f"chunk index {index!r} / count {count!r}: expected 1 <= i <= n")
@@ -339,14 +553,40 @@ class MclDecoder:
         if topics is not None and topic not in topics:
             self.filtered += 1
             return None
-        store = self._store
-        joined = store.add((address, topic, count), index - 1, count, -1, -1, topic, chunk, now, True)
+        joined = self._store.add((address, topic, count), index - 1, count, -1, -1, topic, chunk, now, True)
         if joined is None:
             return None
+        if len(joined) > MCL_UNPACK_SLICE and joined[0] not in _BYTES_STARTS:
+            return self._finish(topic, joined, address, _unpack_sliced(self._msgpack, joined))
         try:
-            payload = _unpack_bounded(self._unpackb, joined)
+            payload = _unpack_bounded(self._msgpack, joined, "message")
+        except _TooDense as exc:
+            self._store.counts.completed -= 1
+            raise MalformedFrame(str(exc)) from None
         except Exception:
-            store.counts.completed -= 1
-            store.counts.inconsistent += 1
+            self._refused()
             return None
+        return self._message(topic, payload, len(joined), address)
+
+    def _finish(self, topic: Any, joined: bytes, address: Any,
+                steps: Generator[None, Any, Any]) -> Generator[None, Any, Message | None]:
+        try:
+            payload = yield from steps
+        except _TooDense as exc:
+            self._store.counts.completed -= 1
+            raise MalformedFrame(str(exc)) from None
+        except Exception:
+            self._refused()
+            return None
+        return self._message(topic, payload, len(joined), address)
+
+    def _refused(self) -> None:
+        # Reassembled bytes that do not unpack to exactly one object.
+        counts = self._store.counts
+        counts.completed -= 1
+        counts.inconsistent += 1
+
+    def _message(self, topic: Any, payload: Any, size: int, address: Any) -> Message:
+        self.built_bytes += (len(payload) if type(payload) is bytes
+                             else _OBJECT_BYTES_PER_BYTE * size) + 64
         return Message(topic, payload, address)

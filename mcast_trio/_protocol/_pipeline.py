@@ -27,7 +27,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from types import GeneratorType, MappingProxyType
 from typing import Any, Callable, Generator, Mapping
 
 import numpy as np
@@ -576,6 +576,9 @@ class ReceivePipeline:
         readout_mode = self.readout_class is not None
         clock = self.clock
         deadline = self.deadline
+        # MCL's feed_paced hands a large message back as a generator that
+        # unpacks it in slices, yielding between them.
+        feed = None if decoder is None else getattr(decoder, "feed_paced", decoder.feed)
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
@@ -595,7 +598,10 @@ class ReceivePipeline:
             else:
                 filtered = decoder.filtered
                 try:
-                    message = decoder.feed(datagram, source, now)
+                    message = feed(datagram, source, now)
+                    if type(message) is GeneratorType:
+                        message = yield from message  # the loop runs between slices
+                        deadline = self.deadline
                 except MalformedFrame as exc:
                     c.malformed += 1
                     c.last_error = str(exc)

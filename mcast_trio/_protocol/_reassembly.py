@@ -89,7 +89,8 @@ class ReassemblyStats:
         inconsistent: Fragments that disagree with the pending message they
             claim to belong to (count, size, topic or bytes), ignored; and
             MCL messages whose reassembled bytes do not unpack.
-        bytes_buffered: Fragment bytes currently held.
+        bytes_buffered: Bytes currently held: fragment bytes, the fixed
+            overheads and the topics of the incomplete messages.
         pending: Incomplete messages currently held.
     """
 
@@ -142,7 +143,8 @@ class FragmentStore:
     and the MCL reassembly). Keys are tuples whose first items identify the
     sender (``sender_len`` of them); insertion order is age order.
     ``bytes_buffered`` counts fragment bytes plus the per-fragment and
-    per-message overheads, so ``max_bytes`` bounds the memory held."""
+    per-message overheads and each incomplete message's topic, so
+    ``max_bytes`` bounds the memory held."""
 
     def __init__(
         self, max_messages: int, max_bytes: int, timeout: float, recent: int, sender_len: int = 0
@@ -229,9 +231,13 @@ class FragmentStore:
         if pending and next(iter(pending.values())).deadline <= now:
             self.expire(now)
         max_bytes = self.max_bytes
+        # What one incomplete message holds besides its fragments: its
+        # bookkeeping and its topic (held once, in the record and the key;
+        # an MCL topic may be 60 kB).
+        message_cost = MESSAGE_OVERHEAD + (len(topic) if type(topic) is bytes else 0)
         # What the whole message would hold at once (for MCL, whose size is
         # unknown, at least its fragments' overheads).
-        need = max(total, 0) + count * FRAGMENT_OVERHEAD + MESSAGE_OVERHEAD
+        need = max(total, 0) + count * FRAGMENT_OVERHEAD + message_cost
         if count > MAX_FRAGMENTS or need > max_bytes:
             self.counts.oversized += 1
             return None
@@ -269,7 +275,7 @@ class FragmentStore:
                 del self._recent[key]
         size = len(fragment) + FRAGMENT_OVERHEAD
         if entry is None:
-            size += MESSAGE_OVERHEAD
+            size += message_cost
         if size > max_bytes:
             self.counts.oversized += 1
             return None
@@ -349,8 +355,8 @@ class Reassembler:
 
     Memory: ``bytes_buffered`` counts the fragment bytes held plus a fixed
     overhead per fragment (160 bytes) and per incomplete message (1024
-    bytes), so ``max_bytes`` bounds the memory the buffers hold even when
-    fragments are tiny. Besides, the keys of the last ``max_messages``
+    bytes, plus its topic), so ``max_bytes`` bounds the memory the buffers
+    hold even when fragments are tiny. Besides, the keys of the last ``max_messages``
     completed messages are kept (to recognise late duplicate fragments).
 
     Args:
