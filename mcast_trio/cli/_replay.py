@@ -13,7 +13,7 @@ import trio
 
 from .. import AstroPix4Readout, TruncatedRecordWarning, open_apx, open_sender
 from .._format import readout_ids_and_timestamps
-from ._common import emit_json, fail, network_options, run, stop_on_signals
+from ._common import COUNT_OR_UNLIMITED, RATE, SPEED, emit_json, fail, network_options, run, stop_on_signals
 from ._simulate import _endpoint_text
 
 __all__ = ["COMMANDS"]
@@ -209,12 +209,12 @@ async def _main(network, path, plan, loops, as_json) -> None:
 @click.command("replay")
 @click.argument("file", metavar="FILE.apx")
 @network_options(sender=True)
-@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--speed", type=SPEED, default=None,
               help="Multiple of the recorded pace (0.5: half as fast) [default: 1].")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--rate", type=RATE, default=None,
               help="Fixed rate in readouts per second instead of the recorded pace.")
 @click.option("--fast", is_flag=True, help="As fast as possible (batches of 1024).")
-@click.option("--loop", "loops", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+@click.option("--loop", "loops", type=COUNT_OR_UNLIMITED, default=1, show_default=True, metavar="N",
               help="Send the file N times (0: until Ctrl-C).")
 @click.option("--keep-ids", is_flag=True,
               help="On later passes resend readout ids and timestamps as they are (default: continue "
