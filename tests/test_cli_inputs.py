@@ -227,3 +227,85 @@ def test_number_type_uses_the_librarys_ranges():
         resolve_group("239.255.0.1", 5007, ttl=ttl)
     with pytest.raises(ValueError):
         resolve_group("239.255.0.1", 5007, ttl=TTL.high + 1)
+
+
+# -- point 17: SIGINT and SIGTERM at any moment ------------------------------------------------------
+
+#: Long-running subcommands, their arguments and what their summary says.
+LONG_RUNNING = {
+    "simulate": (["simulate", "--rate", "2000"], "simulate: "),
+    "replay": (["replay", "{apx}", "--rate", "2000", "--loop", "0"], "replay: "),
+    "listen": (["listen", "-g", "239.255.13.17"], "listen: "),
+    "record": (["record", "{tmp}/run.apx"], "recorded "),
+    "monitor": (["monitor", "--headless", "-g", "239.255.13.17"], "readouts "),
+    "probe": (["probe", "239.255.13.17", "--seconds", "60"], "239.255.13.17"),
+    "demo": (["demo", "--seconds", "60", "-g", "239.255.13.18:50778"], "demo: "),
+}
+#: Seconds after the program took over SIGTERM (its first instant: the
+#: console script's first line, before the package is imported); the
+#: signal alternates between SIGINT and SIGTERM.
+DELAYS = (0.0, 0.05, 0.15, 0.4, 0.8)
+
+
+def _console_script(mcast_trio_cli) -> list[str]:
+    """The console script (installed), or the same entry point from the source tree."""
+    if pathlib.Path(mcast_trio_cli[0]).name == "mcast-trio":
+        return list(mcast_trio_cli)
+    return [sys.executable, "-m", "_mcast_trio_launch"]
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (the kernel's SigCgt mask)."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def test_console_script_is_the_launcher():
+    """The installed mcast-trio is the entry point that takes the signals over first."""
+    text = (pathlib.Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert 'mcast-trio = "_mcast_trio_launch:main"' in text
+
+
+@pytest.mark.parametrize("name", sorted(LONG_RUNNING))
+def test_signal_at_any_moment_stops_cleanly(mcast_trio_cli, tmp_path, name):
+    argv, summary = LONG_RUNNING[name]
+    apx = _apx_file(tmp_path / "in.apx", 50)
+    started = []
+    for i, delay in enumerate(DELAYS):
+        signum = (signal.SIGINT, signal.SIGTERM)[(i + len(name)) % 2]
+        work = tmp_path / f"w{i}"
+        work.mkdir()
+        args = [a.format(apx=apx, tmp=work) for a in argv]
+        process = subprocess.Popen([*_console_script(mcast_trio_cli), *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=_env())
+        started.append((delay, signum, process))
+    pending = list(started)
+    ready: dict[int, float] = {}
+    deadline = time.monotonic() + 30
+    while pending and time.monotonic() < deadline:
+        now = time.monotonic()
+        for item in list(pending):
+            delay, signum, process = item
+            if process.pid not in ready and _catches_sigterm(process.pid):
+                ready[process.pid] = now
+            if process.pid in ready and now >= ready[process.pid] + delay:
+                process.send_signal(signum)
+                pending.remove(item)
+        time.sleep(0.001)
+    assert not pending, "a process never took over SIGTERM"
+    failures = []
+    for delay, signum, process in started:
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            failures.append((delay, signum.name, "did not stop", err[-2000:]))
+            continue
+        if process.returncode != 0 or "Traceback" in err or summary not in out + err:
+            failures.append((delay, signum.name, process.returncode, out[-500:], err[-2000:]))
+    assert failures == []

@@ -192,9 +192,8 @@ async def _main(network, framing, topics, pattern, show_hits, as_json, messages,
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    finally:
-        if "receiver" in counts:
-            click.echo(_statistics_line(counts), err=True)
+    finally:  # also when a signal came before the receiver opened: "nothing received"
+        click.echo(_statistics_line(counts), err=True)
 
 
 @click.command("listen")
