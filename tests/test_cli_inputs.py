@@ -316,3 +316,123 @@ def test_signal_at_any_moment_stops_cleanly(mcast_trio_cli, tmp_path, name):
         if process.returncode != 0 or "Traceback" in err or summary not in out + err:
             failures.append((delay, signum.name, process.returncode, out[-500:], err[-2000:]))
     assert failures == []
+
+
+# -- point 15: the monitor's per-source maps are bounded -----------------------------------------------
+
+
+def _garbage_sources(n: int):
+    return [(f"127.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 60000) for i in range(n)]
+
+
+def test_accumulator_keeps_at_most_max_sources_and_counts_the_evicted():
+    import tracemalloc
+
+    from mcast_trio.cli._accumulate import MAX_SOURCES, Accumulator
+
+    acc = Accumulator()
+    real = ("127.0.0.1", 4000)
+    sources = _garbage_sources(60_000)
+    for source in sources[:10]:
+        acc.add_malformed(source)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i, source in enumerate(sources):
+        acc.add_malformed(source)
+        if i % 50 == 0:  # a source that keeps sending (more often than 63 others) stays counted one by one
+            acc.add_malformed(real)
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(acc.malformed_by_sender) <= MAX_SOURCES == 64
+    assert grown < 64 * 1024, grown  # before: about 178 bytes per source ever seen (10 MB here)
+    total = 10 + 60_000 + 1200
+    assert acc.malformed_evicted + sum(acc.malformed_by_sender.values()) == total  # nothing lost from the totals
+    assert acc.sources_evicted == 60_001 - MAX_SOURCES  # every source but the last 63, and real
+    assert acc.malformed_by_sender[real] == 1200
+    assert list(acc.malformed_by_sender)[-1] == sources[-1]
+
+
+@pytest.mark.parametrize("max_sources, feed, kept, evicted", [
+    (1, ["a", "b", "a"], {"a": 1}, 2),
+    (2, ["a", "b", "a", "c"], {"a": 2, "c": 1}, 1),  # b was seen least recently
+    (3, ["a", "b", "c", "a", "b", "c"], {"a": 2, "b": 2, "c": 2}, 0),
+    (2, ["a", "b", "c", "d", "a"], {"d": 1, "a": 1}, 3),
+])
+def test_accumulator_eviction_table(max_sources, feed, kept, evicted):
+    from mcast_trio.cli._accumulate import Accumulator
+
+    acc = Accumulator(max_sources=max_sources)
+    for source in feed:
+        acc.add_malformed(source)
+    assert dict(acc.malformed_by_sender) == kept
+    assert acc.sources_evicted == evicted
+    assert acc.malformed_evicted + sum(kept.values()) == len(feed)
+
+
+def test_accumulator_forgets_the_senders_the_receiver_forgot():
+    from mcast_trio import ReceiverStatistics, SenderStats
+    from mcast_trio.cli._accumulate import Accumulator
+
+    def snapshot(keys):
+        senders = {key: SenderStats(received=1) for key in keys}
+        return ReceiverStatistics(datagrams=len(keys), senders=senders)
+
+    acc = Accumulator()
+    for start in range(0, 10_000, 50):  # the receiver's table holds 64 at most: a sliding window
+        acc.observe(float(start), snapshot([("127.0.0.1", 1024 + k) for k in range(start, start + 64)]))
+    assert len(acc._seen) == 64
+    assert len(acc.senders(10_000.0)) == 64
+
+
+def test_monitor_with_hundreds_of_garbage_sources_shows_the_evicted(mcast_trio_cli):
+    """Real sockets: 300 sources each send malformed datagrams to a headless
+    monitor; it keeps 64 of them one by one and says how many it evicted."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([*mcast_trio_cli, "monitor", "--headless", "--json", "--seconds", "2.5",
+                             "--group", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 20
+        line = ""
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        assert "listening on" in line
+        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(300)]
+        try:
+            for round_ in range(2):
+                for sock in senders:
+                    sock.sendto(b"\x00garbage, not a readout", ("127.0.0.1", port))
+                time.sleep(0.05)
+        finally:
+            for sock in senders:
+                sock.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    final = json.loads(out.splitlines()[-1])
+    assert final["final"] and final["total"]["malformed"] == 600, final["total"]
+    # two rounds over 300 sources, 64 kept: every arrival of a source not kept evicts one
+    assert final["sources_evicted"] == 600 - 64, final["sources_evicted"]
+
+
+# -- point 12 (replay): no raw Python warning reaches the user ------------------------------------------
+
+
+def test_warnings_come_out_in_the_commands_words_once(capsys):
+    import warnings
+
+    import numpy as np
+
+    from mcast_trio.cli._common import warnings_in_own_words
+
+    with warnings_in_own_words("replay"):
+        for _ in range(3):
+            np.array([1e308]) * np.float64(10)  # numpy: overflow encountered in multiply
+        warnings.warn("something else", UserWarning)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["replay: warning: overflow encountered in multiply", "replay: warning: something else"]

@@ -17,6 +17,7 @@ option values to pass on to ``open_sender``/``open_receiver``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +26,8 @@ import pathlib
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import click
@@ -50,6 +52,7 @@ __all__ = [
     "stop_on_signals",
     "emit_json",
     "fail",
+    "warnings_in_own_words",
 ]
 
 #: The default group and port of every network command: an organization-local
@@ -382,6 +385,20 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         raise fail(text) from None
 
 
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside ``group`` (however nested), or ``group``
+    itself when it holds several (a genuine concurrent failure: traceback)."""
+    leaves: list[BaseException] = []
+    pending = [group]
+    while pending:
+        for exc in pending.pop().exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                pending.append(exc)
+            else:
+                leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group
+
+
 #: Seconds a signal waits for the command to register a scope with
 #: :func:`stop_on_signals` before the whole command is cancelled.
 GRACE = 1.0
@@ -456,6 +473,26 @@ async def stop_on_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TA
         await trio.sleep_forever()
     finally:
         stopping.scopes.remove(cancel_scope)
+
+
+@contextlib.contextmanager
+def warnings_in_own_words(command: str) -> Iterator[None]:
+    """Inside, any Python warning (numpy's, the library's) reaches the user
+    as one line ``COMMAND: warning: MESSAGE`` on stderr, each message once,
+    as it happens: never Python's raw ``file.py:123: SomeWarning`` with a
+    source line."""
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in said:
+            said.add(text)
+            click.echo(f"{command}: warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
 
 
 def emit_json(record: dict) -> None:

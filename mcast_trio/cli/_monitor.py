@@ -140,6 +140,8 @@ def summary(acc: Accumulator, now: float, ui: UiState, *, final: bool = False) -
                 "resets": acc.resets, "auto_resets": acc.auto_resets},
         "hottest": [{"row": r, "column": c, "hits": n} for r, c, n in acc.hottest(5)],
         "alarms": acc.alarms(now),
+        # sources whose per-source malformed counts were forgotten to bound memory
+        "sources_evicted": acc.sources_evicted,
         "events": list(acc.events),
         "final": final,
     }
@@ -158,6 +160,8 @@ def text_line(acc: Accumulator, now: float, ui: UiState) -> str:
             f"reord {c['reordered']} restarts {c['restarts']} malformed {c['malformed']} "
             f"dropped {c['dropped']} kernel_drops {c['kernel_drops']} senders {alive}/{len(senders)} alive "
             f"{hot}")
+    if acc.sources_evicted:
+        line += f" sources_evicted {acc.sources_evicted:,}"
     alarms = acc.alarms(now)
     if alarms:
         line += " ALARM: " + "; ".join(alarms)
@@ -336,7 +340,8 @@ def render_frame(acc: Accumulator, now: float, ui: UiState):
     totals = Text(f"since reset: readouts {counters['readouts']:,}  hits {counters['hits']:,}  "
                   f"lost {counters['lost']:,}  malformed {counters['malformed']:,}  "
                   f"dropped {counters['dropped']:,}   rates: {rates.readouts:,.0f} readouts/s  "
-                  f"{rates.hits:,.0f} hits/s  {rates.mbytes:.2f} MB/s")
+                  f"{rates.hits:,.0f} hits/s  {rates.mbytes:.2f} MB/s"
+                  + (f"   sources evicted {acc.sources_evicted:,}" if acc.sources_evicted else ""))
     hottest = acc.hottest(5)
     hot = Text("hottest: " + ("  ".join(f"row {r} col {c}: {n:,}" for r, c, n in hottest)
                               if hottest else "none yet"))

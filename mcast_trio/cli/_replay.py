@@ -13,7 +13,8 @@ import trio
 
 from .. import AstroPix4Readout, TruncatedRecordWarning, open_apx, open_sender
 from .._format import readout_ids_and_timestamps
-from ._common import COUNT_OR_UNLIMITED, RATE, SPEED, emit_json, fail, network_options, run, stop_on_signals
+from ._common import (COUNT_OR_UNLIMITED, RATE, SPEED, emit_json, fail, network_options, run, stop_on_signals,
+                      warnings_in_own_words)
 from ._simulate import _endpoint_text
 
 __all__ = ["COMMANDS"]
@@ -242,19 +243,20 @@ def replay_command(network, file, speed, rate, fast, loops, keep_ids, as_json):
               if value is not None]
     if len(chosen) > 1:
         raise click.UsageError(f"{' and '.join(chosen)} exclude each other; give at most one")
-    try:
-        info = _scan(file)
-    except OSError as exc:
-        raise fail(f"{file}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
-        raise fail(f"{file}: {exc}") from None
-    if info["truncated"]:
-        click.echo(f"replay: note: {file}: {info['truncated']}; the complete records before it are sent",
-                   err=True)
-    plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
-    if plan.requested_rate is None and not fast and info["count"] > 1:
-        raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
-    run(_main, network, file, plan, loops, as_json)
+    with warnings_in_own_words("replay"):  # numpy's or the library's: never raw
+        try:
+            info = _scan(file)
+        except OSError as exc:
+            raise fail(f"{file}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
+            raise fail(f"{file}: {exc}") from None
+        if info["truncated"]:
+            click.echo(f"replay: note: {file}: {info['truncated']}; the complete records before it are sent",
+                       err=True)
+        plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
+        if plan.requested_rate is None and not fast and info["count"] > 1:
+            raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
+        run(_main, network, file, plan, loops, as_json)
 
 
 COMMANDS = [replay_command]
