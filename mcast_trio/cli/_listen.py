@@ -186,14 +186,16 @@ async def _main(network, framing, topics, pattern, show_hits, as_json, messages,
                 await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
                                 counts)
             nursery.cancel_scope.cancel()
+        counts["stopped"] = True  # also by a signal before the receiver opened
     except BrokenPipeError:
         # The reader went away (`mcast-trio listen | head`): a normal end.
         # Later writes to stdout (at interpreter exit) go nowhere.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    finally:  # also when a signal came before the receiver opened: "nothing received"
-        click.echo(_statistics_line(counts), err=True)
+    finally:
+        if "receiver" in counts or "stopped" in counts:
+            click.echo(_statistics_line(counts), err=True)
 
 
 @click.command("listen")
