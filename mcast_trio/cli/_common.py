@@ -466,6 +466,7 @@ async def stop_on_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TA
         return
     stopping = _stopping
     stopping.scopes.append(cancel_scope)
+    stopping.outer.deadline = math.inf  # the command stops itself now: no fallback while it cleans up
     try:
         if _signals.received:
             cancel_scope.cancel()

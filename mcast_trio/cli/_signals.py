@@ -45,7 +45,10 @@ def install(before: list[int] | None = None) -> None:
     _raise = False
     received.clear()
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _handler)
+        try:
+            signal.signal(signum, _handler)
+        except ValueError:  # not the main thread (main() called from a thread): leave them
+            return
     if before:  # no longer appended to: its handler is replaced
         received[:0] = before
 
