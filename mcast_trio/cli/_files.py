@@ -438,7 +438,8 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=pathlib.Path), default=None,
               help="Directory for the PNG files [default: beside FILE].")
 @click.option("--log/--linear", default=False, help="Log colour scale of the hit map [default: linear].")
-@click.option("--bins", type=Number(1, 10000, integer=True), default=100, show_default=True, help="TOT histogram bins.")
+@click.option("--bins", type=Number(1, 10000, integer=True), default=100, show_default=True,
+              help="TOT histogram bins.")
 @_progress_option
 def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int, progress: bool | None) -> None:
     """Plot FILE.apx: hit map, TOT spectrum and rate over time, as PNG files
