@@ -7,7 +7,8 @@ public API with click (command line) and rich (terminal), which come with the
 ``cli`` extra: ``pip install 'mcast_trio[cli]'``.
 
 Exit codes: 0 success (also after Ctrl-C or SIGTERM ended a command that runs
-until stopped), 1 failure (a busy port, a missing or damaged file, ...), 2
+until stopped, at any moment: signals are handled from the first instant of
+:func:`main`, before the heavy imports), 1 failure (a busy port, a missing or damaged file, ...), 2
 usage (an invalid option; the message names it, as the library does).
 """
 
@@ -18,9 +19,18 @@ import sys
 __all__ = ["main"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, signals_before: list[int] | None = None) -> int:
     """Run ``mcast-trio`` with ``argv`` (default: the process arguments);
-    return the exit code."""
+    return the exit code.
+
+    It installs the process's SIGINT and SIGTERM handlers first (module
+    ``_signals``), before the heavy imports. ``signals_before``: the stop
+    signals the console script (``_mcast_trio_launch``, which takes them over
+    before the ``mcast_trio`` package is imported) received until now.
+    """
+    from . import _signals
+
+    _signals.install(signals_before)
     try:
         import click  # noqa: F401
         import rich  # noqa: F401

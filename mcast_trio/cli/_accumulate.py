@@ -13,7 +13,15 @@ and shows, fed with decoded hits and receiver statistics, read by the display.
   buffer of the total readout rate (the history strip);
 * alive/stale state per sender, alarms (a silent sender, loss above a
   threshold), and the detection of a new run (a sender's ``restarts``
-  counter increased), which resets the accumulators.
+  counter increased), which resets the accumulators;
+* malformed datagrams per source address.
+
+Per-source state is bounded, like the receiver's sender table: the alive
+state follows the senders of the latest statistics (the receiver's table,
+at most its ``max_senders``), and the malformed counts keep the
+``max_sources`` sources seen most recently; a source forgotten to make room
+is counted (:attr:`Accumulator.sources_evicted`) and its malformed datagrams
+stay in :attr:`Accumulator.malformed_evicted`, so totals never go down.
 
 Counters shown "since reset" are the receiver's cumulative counters minus
 their values at the last reset. Nothing here imports trio or rich; the
@@ -30,9 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import check_int
+
 __all__ = [
     "MAX_ROWS",
     "MAX_COLUMNS",
+    "MAX_SOURCES",
     "COUNTERS",
     "Accumulator",
     "Rates",
@@ -51,6 +62,10 @@ MAX_COLUMNS = 32
 #: The receiver counters the monitor reports, named as in ``statistics()``.
 COUNTERS = ("datagrams", "bytes", "readouts", "hits", "lost", "duplicates", "reordered", "restarts",
             "malformed", "truncated", "dropped", "kernel_drops")
+
+#: Sources whose malformed datagrams are counted one by one, by default (the
+#: receiver's default ``max_senders``).
+MAX_SOURCES = 64
 
 #: Per-sender counters, named as in :class:`~mcast_trio.SenderStats`.
 SENDER_COUNTERS = ("received", "lost", "duplicates", "reordered", "restarts", "hits", "bytes")
@@ -119,14 +134,19 @@ class Accumulator:
             (and an alarm says so).
         loss_alarm: loss fraction (lost / (received + lost), since the reset)
             above which a sender raises an alarm.
+        max_sources: most sources whose malformed datagrams are counted
+            one by one (the receiver's default ``max_senders``); the least
+            recently seen is forgotten to make room, and counted.
     """
 
     def __init__(self, *, tot_max_us: float = 100.0, tot_bins: int = 50, history: int = 120,
-                 rate_period: float = 1.0, stale: float = 5.0, loss_alarm: float = 0.01) -> None:
+                 rate_period: float = 1.0, stale: float = 5.0, loss_alarm: float = 0.01,
+                 max_sources: int = MAX_SOURCES) -> None:
         if not tot_max_us > 0:
             raise ValueError(f"tot_max_us={tot_max_us!r}; allowed: > 0")
         if tot_bins < 1:
             raise ValueError(f"tot_bins={tot_bins!r}; allowed: >= 1")
+        self.max_sources = check_int("max_sources", max_sources, 1, 1 << 20)
         self.tot_max_us = float(tot_max_us)
         self.tot_bins = int(tot_bins)
         self.tot_edges = np.linspace(0.0, self.tot_max_us, self.tot_bins + 1)
@@ -153,9 +173,14 @@ class Accumulator:
         self._restarts = 0
         self._datagrams_at: float | None = None
         #: malformed datagrams per source address, cumulative (from the
-        #: receiver's on_malformed hook: the statistics count them in total only)
-        self.malformed_by_sender: collections.Counter = collections.Counter()
-        self._malformed_baseline: collections.Counter = collections.Counter()
+        #: receiver's on_malformed hook: the statistics count them in total
+        #: only), the ``max_sources`` sources seen most recently, oldest first
+        self.malformed_by_sender: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self._malformed_baseline: dict[Any, int] = {}
+        #: sources forgotten to make room (see ``max_sources``)
+        self.sources_evicted = 0
+        #: the malformed datagrams the forgotten sources had sent
+        self.malformed_evicted = 0
 
     # -- feeding ----------------------------------------------------------
 
@@ -178,7 +203,18 @@ class Accumulator:
     def add_malformed(self, source: Any) -> None:
         """Count one malformed datagram from ``source`` (the receiver's
         ``on_malformed`` hook calls this)."""
-        self.malformed_by_sender[source] += 1
+        counts = self.malformed_by_sender
+        count = counts.get(source)
+        if count is not None:
+            counts[source] = count + 1
+            counts.move_to_end(source)
+            return
+        if len(counts) >= self.max_sources:
+            old, n = counts.popitem(last=False)
+            self._malformed_baseline.pop(old, None)
+            self.sources_evicted += 1
+            self.malformed_evicted += n
+        counts[source] = 1
 
     def observe(self, now: float, stats: Any, *, rate_point: bool | None = None) -> list[str]:
         """Take a statistics snapshot at time ``now`` (seconds, any clock):
@@ -204,6 +240,8 @@ class Accumulator:
             before = self._seen.get(key)
             if before is None or before[0] != arrivals:
                 self._seen[key] = (arrivals, now)
+        if len(self._seen) > len(stats.senders):  # the receiver forgot some: so do we
+            self._seen = {key: seen for key, seen in self._seen.items() if key in stats.senders}
         if self._datagrams_at is None or self._last is None or stats.datagrams != self._last.datagrams:
             self._datagrams_at = now
         self._last = stats
@@ -242,7 +280,7 @@ class Accumulator:
         self.hits = 0
         self.readouts = 0
         self.resets += 1
-        self._malformed_baseline = collections.Counter(self.malformed_by_sender)
+        self._malformed_baseline = dict(self.malformed_by_sender)
         if stats is not None:
             self._baseline = {name: _counter(stats, name) for name in COUNTERS}
             self._sender_baseline = {key: {n: getattr(s, n, 0) for n in SENDER_COUNTERS}
@@ -277,8 +315,8 @@ class Accumulator:
         for key, sender in stats.senders.items():
             base = self._sender_baseline.get(key, {}) if since_reset else {}
             counters = {n: getattr(sender, n, 0) - base.get(n, 0) for n in SENDER_COUNTERS}
-            counters["malformed"] = self.malformed_by_sender[key] - (
-                self._malformed_baseline[key] if since_reset else 0)
+            counters["malformed"] = self.malformed_by_sender.get(key, 0) - (
+                self._malformed_baseline.get(key, 0) if since_reset else 0)
             arrived = self._seen.get(key, (0, now))[1]
             age = max(0.0, now - arrived)
             total = counters["received"] + counters["lost"]

@@ -8,6 +8,7 @@ import importlib
 import click
 
 from .. import __version__
+from . import _signals
 
 #: The subcommand modules, in the order ``--help`` lists them; each defines
 #: ``COMMANDS``, a list of click commands.
@@ -15,7 +16,22 @@ _MODULES = ("_simulate", "_replay", "_listen", "_record", "_monitor", "_files", 
             "_demo")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: The subcommands that run until stopped: SIGINT or SIGTERM, at any moment
+#: (from the first instant of the process), ends them cleanly with exit 0
+#: and their summary (:func:`._common.run`). The others are interrupted
+#: (``KeyboardInterrupt``: click's ``Aborted!``, exit 1).
+STOPPED_BY_SIGNALS = frozenset({"simulate", "replay", "listen", "record", "monitor", "probe", "demo"})
+
+
+class _Group(click.Group):
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if name not in STOPPED_BY_SIGNALS:
+            _signals.interruptible()
+        return name, command, rest
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mcast-trio")
 def cli() -> None:
     """Multicast AstroPix readouts to passive monitors, and watch them.

@@ -17,7 +17,7 @@ import trio
 import mcast_trio
 from .. import AstroPix4Readout, decode_readouts, decoder_backend, open_receiver, open_sender, resolve_group
 from ..sim import DaqSimulator
-from ._common import emit_json, fail, run
+from ._common import MEAN_HITS, PORT, Number, emit_json, fail, run
 
 __all__ = ["COMMANDS"]
 
@@ -273,17 +273,17 @@ def _benchmarks_dir() -> pathlib.Path | None:
 
 @click.command("bench")
 @click.argument("which", type=click.Choice([*_BENCHMARKS, "all"]), default="all")
-@click.option("--datagrams", type=click.IntRange(min=1), default=100_000, show_default=True,
+@click.option("--datagrams", type=Number(1, 10**9, integer=True), default=100_000, show_default=True,
               help="Datagrams per transport/send run.")
-@click.option("--readouts", type=click.IntRange(min=1), default=20_000, show_default=True,
+@click.option("--readouts", type=Number(1, 10**8, integer=True), default=20_000, show_default=True,
               help="Simulated readouts for the decode benchmark.")
-@click.option("--mean-hits", type=click.FloatRange(min=0), default=12.0, show_default=True,
+@click.option("--mean-hits", type=MEAN_HITS, default=12.0, show_default=True,
               help="Mean hits per simulated readout.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--repeats", type=Number(1, 1000, integer=True), default=3, show_default=True,
               help="Decode runs per case; the best is kept.")
 @click.option("--group", "-g", default=BENCH_GROUP, show_default=True,
               help="IPv4 multicast group of the network benchmarks (loopback).")
-@click.option("--port", "-p", type=int, default=BENCH_PORT, show_default=True, help="Their UDP port.")
+@click.option("--port", "-p", type=PORT, default=BENCH_PORT, show_default=True, help="Their UDP port.")
 @click.option("--full", is_flag=True,
               help="Also run the repository's benchmarks/*.py (source checkout only; minutes).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per benchmark.")

@@ -1,6 +1,7 @@
 """What every subcommand shares: the network options, their validation (the
 library's own), the trio runner with its exit codes and one-line errors, and
-stopping cleanly on Ctrl-C or SIGTERM.
+stopping cleanly on Ctrl-C or SIGTERM, and the click parameter types of every
+numeric option (:class:`Number`, :class:`ByteSize`, :class:`OutputFile`).
 
 Subcommands use them like this::
 
@@ -16,29 +17,42 @@ option values to pass on to ``open_sender``/``open_receiver``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import math
+import pathlib
+import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import click
 import trio
 
 from .. import GroupSpec, MalformedDatagram, resolve_group
+from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER
+from .._validate import check_int, check_number
+from . import _signals
 
 __all__ = [
     "DEFAULT_GROUP",
     "DEFAULT_PORT",
     "Network",
+    "Number",
+    "ByteSize",
+    "OutputFile",
+    "parse_size",
     "network_options",
     "parse_endpoint",
     "run",
     "stop_on_signals",
     "emit_json",
     "fail",
+    "warnings_in_own_words",
 ]
 
 #: The default group and port of every network command: an organization-local
@@ -47,6 +61,192 @@ __all__ = [
 #: unicast 127.0.0.1:5007, is accepted with --group 127.0.0.1.
 DEFAULT_GROUP = "239.255.0.1"
 DEFAULT_PORT = 5007
+
+
+# -- the parameter types of every numeric option --------------------------------------------------
+
+
+def _option_name(param: click.Parameter | None) -> str:
+    """``--rate`` (the longest spelling of an option), ``FILE`` (an
+    argument), or ``value`` without a parameter."""
+    if param is None:
+        return "value"
+    if isinstance(param, click.Option) and param.opts:
+        return max(param.opts, key=len)
+    return (param.name or "value").upper()
+
+
+def _number_text(value: float | int) -> str:
+    if isinstance(value, int) and value > 10**12 and (value + 1) & value == 0:
+        return f"2**{value.bit_length()}-1"
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+class Number(click.ParamType):
+    """A finite number (``integer``: an integer) in ``low..high``
+    (``low_open``: strictly above ``low``), or exactly ``off`` (a value that
+    switches the feature off, like ``--status 0``).
+
+    The one owner of "is this number acceptable?" on the command line:
+    every numeric option of every subcommand has this type, and it checks
+    with the library's own :func:`~mcast_trio._validate.check_number` /
+    :func:`~mcast_trio._validate.check_int` (NaN and the infinities are
+    never finite), so a bad value is a usage error (exit 2) whose message
+    names the option, the value and what is allowed. Where the library
+    validates the same value (a port, a TTL, a queue size, the simulator's
+    mean number of hits) the range is the library's.
+    """
+
+    def __init__(self, low: float | int, high: float | int, *, integer: bool = False, low_open: bool = False,
+                 off: float | int | None = None, off_means: str = "off") -> None:
+        self.low, self.high, self.integer, self.low_open = low, high, integer, low_open
+        self.off, self.off_means = off, off_means
+        self.name = "integer" if integer else "float"
+        low_text = _number_text(low)
+        text = f"{'> ' + low_text + ' and <= ' if low_open else low_text + '..'}{_number_text(high)}"
+        self.allowed = f"{_number_text(off)} ({off_means}) or {text}" if off is not None else text
+
+    def allows(self, value: float | int) -> bool:
+        """Whether ``value`` is acceptable (what :meth:`convert` returns it for)."""
+        try:
+            self._check("value", value)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def _check(self, name: str, number: Any) -> float | int:
+        if self.off is not None and not isinstance(number, bool) and number == self.off:
+            return self.off
+        if self.integer:
+            return check_int(name, number, self.low, self.high, allowed=self.allowed)
+        return check_number(name, number, self.low, self.high, low_open=self.low_open, allowed=self.allowed)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | int:
+        name = _option_name(param)
+        number = value
+        if isinstance(value, str):
+            try:
+                number = int(value.strip(), 10) if self.integer else float(value)
+            except ValueError:
+                kind = "an integer" if self.integer else "a number"
+                self.fail(f"{name}={value!r} is not {kind}; allowed: {self.allowed}", param, ctx)
+        try:
+            return self._check(name, number)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            said = f"{name}={number!r}"
+            if isinstance(value, str) and message.startswith(said):  # as typed: 1e30, not 1e+30
+                message = f"{name}={value.strip()}{message[len(said):]}"
+            self.fail(message, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str | None:
+        return "INTEGER" if self.integer else "FLOAT"
+
+    def __repr__(self) -> str:
+        return f"Number({self.allowed})"
+
+
+#: The longest time any option takes (seconds): about 31 years.
+MAX_SECONDS = 1e9
+#: The shortest time an option takes (seconds): trio's timers are not finer.
+MIN_SECONDS = 1e-3
+#: The largest count (readouts, passes, N of --garbage-every): a signed 64-bit integer.
+MAX_COUNT = 2**63 - 1
+
+#: A duration in seconds (--seconds, --rotate-time, --stale, ...).
+SECONDS = Number(MIN_SECONDS, MAX_SECONDS)
+#: A period in seconds, or 0: never (--status).
+SECONDS_OR_NEVER = Number(MIN_SECONDS, MAX_SECONDS, off=0, off_means="never")
+#: Readouts per second the simulated DAQ and replay send: at most one
+#: readout per nanosecond tick of the timestamps is far beyond a sender's
+#: reach; 1e7/s is the simulator's practical top; at least one per 1000 s.
+RATE = Number(1e-3, 1e7)
+#: A multiple of a recorded pace (replay --speed).
+SPEED = Number(1e-3, 1e3)
+#: A fraction (--loss-alarm).
+FRACTION = Number(0.0, 1.0)
+#: Mean number of hits per simulated readout: the simulator's own range
+#: (:class:`mcast_trio.sim.DaqSimulator` ``mean_hits``).
+MEAN_HITS = Number(0.0, 1e6)
+#: A seed of numpy's generator (non-negative; 64 bits are plenty).
+SEED = Number(0, 2**64 - 1, integer=True)
+#: A UDP port, and a multicast TTL: the library's ranges (``resolve_group``).
+PORT = Number(1, 65535, integer=True)
+TTL = Number(0, 255, integer=True)
+#: A count of at least 1 (--count of record).
+COUNT = Number(1, MAX_COUNT, integer=True)
+#: A count, or 0: no limit (--count of listen, --loop of replay).
+COUNT_OR_UNLIMITED = Number(1, MAX_COUNT, integer=True, off=0, off_means="no limit")
+#: Every N readouts, or 0: never (--garbage-every).
+EVERY_OR_NEVER = Number(1, MAX_COUNT, integer=True, off=0, off_means="never")
+#: Receive batches buffered (the library's ``queue_size`` range).
+QUEUE = Number(1, 1 << 20, integer=True)
+#: A TOT in microseconds: one clock cycle up to the largest TOT that decodes.
+TOT_US = Number(1 / CLOCK_CYCLES_PER_US, (CLOCK_ROLLOVER - 1) / CLOCK_CYCLES_PER_US)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+_SIZE_ALLOWED = "a number of bytes with an optional unit (100MB, 1GB, 512MiB), 1 byte..2**63-1 bytes"
+
+
+def parse_size(text: str) -> int:
+    """``"100MB"`` -> 100_000_000; ``"1GiB"`` -> 2**30; plain bytes too.
+    Decimal units (kB, MB, GB, TB), binary ones (KiB, MiB, GiB, TiB); at
+    least 1 byte, at most 2**63-1 (a file's largest size).
+
+    Raises:
+        ValueError: anything else (``"{text!r} is not a size; allowed: ..."``).
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; allowed: {_SIZE_ALLOWED}")
+    number = float(match.group(1)) * _UNITS[unit]
+    if not 1 <= number < 2**63:
+        raise ValueError(f"{text!r} is out of range; allowed: {_SIZE_ALLOWED}")
+    return int(number)
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes with an optional unit (:func:`parse_size`)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63:
+            return value
+        text = str(value)
+        try:
+            return parse_size(text)
+        except ValueError as exc:
+            message = str(exc)
+            if message.startswith(repr(text)):
+                message = f"{_option_name(param)}={text.strip()}{message[len(repr(text)):]}"
+            self.fail(message, param, ctx)
+
+
+class OutputFile(click.ParamType):
+    """The path of a file to write: not empty, naming a file (not ``.``,
+    ``..``, ``/`` or a name ending in ``/``), not an existing directory.
+    Whether it may exist is the command's business."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> pathlib.Path:
+        text = str(value)
+        path = pathlib.Path(text)
+        why = None
+        if not text.strip():
+            why = "is empty; give a file name"
+        elif text.endswith(("/", "/.", "/..")) or path.name in ("", ".", ".."):
+            why = "names a directory, not a file"
+        elif path.is_dir():
+            why = "is a directory; give a file name"
+        if why is not None:
+            self.fail(f"{text!r} {why}", param, ctx)
+        return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +325,11 @@ def network_options(*, sender: bool = False) -> Callable:
             click.option("--group", "-g", default=DEFAULT_GROUP, show_default=True, metavar="GROUP[:PORT]",
                          help="Multicast group (IPv4, or IPv6 with its interface: ff12::1%mc0), or a "
                               "loopback unicast address (astropix-analysis' 127.0.0.1)."),
-            click.option("--port", "-p", type=int, default=None,
+            click.option("--port", "-p", type=PORT, default=None,
                          help=f"UDP port [default: {DEFAULT_PORT}]."),
             click.option("--interface", "-i", default=None,
                          help="Interface name, index or address [default: loopback]."),
-            click.option("--ttl", type=int, default=1, show_default=True,
+            click.option("--ttl", type=TTL, default=1, show_default=True,
                          help="Multicast TTL (hop limit); 1 stays on the local link.") if sender else
             click.option("--source", default=None,
                          help="Receive only from this sender (source-specific multicast)."),
@@ -150,9 +350,13 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """Run ``async_fn(*args)`` under trio and turn what goes wrong into the
     exit codes of the command line.
 
-    * Ctrl-C (``KeyboardInterrupt``): the command stops where it is and exits
-      0 (commands that must not lose data stop on SIGINT/SIGTERM themselves,
-      with :func:`stop_on_signals`, and flush first);
+    * SIGINT (Ctrl-C) and SIGTERM, from the first instant of the process
+      (:mod:`._signals`) to the end of ``trio.run``: the cancel scopes the
+      command registered with :func:`stop_on_signals` are cancelled (its
+      ``finally`` blocks flush and close, it prints its summary, exit 0);
+      a signal that came before it registered one (during start-up, while
+      its socket opens) cancels them as they are registered; a command that
+      registers none within :data:`GRACE` seconds is cancelled whole;
     * ``OSError`` (a busy port, a missing file, ...), ``MalformedDatagram``
       (a damaged file), ``ValueError``/``TypeError`` from the library: one
       line ``Error: ...``, exit 1;
@@ -161,7 +365,10 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """
     try:
         try:
-            return trio.run(async_fn, *args)
+            result = trio.run(_supervised, async_fn, args)
+            if _signals.received and _signals.raising():
+                raise KeyboardInterrupt  # a command that is not stopped by signals: interrupted
+            return result
         except BaseExceptionGroup as group:
             # A nursery wraps even a single failure (a busy port, a file
             # that cannot be written): report that one as itself.
@@ -192,18 +399,101 @@ def _single(group: BaseExceptionGroup) -> BaseException:
     return leaves[0] if len(leaves) == 1 else group
 
 
+#: Seconds a signal waits for the command to register a scope with
+#: :func:`stop_on_signals` before the whole command is cancelled.
+GRACE = 1.0
+
+
+class _Stopping:
+    """Inside :func:`run`: the scopes a signal cancels, and the command's
+    outermost scope (the fallback)."""
+
+    def __init__(self, outer: trio.CancelScope) -> None:
+        self.outer = outer
+        self.scopes: list[trio.CancelScope] = []
+
+    def stop(self) -> None:
+        if self.scopes:
+            for scope in self.scopes:
+                scope.cancel()
+        else:
+            self.outer.deadline = min(self.outer.deadline, trio.current_time() + GRACE)
+
+
+_stopping: _Stopping | None = None
+
+
+async def _supervised(async_fn: Callable[..., Awaitable[Any]], args: tuple) -> Any:
+    global _stopping
+    result = None
+    with trio.open_signal_receiver(*_signals.STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            outer = trio.CancelScope()
+            _stopping = _Stopping(outer)
+            nursery.start_soon(_watch, signals, _stopping)
+            try:
+                with outer:
+                    result = await async_fn(*args)
+            finally:
+                _stopping = None
+                nursery.cancel_scope.cancel()
+    return result
+
+
+async def _watch(signals, stopping: _Stopping) -> None:
+    if _signals.received:  # before trio.run: during start-up, or while parsing
+        stopping.stop()
+    async for signum in signals:
+        _signals.received.append(signum)
+        stopping.stop()
+
+
 async def stop_on_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Cancel ``cancel_scope`` on the first SIGINT or SIGTERM (start it in the
+    """Cancel ``cancel_scope`` on SIGINT or SIGTERM (start it in the
     nursery whose work must end cleanly, with ``nursery.start``: its
     ``finally`` blocks then flush and close files, and the command exits 0).
+    Under :func:`run` a signal that came earlier (from the first instant of
+    the process) cancels it at once.
 
     Cancellation: stops listening for the signals.
     """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for _signum in signals:
+    if _stopping is None:  # not under run(): listen here
+        with trio.open_signal_receiver(*_signals.STOP_SIGNALS) as signals:
+            task_status.started()
+            async for _signum in signals:
+                cancel_scope.cancel()
+                return
+        return
+    stopping = _stopping
+    stopping.scopes.append(cancel_scope)
+    stopping.outer.deadline = math.inf  # the command stops itself now: no fallback while it cleans up
+    try:
+        if _signals.received:
             cancel_scope.cancel()
-            return
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        stopping.scopes.remove(cancel_scope)
+
+
+@contextlib.contextmanager
+def warnings_in_own_words(command: str) -> Iterator[None]:
+    """Inside, any Python warning (numpy's, the library's) reaches the user
+    as one line ``COMMAND: warning: MESSAGE`` on stderr, each message once,
+    as it happens: never Python's raw ``file.py:123: SomeWarning`` with a
+    source line."""
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in said:
+            said.add(text)
+            click.echo(f"{command}: warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
 
 
 def emit_json(record: dict) -> None:

@@ -9,19 +9,19 @@ import click
 
 from .. import resolve_group
 from ..demo import GROUP, PORT, daq
-from ._common import parse_endpoint, run
+from ._common import EVERY_OR_NEVER, RATE, SECONDS, SEED, parse_endpoint, run
 from ._monitor import MonitorConfig, serve_monitor
 
 
 @click.command()
-@click.option("--seconds", type=click.FloatRange(0, None, min_open=True), default=None,
+@click.option("--seconds", type=SECONDS, default=None,
               help="How long to run [default: 10 s without a terminal; in a terminal until q or Ctrl-C].")
-@click.option("--rate", type=click.FloatRange(1, 1e7), default=20000.0, show_default=True,
+@click.option("--rate", type=RATE, default=20000.0, show_default=True,
               help="Readouts per second the simulated DAQ sends.")
-@click.option("--garbage-every", type=click.IntRange(0, None), default=5000, show_default=True,
+@click.option("--garbage-every", type=EVERY_OR_NEVER, default=5000, show_default=True,
               help="Add one malformed datagram on purpose after every N readouts (0: never), so that "
                    "the malformed counter has something to count.")
-@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the simulator.")
+@click.option("--seed", type=SEED, default=1, show_default=True, help="Seed of the simulator.")
 @click.option("--group", "-g", default=f"{GROUP}:{PORT}", show_default=True, metavar="GROUP[:PORT]",
               help="Multicast group (on loopback) the DAQ sends to and the monitor joins.")
 @click.option("--headless", is_flag=True, help="One text line per second even in a terminal.")

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import HIT_DTYPE, ApxReader, ApxWriter, DecodingStatus, MalformedReadout, decode_readouts
 from ._common import emit_json, fail
+from ._common import Number, OutputFile  # the option types
 
 __all__ = ["COMMANDS", "decode", "info", "check", "plot"]
 
@@ -193,7 +194,7 @@ _progress_option = click.option("--progress/--no-progress", default=None,
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
 @click.option("--to", "fmt", type=click.Choice(sorted(_FORMATS)), default="csv", show_default=True,
               help="Output format.")
-@click.option("--out", "-o", type=click.Path(path_type=pathlib.Path), default=None,
+@click.option("--out", "-o", type=OutputFile(), default=None,
               help="Output file [default: FILE with the format's suffix].")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @_progress_option
@@ -364,7 +365,7 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
-@click.option("--repair", type=click.Path(path_type=pathlib.Path), default=None, metavar="OUT.apx",
+@click.option("--repair", type=OutputFile(), default=None, metavar="OUT.apx",
               help="Write the recovered records (same header) to a new file (never replaced).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> None:
@@ -437,7 +438,8 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=pathlib.Path), default=None,
               help="Directory for the PNG files [default: beside FILE].")
 @click.option("--log/--linear", default=False, help="Log colour scale of the hit map [default: linear].")
-@click.option("--bins", type=click.IntRange(1, 10000), default=100, show_default=True, help="TOT histogram bins.")
+@click.option("--bins", type=Number(1, 10000, integer=True), default=100, show_default=True,
+              help="TOT histogram bins.")
 @_progress_option
 def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int, progress: bool | None) -> None:
     """Plot FILE.apx: hit map, TOT spectrum and rate over time, as PNG files

@@ -13,7 +13,7 @@ import click
 import trio
 
 from .. import HIT_DTYPE, AstroPix4Readout, MalformedDatagram, open_receiver
-from ._common import emit_json, network_options, run, stop_on_signals
+from ._common import COUNT_OR_UNLIMITED, emit_json, network_options, run, stop_on_signals
 
 __all__ = ["COMMANDS"]
 
@@ -186,6 +186,7 @@ async def _main(network, framing, topics, pattern, show_hits, as_json, messages,
                 await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
                                 counts)
             nursery.cancel_scope.cancel()
+        counts["stopped"] = True  # also by a signal before the receiver opened
     except BrokenPipeError:
         # The reader went away (`mcast-trio listen | head`): a normal end.
         # Later writes to stdout (at interpreter exit) go nowhere.
@@ -193,7 +194,7 @@ async def _main(network, framing, topics, pattern, show_hits, as_json, messages,
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
     finally:
-        if "receiver" in counts:
+        if "receiver" in counts or "stopped" in counts:
             click.echo(_statistics_line(counts), err=True)
 
 
@@ -210,7 +211,7 @@ async def _main(network, framing, topics, pattern, show_hits, as_json, messages,
               help="Accept only payloads in which this regular expression matches (bytes).")
 @click.option("--messages", is_flag=True, help="Print any traffic as messages (topic and payload), "
                                                "not readouts.")
-@click.option("--count", type=click.IntRange(min=0), default=0, metavar="N",
+@click.option("--count", type=COUNT_OR_UNLIMITED, default=0, metavar="N",
               help="Stop after N readouts (messages) [default: until Ctrl-C].")
 def listen_command(network, show_hits, as_json, framing, topics, pattern, messages, count):
     """Print readouts and hits as they arrive.

@@ -33,7 +33,8 @@ from ._accumulate import (
     sparkline,
     text_bars,
 )
-from ._common import emit_json, network_options, run, stop_on_signals
+from ._common import (FRACTION, MAX_SECONDS, SECONDS, TOT_US, Number, emit_json, network_options, run,
+                      stop_on_signals)
 
 __all__ = ["COMMANDS", "MonitorConfig", "serve_monitor", "render_frame"]
 
@@ -139,6 +140,8 @@ def summary(acc: Accumulator, now: float, ui: UiState, *, final: bool = False) -
                 "resets": acc.resets, "auto_resets": acc.auto_resets},
         "hottest": [{"row": r, "column": c, "hits": n} for r, c, n in acc.hottest(5)],
         "alarms": acc.alarms(now),
+        # sources whose per-source malformed counts were forgotten to bound memory
+        "sources_evicted": acc.sources_evicted,
         "events": list(acc.events),
         "final": final,
     }
@@ -157,6 +160,8 @@ def text_line(acc: Accumulator, now: float, ui: UiState) -> str:
             f"reord {c['reordered']} restarts {c['restarts']} malformed {c['malformed']} "
             f"dropped {c['dropped']} kernel_drops {c['kernel_drops']} senders {alive}/{len(senders)} alive "
             f"{hot}")
+    if acc.sources_evicted:
+        line += f" sources_evicted {acc.sources_evicted:,}"
     alarms = acc.alarms(now)
     if alarms:
         line += " ALARM: " + "; ".join(alarms)
@@ -335,7 +340,8 @@ def render_frame(acc: Accumulator, now: float, ui: UiState):
     totals = Text(f"since reset: readouts {counters['readouts']:,}  hits {counters['hits']:,}  "
                   f"lost {counters['lost']:,}  malformed {counters['malformed']:,}  "
                   f"dropped {counters['dropped']:,}   rates: {rates.readouts:,.0f} readouts/s  "
-                  f"{rates.hits:,.0f} hits/s  {rates.mbytes:.2f} MB/s")
+                  f"{rates.hits:,.0f} hits/s  {rates.mbytes:.2f} MB/s"
+                  + (f"   sources evicted {acc.sources_evicted:,}" if acc.sources_evicted else ""))
     hottest = acc.hottest(5)
     hot = Text("hottest: " + ("  ".join(f"row {r} col {c}: {n:,}" for r, c, n in hottest)
                               if hottest else "none yet"))
@@ -455,16 +461,16 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
 @click.option("--json", "as_json", is_flag=True,
               help="With --headless (implied): one JSON object per interval, counters named as in "
                    "the library's statistics(), per sender and in total.")
-@click.option("--interval", type=click.FloatRange(0.05, None), default=1.0, show_default=True,
+@click.option("--interval", type=Number(0.05, MAX_SECONDS), default=1.0, show_default=True,
               help="Seconds between headless reports (and between their rate points).")
-@click.option("--seconds", type=click.FloatRange(0, None, min_open=True), default=None,
+@click.option("--seconds", type=SECONDS, default=None,
               help="Stop after this many seconds [default: run until q, Ctrl-C or SIGTERM].")
-@click.option("--stale", type=click.FloatRange(0, None, min_open=True), default=5.0, show_default=True,
+@click.option("--stale", type=SECONDS, default=5.0, show_default=True,
               help="A sender is stale (an alarm) after this many seconds without a datagram.")
-@click.option("--loss-alarm", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+@click.option("--loss-alarm", type=FRACTION, default=0.01, show_default=True,
               help="Alarm when a sender's loss fraction since the reset passes this.")
 @click.option("--log", "log_scale", is_flag=True, help="Start with a log colour scale (key l switches).")
-@click.option("--fps", type=click.FloatRange(0.5, 30), default=4.0, show_default=True,
+@click.option("--fps", type=Number(0.5, 30), default=4.0, show_default=True,
               help="Screen frames per second.")
 @click.option("--screen/--no-screen", default=False, show_default=True,
               help="Use the terminal's alternate screen.")
@@ -472,7 +478,7 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
               default=pathlib.Path("."), show_default=True, help="Where key s writes its files.")
 @click.option("--run", "run_name", default=None, callback=lambda ctx, param, value: _check_run_name(value),
               help="Run name of the snapshot files {run}-{seq:03d}.npz/.png [default: the start time].")
-@click.option("--tot-max", type=click.FloatRange(0, None, min_open=True), default=100.0, show_default=True,
+@click.option("--tot-max", type=TOT_US, default=100.0, show_default=True,
               help="Upper edge of the TOT histogram (us); above it: the overflow bin.")
 def monitor(network, headless, as_json, interval, seconds, stale, loss_alarm, log_scale, fps, screen,
             snapshot_dir, run_name, tot_max):

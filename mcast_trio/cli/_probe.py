@@ -10,7 +10,7 @@ import click
 import trio
 
 from .. import AstroPix4Readout, MalformedDatagram, open_receiver, resolve_group
-from ._common import DEFAULT_PORT, emit_json, parse_endpoint, run, stop_on_signals
+from ._common import DEFAULT_PORT, PORT, SECONDS, emit_json, parse_endpoint, run, stop_on_signals
 
 __all__ = ["COMMANDS"]
 
@@ -140,9 +140,9 @@ def _parse(ctx, param, value):
 
 @click.command("probe")
 @click.argument("endpoint", metavar="GROUP[:PORT]", callback=_parse)
-@click.option("--port", "-p", type=int, default=None, help=f"UDP port [default: {DEFAULT_PORT}].")
+@click.option("--port", "-p", type=PORT, default=None, help=f"UDP port [default: {DEFAULT_PORT}].")
 @click.option("--source", default=None, help="Receive only from this sender (source-specific multicast).")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+@click.option("--seconds", type=SECONDS, default=3.0, show_default=True,
               help="How long to listen.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object.")
 def probe_command(endpoint, port, source, seconds, as_json):

@@ -36,7 +36,6 @@ import ipaddress
 import json
 import os
 import pathlib
-import re
 import socket
 import struct
 import sys
@@ -55,38 +54,13 @@ from .. import (
     serve_receiver,
 )
 from ._common import emit_json, fail, network_options, run, stop_on_signals
+from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, OutputFile, parse_size  # option types
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
 
 CAPTURE_MAGIC = b"MCTCAP01"
 #: Per-datagram header of a capture file: arrival ns, length, port, address.
 CAPTURE_HEADER = struct.Struct("<QIH16s")
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``"100MB"`` -> 100_000_000; ``"1GiB"`` -> 2**30; plain bytes too.
-    Decimal units (kB, MB, GB, TB), binary ones (KiB, MiB, GiB, TiB)."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; write e.g. 100MB, 1GB, 512MiB or a number of bytes")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise ValueError(f"{text!r}: the size must be at least 1 byte")
-    return size
-
-
-def _size_option(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
-
 
 def _address_bytes(address) -> tuple[int, bytes]:
     """(port, 16-byte address) of a sender address tuple."""
@@ -366,24 +340,24 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
 
 
 @click.command()
-@click.argument("out", type=click.Path(path_type=pathlib.Path), metavar="OUT.apx")
+@click.argument("out", type=OutputFile(), metavar="OUT.apx")
 @network_options()
 @click.option("--framing", type=click.Choice(["raw", "native", "mcl", "auto"]), default="raw", show_default=True,
               help="How datagrams are framed (raw: astropix-analysis' readouts as they are).")
 @click.option("--messages", is_flag=True,
               help="Receive messages, not readouts: readout payloads go to the .apx, anything else (and "
                    "malformed datagrams, with --framing raw) to STEM.capture.")
-@click.option("--rotate-size", callback=_size_option, default=None, metavar="SIZE",
+@click.option("--rotate-size", type=ByteSize(), default=None, metavar="SIZE",
               help="Start a new file before one would grow past SIZE (100MB, 1GB, 512MiB, bytes).")
-@click.option("--rotate-time", type=click.FloatRange(min=0.001), default=None, metavar="SECONDS",
+@click.option("--rotate-time", type=SECONDS, default=None, metavar="SECONDS",
               help="Start a new file with the first readout after SECONDS.")
-@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="Stop after N readouts.")
-@click.option("--seconds", "-t", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--count", "-n", type=COUNT, default=None, help="Stop after N readouts.")
+@click.option("--seconds", "-t", type=SECONDS, default=None,
               help="Stop after SECONDS.")
 @click.option("--fsync", is_flag=True, help="fsync after every written batch (power-loss safe, slower).")
-@click.option("--queue", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
+@click.option("--queue", type=QUEUE, default=1024, show_default=True,
               help="Receive batches buffered between the receiver and the writer.")
-@click.option("--status", "status_every", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+@click.option("--status", "status_every", type=SECONDS_OR_NEVER, default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
 def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, status_every,

@@ -13,7 +13,8 @@ import trio
 
 from .. import AstroPix4Readout, TruncatedRecordWarning, open_apx, open_sender
 from .._format import readout_ids_and_timestamps
-from ._common import emit_json, fail, network_options, run, stop_on_signals
+from ._common import (COUNT_OR_UNLIMITED, RATE, SPEED, emit_json, fail, network_options, run, stop_on_signals,
+                      warnings_in_own_words)
 from ._simulate import _endpoint_text
 
 __all__ = ["COMMANDS"]
@@ -209,12 +210,12 @@ async def _main(network, path, plan, loops, as_json) -> None:
 @click.command("replay")
 @click.argument("file", metavar="FILE.apx")
 @network_options(sender=True)
-@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--speed", type=SPEED, default=None,
               help="Multiple of the recorded pace (0.5: half as fast) [default: 1].")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--rate", type=RATE, default=None,
               help="Fixed rate in readouts per second instead of the recorded pace.")
 @click.option("--fast", is_flag=True, help="As fast as possible (batches of 1024).")
-@click.option("--loop", "loops", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+@click.option("--loop", "loops", type=COUNT_OR_UNLIMITED, default=1, show_default=True, metavar="N",
               help="Send the file N times (0: until Ctrl-C).")
 @click.option("--keep-ids", is_flag=True,
               help="On later passes resend readout ids and timestamps as they are (default: continue "
@@ -242,19 +243,20 @@ def replay_command(network, file, speed, rate, fast, loops, keep_ids, as_json):
               if value is not None]
     if len(chosen) > 1:
         raise click.UsageError(f"{' and '.join(chosen)} exclude each other; give at most one")
-    try:
-        info = _scan(file)
-    except OSError as exc:
-        raise fail(f"{file}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
-        raise fail(f"{file}: {exc}") from None
-    if info["truncated"]:
-        click.echo(f"replay: note: {file}: {info['truncated']}; the complete records before it are sent",
-                   err=True)
-    plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
-    if plan.requested_rate is None and not fast and info["count"] > 1:
-        raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
-    run(_main, network, file, plan, loops, as_json)
+    with warnings_in_own_words("replay"):  # numpy's or the library's: never raw
+        try:
+            info = _scan(file)
+        except OSError as exc:
+            raise fail(f"{file}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # MalformedReadout: not an .apx file, or damaged
+            raise fail(f"{file}: {exc}") from None
+        if info["truncated"]:
+            click.echo(f"replay: note: {file}: {info['truncated']}; the complete records before it are sent",
+                       err=True)
+        plan = _Plan(info, rate=rate, speed=1.0 if speed is None else speed, fast=fast, keep_ids=keep_ids)
+        if plan.requested_rate is None and not fast and info["count"] > 1:
+            raise fail(f"{file}: the readouts' timestamps do not advance; give --rate or --fast")
+        run(_main, network, file, plan, loops, as_json)
 
 
 COMMANDS = [replay_command]

@@ -8,8 +8,9 @@ import click
 import trio
 
 from .. import open_sender
-from ..demo import MEAN_HITS, simulate
-from ._common import emit_json, network_options, run, stop_on_signals
+from ..demo import MEAN_HITS as DEFAULT_MEAN_HITS, simulate
+from ._common import (EVERY_OR_NEVER, MEAN_HITS, RATE, SECONDS, SEED, emit_json, network_options, run,
+                      stop_on_signals)
 
 __all__ = ["COMMANDS"]
 
@@ -33,7 +34,8 @@ def _summary(counts: dict, network) -> str:
 
 
 async def _main(network, rate, seconds, seed, mean_hits, garbage_every, as_json) -> None:
-    counts: dict = {}  # filled as it goes: a signal may stop simulate() at any tick
+    # Filled as it goes: a signal may stop simulate() at any tick, or before it starts.
+    counts: dict = {"readouts": 0, "hits": 0, "datagrams": 0, "garbage": 0, "seconds": 0.0}
     async with open_sender(network.group, network.port, framing="raw", **network.sender_options()) as sender:
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, nursery.cancel_scope)
@@ -53,14 +55,14 @@ async def _main(network, rate, seconds, seed, mean_hits, garbage_every, as_json)
 
 @click.command("simulate")
 @network_options(sender=True)
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True,
+@click.option("--rate", type=RATE, default=1000.0, show_default=True,
               help="Readouts per second.")
-@click.option("--seconds", type=click.FloatRange(min=0), default=None,
+@click.option("--seconds", type=SECONDS, default=None,
               help="How long to send [default: until Ctrl-C or SIGTERM].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Simulator seed (same seed, same bytes).")
-@click.option("--mean-hits", type=click.FloatRange(min=0), default=MEAN_HITS, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Simulator seed (same seed, same bytes).")
+@click.option("--mean-hits", type=MEAN_HITS, default=DEFAULT_MEAN_HITS, show_default=True,
               help="Mean number of hits per readout (Poisson).")
-@click.option("--garbage-every", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+@click.option("--garbage-every", type=EVERY_OR_NEVER, default=0, show_default=True, metavar="N",
               help="Add one malformed datagram after every N readouts (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def simulate_command(network, rate, seconds, seed, mean_hits, garbage_every, as_json):
