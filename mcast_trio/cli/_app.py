@@ -15,7 +15,23 @@ _MODULES = ("_simulate", "_replay", "_listen", "_record", "_monitor", "_files", 
             "_demo")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The group: a reader of standard output that goes away (``| head``)
+    ends any subcommand quietly, exit 0 (click's own handling says exit 1)."""
+
+    def invoke(self, ctx: click.Context):
+        from ._output import is_reader_gone, reader_gone
+
+        try:
+            return super().invoke(ctx)
+        except (BrokenPipeError, BaseExceptionGroup) as exc:
+            if not is_reader_gone(exc):
+                raise
+            reader_gone()
+            raise SystemExit(0) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mcast-trio")
 def cli() -> None:
     """Multicast AstroPix readouts to passive monitors, and watch them.

@@ -1,0 +1,267 @@
+"""Sinks (issue 13, points 2, 9, 16, 18, 19 and the recorder's part of 3):
+a stalled or vanished reader, a full or read-only disk, a killed recorder,
+a flood of garbage and two senders on one group, each met by the real
+``mcast-trio`` in a subprocess (inside the test run's private network
+namespace) fed by real senders; and :class:`mcast_trio.Sink` itself."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import trio
+
+from mcast_trio import ApxWriter, Sink, SinkStatistics, open_sender, open_sink
+from mcast_trio.sim import DaqSimulator
+
+_counter = itertools.count(1)
+
+
+def _endpoint() -> tuple[str, int]:
+    n = next(_counter)
+    pid = os.getpid()
+    return f"239.255.{30 + pid % 100}.{n % 250 + 1}", 20000 + (pid * 53 + n * 211) % 40000
+
+
+def _small_pipe() -> tuple[int, int]:
+    """A pipe that holds one page: a reader that does not read blocks the
+    writer after 4 kB."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    return r, w
+
+
+class _Stderr:
+    """Collects a subprocess's stderr in a thread."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.text = ""
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in iter(stream.readline, b""):
+            self.text += line.decode()
+
+    async def wait_for(self, pattern: str, timeout: float = 15.0) -> None:
+        with trio.move_on_after(timeout):
+            while re.search(pattern, self.text) is None:
+                await trio.sleep(0.02)
+            return
+        raise AssertionError(f"{pattern!r} not on stderr: {self.text}")
+
+    def join(self) -> str:
+        self._thread.join(10)
+        return self.text
+
+
+def _read_all(fd: int) -> bytes:
+    out = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        out += chunk
+    os.close(fd)
+    return bytes(out)
+
+
+async def _send(group: str, port: int, datagrams: list[bytes], per_tick: int = 50, pause: float = 0.002) -> None:
+    async with open_sender(group, port, framing="raw") as sender:
+        for start in range(0, len(datagrams), per_tick):
+            await sender.send_many(datagrams[start:start + per_tick])
+            await trio.sleep(pause)
+
+
+# -- the Sink itself -------------------------------------------------------------
+
+
+def test_sink_refuses_and_counts_what_a_stalled_writer_cannot_take():
+    release = threading.Event()
+    written = []
+
+    def write(item):
+        release.wait(10)
+        written.append(item)
+
+    sink = Sink(write, capacity=10, name="test")
+    taken = [sink.offer(i, weight=2) for i in range(20)]
+    assert taken == [True] * 5 + [False] * 15  # 5 items of weight 2 fill 10
+    s = sink.statistics()
+    assert (s.offered, s.dropped, s.queued, s.written) == (40, 30, 10, 0)
+    release.set()
+    assert sink.close(5)
+    s = sink.statistics()
+    assert written == [0, 1, 2, 3, 4]  # in order
+    assert (s.written, s.queued, s.discarded, s.closed) == (10, 0, 0, True)
+    assert s.offered == s.written + s.dropped + s.discarded + s.queued
+    assert not sink.offer(99)  # closed: refused, counted
+    assert sink.statistics().dropped == 31
+
+
+def test_sink_close_does_not_hang_on_a_writer_stuck_forever():
+    r, w = os.pipe()  # nobody reads: the writer blocks once the pipe is full
+    sink = Sink(lambda data: os.write(w, data), capacity=100)
+    for _ in range(100):
+        sink.offer(b"x" * 65536)
+    started = time.monotonic()
+    assert sink.close(0.3) is False
+    assert time.monotonic() - started < 2
+    s = sink.statistics()
+    assert s.discarded > 0 and s.offered == s.written + s.dropped + s.discarded + s.queued
+    os.close(r)  # the stuck write now fails with EPIPE; the thread ends
+    os.close(w)
+
+
+def test_sink_error_ends_it_and_is_reported():
+    def write(item):
+        if item == 3:
+            raise OSError(28, "No space left on device", "/x/run.apx")
+
+    sink = Sink(write, capacity=100)
+    for i in range(10):
+        sink.offer(i)
+    sink.close(5)
+    s = sink.statistics()
+    assert isinstance(sink.error, OSError) and "No space left" in s.error
+    assert s.written == 3 and s.discarded == 7 and s.offered == 10
+
+
+async def test_open_sink_wakes_the_trio_side_on_failure():
+    def write(item):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    async with open_sink(write, capacity=4) as sink:
+        sink.offer("a")
+        with trio.fail_after(5):
+            await sink.wait_failed()
+    assert isinstance(sink.error, BrokenPipeError)
+    assert isinstance(sink.statistics(), SinkStatistics)
+
+
+def test_sink_arguments_are_checked():
+    with pytest.raises(ValueError, match="capacity=0"):
+        Sink(print, capacity=0)
+    with pytest.raises(TypeError, match="write="):
+        Sink(None, capacity=1)
+
+
+# -- point 2: a stalled stdout never blinds the receiver ------------------------------
+
+
+async def test_listen_with_a_stalled_reader_keeps_receiving_and_counts_what_it_drops(mcast_trio_cli):
+    group, port = _endpoint()
+    sim = DaqSimulator(seed=21, mean_hits=2.0)
+    datagrams = sim.generate(24000).datagrams()  # more than listen's output queue (16384)
+    r, w = _small_pipe()
+    process = subprocess.Popen([*mcast_trio_cli, "listen", "-g", f"{group}:{port}"], stdout=w,
+                               stderr=subprocess.PIPE)
+    os.close(w)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("joined")
+        await _send(group, port, datagrams, per_tick=40)  # nobody reads the pipe meanwhile
+        await trio.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        out = await trio.to_thread.run_sync(_read_all, r)  # the reader comes back
+        assert await trio.to_thread.run_sync(process.wait, 20) == 0
+    finally:
+        process.kill()
+    text = err.join()
+    summary = re.search(r"listen: ([\d,]+) readouts, [\d,]+ hits taken; output: printed ([\d,]+), dropped ([\d,]+)"
+                        r".*discarded ([\d,]+); received ([\d,]+) datagrams", text)
+    assert summary, text
+    taken, printed, dropped, discarded, received = (int(g.replace(",", "")) for g in summary.groups())
+    # The receiver was not blinded by the pipe: it saw (nearly) everything.
+    assert received >= 0.95 * len(datagrams), text
+    # What stdout could not take is counted, and the accounts add up.
+    assert dropped > 0 and taken == printed + dropped + discarded
+    lines = out.decode().splitlines()
+    assert len(lines) == printed
+    assert all(re.fullmatch(r"127\.0\.0\.1:\d+ readout \d+ at \S+ \d+ hits?", line) for line in lines)
+
+
+async def test_monitor_headless_with_a_stalled_reader_keeps_counting(mcast_trio_cli):
+    group, port = _endpoint()
+    sim = DaqSimulator(seed=22, mean_hits=2.0)
+    datagrams = sim.generate(20000).datagrams()
+    r, w = _small_pipe()
+    process = subprocess.Popen([*mcast_trio_cli, "monitor", "--headless", "--json", "--interval", "0.05",
+                                "-g", f"{group}:{port}"], stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("listening")
+        await trio.sleep(1.0)  # reports fill the pipe: the reader is stalled from now on
+        await _send(group, port, datagrams)
+        await trio.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        out = await trio.to_thread.run_sync(_read_all, r)
+        assert await trio.to_thread.run_sync(process.wait, 20) == 0
+    finally:
+        process.kill()
+    text = err.join()
+    reports = [json.loads(line) for line in out.decode().splitlines()]
+    final = reports[-1]
+    assert final["final"], reports[-1]
+    assert final["total"]["readouts"] >= 0.95 * len(datagrams), final["total"]
+    assert final["output"]["dropped"] > 0
+    assert re.search(r"monitor: output: \d+ reports written, [1-9]\d* dropped", text), text
+
+
+# -- point 9: a reader that goes away ends the command quietly ------------------------
+
+
+async def test_listen_json_into_a_reader_that_goes_away_exits_0(mcast_trio_cli):
+    group, port = _endpoint()
+    sim = DaqSimulator(seed=23, mean_hits=2.0)
+    datagrams = sim.generate(2000).datagrams()
+    r, w = os.pipe()
+    process = subprocess.Popen([*mcast_trio_cli, "listen", "--json", "-g", f"{group}:{port}"], stdout=w,
+                               stderr=subprocess.PIPE)
+    os.close(w)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("joined")
+        async with open_sender(group, port, framing="raw") as sender:
+            await sender.send_many(datagrams[:10])
+            first = await trio.to_thread.run_sync(os.read, r, 100)  # like `head -c 100`
+            assert first.startswith(b"{")
+            os.close(r)  # the reader goes away
+            for start in range(10, len(datagrams), 50):
+                await sender.send_many(datagrams[start:start + 50])
+                await trio.sleep(0.002)
+                if process.poll() is not None:
+                    break
+        code = await trio.to_thread.run_sync(process.wait, 20)
+    finally:
+        process.kill()
+    text = err.join()
+    assert code == 0, text
+    assert "Error" not in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("command", [
+    ["simulate", "--json", "--seconds", "0.2", "--rate", "1000", "-g", "239.255.77.1:31000"],
+    ["info", "--json", "{apx}"],
+    ["check", "{apx}"],
+])
+async def test_other_printing_commands_exit_0_when_the_reader_goes_away(mcast_trio_cli, command, tmp_path):
+    apx = tmp_path / "run.apx"
+    with ApxWriter(apx, {"readout_uid": 4000}) as writer:
+        for datagram in DaqSimulator(seed=24).generate(3000).datagrams():
+            writer.write(datagram)
+    r, w = os.pipe()
+    process = subprocess.Popen([*mcast_trio_cli, *(arg.format(apx=apx) for arg in command)], stdout=w,
+                               stderr=subprocess.PIPE)
+    os.close(w)
+    os.close(r)  # the reader is gone before anything is written
+    code = await trio.to_thread.run_sync(process.wait, 60)
+    text = process.stderr.read().decode()
+    assert code == 0, text
+    assert "Error" not in text and "Traceback" not in text, text
