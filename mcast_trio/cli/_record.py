@@ -28,7 +28,6 @@ msgpack) is stored as its JSON text.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import functools
@@ -40,6 +39,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 import time
 
 import click
@@ -54,6 +54,8 @@ from .. import (
     __version__,
     serve_receiver,
 )
+from .._format import parse_readout_header
+from .._sinks import open_sink
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
@@ -110,7 +112,11 @@ class _Totals:
 class _Segments:
     """The output files: one ``.apx`` (and, when needed, one capture file) at
     a time, rotated by size or age, never replacing an existing file (every
-    file is created with ``O_EXCL``; a taken name is skipped)."""
+    file is created with ``O_EXCL``; a taken name is skipped).
+
+    Written by two sink threads (the ``.apx`` writer and the capture
+    writer): every method that writes or rotates holds :attr:`lock`. An
+    ``OSError`` of a write names the file (``exc.filename``)."""
 
     def __init__(self, out: pathlib.Path, header: dict, *, rotate_size: int | None, rotate_time: float | None,
                  fsync: bool) -> None:
@@ -130,6 +136,9 @@ class _Segments:
         self.captures: list[str] = []
         self.bytes_closed = 0
         self.opened_at = 0.0
+        self.lock = threading.Lock()
+        self.totals = _Totals()
+        self.failed = False
 
     def _base(self) -> str:
         return f"{self.stem}-{self.number:04d}" if self.rotating else str(self.stem)
@@ -146,8 +155,8 @@ class _Segments:
             try:
                 if capture.exists():  # created later, at the first non-readout payload
                     raise FileExistsError(capture)
-                self.writer = ApxWriter(path, header, flush="batch", fsync=self.fsync, mode="xb",
-                                        buffer_size=1 << 20)
+                self.writer = self._named(ApxWriter, path, path, header, flush="batch", fsync=self.fsync,
+                                          mode="xb", buffer_size=1 << 20)
             except FileExistsError as exc:
                 if exc.args and exc.args[0] == capture and not self.rotating:
                     raise fail(f"{capture}: exists; record never replaces a file") from None
@@ -160,13 +169,69 @@ class _Segments:
         self.opened_at = time.monotonic()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.bytes_closed += self.writer.bytes_written
-            self.writer = None
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
+        writer, capture = self.writer, self.capture
+        self.writer = self.capture = None
+        try:
+            if writer is not None:
+                self.bytes_closed += writer.bytes_written
+                self._named(writer.close, writer.path)
+        finally:
+            if capture is not None:
+                self._named(capture.close, capture.name)
+
+    def close_all(self) -> None:
+        """Close the files (the ``.apx`` writer's last act); after a failure
+        the flush that fails again is not reported twice."""
+        with self.lock:
+            try:
+                self.close()
+            except OSError:
+                if not self.failed:
+                    raise
+
+    def _named(self, function, path, *args, **kwargs):
+        """``function(*args, **kwargs)``; an ``OSError`` names ``path``."""
+        try:
+            return function(*args, **kwargs)
+        except OSError as exc:
+            self.failed = True
+            if not exc.filename:
+                exc.filename = str(path)
+            raise
+
+    def write_item(self, item) -> None:
+        """The ``.apx`` sink's writer: a chunk's records, or a list of
+        messages (``--messages``)."""
+        with self.lock:
+            if isinstance(item, list):
+                for message in item:
+                    payload = _payload_bytes(message.payload)
+                    if self.write_readout(payload):
+                        self.totals.readouts += 1
+                    else:
+                        self._capture(payload, message.address, time.time_ns())
+                if self.capture is not None:
+                    self._named(self.capture.flush, self.capture_path)
+            else:
+                data, lengths = item
+                self.write_records(data, lengths)
+                self.totals.readouts += len(lengths)
+
+    def capture_item(self, item) -> None:
+        """The capture sink's writer: one malformed datagram."""
+        payload, source, arrival_ns = item
+        with self.lock:
+            self._capture(payload, source, arrival_ns)
+
+    def flush_capture(self) -> None:
+        with self.lock:
+            if self.capture is not None:
+                self._named(self.capture.flush, self.capture_path)
+
+    def _capture(self, payload: bytes, source, arrival_ns: int) -> None:
+        self.write_capture(payload, source, arrival_ns)
+        self.totals.captured += 1
+        self.totals.captured_bytes += len(payload)
 
     @property
     def bytes_written(self) -> int:
@@ -198,7 +263,8 @@ class _Segments:
                 stop = start + fits
             first = int(ends[start - 1]) if start else 0
             # Checked together and written in one call (ApxWriter.write_records).
-            self.writer.write_records(view[first:int(ends[stop - 1])], lengths[start:stop])
+            self._named(self.writer.write_records, self.writer.path, view[first:int(ends[stop - 1])],
+                        lengths[start:stop])
             start = stop
 
     def write_readout(self, payload: bytes) -> bool:
@@ -212,19 +278,25 @@ class _Segments:
             return False
         return True
 
-    def write_capture(self, payload: bytes, address) -> None:
+    def ensure_open(self) -> None:
+        """Open the first segment unless open (the capture writer may come
+        first: a malformed datagram right after the join)."""
+        with self.lock:
+            if self.number == 0:
+                self.open_next()
+
+    def write_capture(self, payload: bytes, address, arrival_ns: int) -> None:
+        if self.number == 0:
+            self.open_next()
         if self._due_by_time():
             self.open_next()
         if self.capture is None:
-            self.capture = open(self.capture_path, "xb")
-            self.capture.write(CAPTURE_MAGIC)
+            self.capture = self._named(open, self.capture_path, self.capture_path, "xb")
             self.captures.append(str(self.capture_path))
+            self._named(self.capture.write, self.capture_path, CAPTURE_MAGIC)
         port, host = _address_bytes(address)
-        self.capture.write(CAPTURE_HEADER.pack(time.time_ns(), len(payload), port, host) + payload)
-
-    def flush(self) -> None:
-        if self.capture is not None:
-            self.capture.flush()
+        self._named(self.capture.write, self.capture_path,
+                    CAPTURE_HEADER.pack(arrival_ns, len(payload), port, host) + payload)
 
 
 async def _receive(scope: trio.CancelScope, options: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -239,11 +311,12 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
+async def _status(every: float, service, segments: _Segments, disk, capture) -> None:
     """A status line on stderr every ``every`` seconds, data or not."""
     while True:
         await trio.sleep(every)
-        click.echo(_status_line(service.statistics(), totals, segments), err=True)
+        click.echo(_status_line(service.statistics(), segments, disk.statistics(), capture.statistics()),
+                   err=True)
 
 
 def _payload_bytes(payload) -> bytes:
@@ -252,8 +325,17 @@ def _payload_bytes(payload) -> bytes:
     return json.dumps(payload, default=repr).encode()
 
 
+#: Malformed datagrams (and their bytes) waiting for the capture file; beyond,
+#: they are dropped and counted (``capture_dropped``).
+CAPTURE_QUEUE = 4096
+CAPTURE_QUEUE_BYTES = 16 << 20
+#: Seconds the writers get at exit to write what is queued (a disk that
+#: takes longer: the rest is counted as discarded).
+CLOSE_TIMEOUT = 30.0
+
+
 async def _record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, as_json,
-                  queue, status_every) -> None:
+                  queue, status_every, queue_size=16384) -> None:
     header = {"readout_uid": 4000, "recorder": {
         "program": "mcast-trio record", "mcast_trio_version": __version__, "host": socket.gethostname(),
         "group": network.group, "port": network.port, "interface": None if network.interface is None
@@ -262,73 +344,93 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
         "command": [os.path.basename(sys.argv[0]) if sys.argv else "mcast-trio", *sys.argv[1:]],
     }}
     segments = _Segments(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
-    totals = _Totals()
     send, receive = trio.open_memory_channel(queue)
-    malformed: collections.deque = collections.deque()  # (payload, source) from the receive task
-
-    def write_malformed() -> None:
-        while malformed:
-            payload, source = malformed.popleft()
-            segments.write_capture(payload, source)
-            totals.captured += 1
-            totals.captured_bytes += len(payload)
-
-    options = dict(group=network.group, port=network.port, send_channel=send, drop_channel=receive.clone(),
-                   readout_class=None if messages else AstroPix4Readout, framing=framing,
-                   on_malformed=lambda payload, source: malformed.append((payload, source)),
-                   **network.receiver_options())
     rx_scope = trio.CancelScope()
     started = time.monotonic()
     service = None
+    taken = 0  # readouts (messages) handed to the .apx writer
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stop_on_signals, rx_scope)
-            service = await nursery.start(_receive, rx_scope, options)
-            segments.open_next()
-            click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
-            if seconds is not None:
-                nursery.start_soon(_timer, seconds, rx_scope)
-            if status_every:
-                nursery.start_soon(_status, status_every, service, totals, segments)
-            async with receive:
-                async for item in receive:
-                    write_malformed()
-                    if count is not None and totals.readouts >= count:
-                        continue  # drained and discarded: --count readouts are written
-                    if isinstance(item, ReadoutChunk):
-                        lengths = item.lengths
-                        if count is not None and totals.readouts + len(lengths) >= count:
-                            lengths = lengths[:count - totals.readouts]
-                            rx_scope.cancel()
-                        segments.write_records(item.data, lengths)
-                        totals.readouts += len(lengths)
-                    else:
-                        for message in item:
-                            payload = _payload_bytes(message.payload)
-                            if segments.write_readout(payload):
-                                totals.readouts += 1
-                                if count is not None and totals.readouts >= count:
-                                    rx_scope.cancel()
-                                    break
-                            else:
-                                segments.write_capture(payload, message.address)
-                                totals.captured += 1
-                                totals.captured_bytes += len(payload)
-                        segments.flush()
-            write_malformed()
-            nursery.cancel_scope.cancel()  # the signal listener, the status lines
+        # The writers are threads behind bounded queues: the receive task and
+        # this task never wait for the disk; a full queue drops and counts.
+        async with open_sink(segments.write_item, capacity=queue_size, close=segments.close_all,
+                             name="record .apx", close_timeout=CLOSE_TIMEOUT,
+                             on_error=lambda exc: rx_scope.cancel()) as disk, \
+                open_sink(segments.capture_item, capacity=CAPTURE_QUEUE, max_bytes=CAPTURE_QUEUE_BYTES,
+                          flush=segments.flush_capture, name="record capture", close_timeout=CLOSE_TIMEOUT,
+                          on_error=lambda exc: rx_scope.cancel()) as capture:
+
+            def on_malformed(payload, source) -> None:
+                capture.offer((payload, source, time.time_ns()), size=len(payload))
+
+            options = dict(group=network.group, port=network.port, send_channel=send,
+                           drop_channel=receive.clone(), readout_class=None if messages else AstroPix4Readout,
+                           framing=framing, on_malformed=on_malformed, **network.receiver_options())
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stop_on_signals, rx_scope)
+                service = await nursery.start(_receive, rx_scope, options)
+                segments.ensure_open()  # the header, once the group is joined: scripts wait for it
+                click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
+                if seconds is not None:
+                    nursery.start_soon(_timer, seconds, rx_scope)
+                if status_every:
+                    nursery.start_soon(_status, status_every, service, segments, disk, capture)
+                async with receive:
+                    async for item in receive:
+                        if count is not None and taken >= count:
+                            continue  # drained and discarded: --count readouts are taken
+                        if isinstance(item, ReadoutChunk):
+                            lengths = item.lengths
+                            if count is not None and taken + len(lengths) >= count:
+                                lengths = lengths[:count - taken]
+                                rx_scope.cancel()
+                            data = item.data if len(lengths) == len(item.lengths) else \
+                                memoryview(item.data)[:int(lengths.sum())]
+                            disk.offer((data, lengths), weight=len(lengths))
+                            taken += len(lengths)
+                        else:
+                            # Messages: --count counts those that are readouts.
+                            n = 0
+                            for k, message in enumerate(item):
+                                if _is_readout(message.payload):
+                                    n += 1
+                                    if count is not None and taken + n >= count:
+                                        item = item[:k + 1]
+                                        rx_scope.cancel()
+                                        break
+                            disk.offer(item, weight=len(item))
+                            taken += n
+                nursery.cancel_scope.cancel()  # the signal listener, the status lines
     finally:
-        segments.close()
+        if service is None:
+            segments.close_all()
     elapsed = time.monotonic() - started
-    _summary(service.statistics(), totals, segments, elapsed, as_json)
+    disk_stats, capture_stats = disk.statistics(), capture.statistics()
+    _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json)
+    error = disk.error or capture.error
+    if error is not None:
+        if isinstance(error, OSError):
+            where = error.filename or segments.files[-1]
+            text = error.strerror or str(error)
+            raise fail(f"{where}: {text}; recording stopped, the summary above counts what was written")
+        raise error
 
 
-def _status_line(stats, totals: _Totals, segments: _Segments) -> str:
-    return (f"{totals.readouts} readouts written, {segments.bytes_written} bytes, {len(segments.files)} files; "
-            f"lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}")
+def _is_readout(payload) -> bool:
+    """Whether ``payload`` is a well-formed serialized readout (as the
+    ``.apx`` writer checks it)."""
+    return (isinstance(payload, (bytes, bytearray, memoryview)) and bytes(payload[:3]) == b"\xfe\xdc\xba"
+            and parse_readout_header(bytes(payload))[0] == 0)
 
 
-def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_json: bool) -> None:
+def _status_line(stats, segments: _Segments, disk, capture) -> str:
+    return (f"{segments.totals.readouts} readouts written, {segments.bytes_written} bytes, "
+            f"{len(segments.files)} files; received {stats.readouts}, queued {disk.queued}, "
+            f"queue dropped {disk.dropped}, capture dropped {capture.dropped}; lost {stats.lost}, "
+            f"malformed {stats.malformed}, dropped {stats.dropped}")
+
+
+def _summary(stats, segments: _Segments, disk, capture, elapsed: float, as_json: bool) -> None:
+    totals = segments.totals
     summary = {
         "readouts_written": totals.readouts,
         "bytes_written": segments.bytes_written,
@@ -350,6 +452,12 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
         "truncated": stats.truncated,
         "dropped": stats.dropped,
         "kernel_drops": stats.kernel_drops,
+        "queue_dropped": disk.dropped,
+        "queue_discarded": disk.discarded,
+        "queue_peak": disk.peak,
+        "capture_dropped": capture.dropped,
+        "capture_discarded": capture.discarded,
+        "write_error": disk.error or capture.error,
         "last_error": stats.last_error,
     }
     if as_json:
@@ -360,7 +468,8 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
         f"recorded {totals.readouts} readouts ({stats.hits} hits), {segments.bytes_written} bytes in "
         f"{len(segments.files)} file(s) in {elapsed:.1f} s ({rate:.0f} readouts/s); received "
         f"{stats.datagrams} datagrams; lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}, "
-        f"kernel drops {stats.kernel_drops}, captured {totals.captured}", err=True)
+        f"kernel drops {stats.kernel_drops}, queue dropped {disk.dropped} (the disk did not keep up), "
+        f"discarded {disk.discarded}, captured {totals.captured}, capture dropped {capture.dropped}", err=True)
     for name in segments.files + segments.captures:
         click.echo(f"  {name}", err=True)
 
@@ -383,11 +492,14 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
 @click.option("--fsync", is_flag=True, help="fsync after every written batch (power-loss safe, slower).")
 @click.option("--queue", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
               help="Receive batches buffered between the receiver and the writer.")
+@click.option("--queue-size", type=click.IntRange(1, 1 << 24), default=16384, show_default=True, metavar="N",
+              help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
+                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts.")
 @click.option("--status", "status_every", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
-def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, status_every,
-           as_json) -> None:
+def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, queue_size,
+           status_every, as_json) -> None:
     """Record what arrives to OUT.apx, until Ctrl-C, SIGTERM, --count or --seconds.
 
     Readouts are written exactly as received (an .apx file astropix-analysis
@@ -420,7 +532,7 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
     if not parent.is_dir():
         raise fail(f"{parent}: no such directory")
     run(functools.partial(_record, network, out, framing, messages, rotate_size, rotate_time, count, seconds,
-                          fsync, as_json, queue, status_every))
+                          fsync, as_json, queue, status_every, queue_size))
 
 
 COMMANDS = [record]
