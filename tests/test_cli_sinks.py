@@ -265,3 +265,147 @@ async def test_other_printing_commands_exit_0_when_the_reader_goes_away(mcast_tr
     text = process.stderr.read().decode()
     assert code == 0, text
     assert "Error" not in text and "Traceback" not in text, text
+
+
+# -- the recorder: full and read-only disks, SIGKILL, garbage --------------------------
+
+
+def _in_tmpfs(directory, options: str, command: list[str], then: list[str] | None = None) -> list[str]:
+    """``command`` run with a tmpfs (``options``) mounted on ``directory`` in
+    a private mount namespace (we are root in the test run's namespace);
+    ``then`` runs after it, in the same namespace, and the first command's
+    exit code is the shell's."""
+    import shlex
+
+    script = f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(directory))} && {shlex.join(command)}; rc=$?"
+    if then:
+        script += f"; {shlex.join(then)}"
+    script += "; exit $rc"
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk tests mount a tmpfs: they need root (tools/netns-run as root)")
+
+
+async def test_record_on_a_full_disk_names_the_file_prints_the_summary_exits_1(mcast_trio_cli, tmp_path):
+    _needs_root()
+    group, port = _endpoint()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = mnt / "run.apx"
+    datagrams = DaqSimulator(seed=31, mean_hits=4.0).generate(4000).datagrams()  # ~300 kB > 64 kB
+    process = subprocess.Popen(
+        _in_tmpfs(mnt, "size=64k", [*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}"],
+                  then=[*mcast_trio_cli, "info", "--json", str(out)]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("recording")
+        await _send(group, port, datagrams)
+        code = await trio.to_thread.run_sync(process.wait, 20)
+    finally:
+        process.kill()
+    text = err.join()
+    assert code == 1, text
+    assert "Traceback" not in text
+    assert re.search(rf"Error: {re.escape(str(out))}: No space left on device", text), text
+    summary = re.search(r"recorded (\d+) readouts .*queue dropped (\d+) .*discarded (\d+)", text)
+    assert summary, text  # the summary is printed, before the error
+    written = int(summary.group(1))
+    assert 0 < written < len(datagrams)
+    info = process.stdout.read().decode()
+    assert info, text
+    info = json.loads(info)  # `info` of what is on the full disk
+    # Every readout counted as written is on the disk; of the chunk being
+    # written when the disk filled up, the part that fitted may be there too.
+    assert written <= info["records"] <= written + 256, (info, text)
+
+
+async def test_record_into_a_read_only_directory_fails_in_one_line(mcast_trio_cli, tmp_path):
+    _needs_root()
+    group, port = _endpoint()
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    out = mnt / "run.apx"
+    result = await trio.run_process(
+        _in_tmpfs(mnt, "ro", [*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}", "--seconds", "5"]),
+        capture_stdout=True, capture_stderr=True, check=False)
+    text = result.stderr.decode()
+    assert result.returncode == 1, text
+    assert "Traceback" not in text and str(out) in text and "Read-only file system" in text, text
+
+
+def _status_numbers(text: str) -> list[tuple[int, int, int, int]]:
+    """(written, received, queued, queue dropped) of every status line."""
+    return [(int(w), int(r), int(q), int(d)) for w, r, q, d in
+            re.findall(r"(\d+) readouts written, .*?received (\d+), queued (\d+), queue dropped (\d+)", text)]
+
+
+async def test_sigkill_at_a_high_rate_loses_at_most_the_queue(mcast_trio_cli, tmp_path):
+    """What a killed recorder loses without counting it is bounded by
+    --queue-size: readouts on disk >= readouts received - readouts dropped
+    (counted) - queue size (- one receive batch)."""
+    from mcast_trio import ApxReader
+
+    group, port = _endpoint()
+    out = tmp_path / "kill.apx"
+    queue_size = 1000
+    datagrams = DaqSimulator(seed=32, mean_hits=2.0).generate(60000).datagrams()
+    process = subprocess.Popen([*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}", "--fsync",
+                                "--queue-size", str(queue_size), "--status", "0.01"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("recording")
+        async with open_sender(group, port, framing="raw") as sender:
+            for start in range(0, len(datagrams), 256):  # as fast as the sender goes
+                await sender.send_many(datagrams[start:start + 256])
+                await trio.sleep(0)
+        # The socket drained (two status lines with the same count): kill.
+        with trio.fail_after(10):
+            while True:
+                numbers = _status_numbers(err.text)
+                if len(numbers) >= 2 and numbers[-1][1] == numbers[-2][1] > 0:
+                    break
+                await trio.sleep(0.005)
+        process.kill()
+        await trio.to_thread.run_sync(process.wait, 10)
+    finally:
+        process.kill()
+    numbers = _status_numbers(err.join())
+    _, received, _, dropped = numbers[-1]
+    with ApxReader(out) as reader:
+        on_disk = sum(1 for _ in reader.records())
+    assert received > 10000, numbers[-3:]
+    assert on_disk + dropped <= received
+    assert on_disk >= received - dropped - queue_size - 256, (on_disk, received, dropped, numbers[-3:])
+
+
+async def test_a_stream_of_garbage_alone_reaches_the_capture_file(mcast_trio_cli, tmp_path):
+    """Malformed datagrams are written by their own writer, not when a
+    well-formed readout arrives; every one is captured or counted."""
+    group, port = _endpoint()
+    out = tmp_path / "g.apx"
+    capture = tmp_path / "g.capture"
+    garbage = [b"\xfe\xdc\xba garbage %06d " % i + b"x" * 900 for i in range(3000)]
+    process = subprocess.Popen([*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("recording")
+        await _send(group, port, garbage)
+        # No readout has arrived: the garbage is on disk all the same.
+        with trio.fail_after(10):
+            while not capture.exists() or capture.stat().st_size < 8 + 1000 * 1000:
+                await trio.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(process.wait, 20)
+    finally:
+        process.kill()
+    assert code == 0, err.join()
+    summary = json.loads(process.stdout.read().decode())
+    assert summary["malformed"] >= 2900 and summary["readouts_written"] == 0
+    assert summary["captured"] + summary["capture_dropped"] + summary["capture_discarded"] == summary["malformed"]
+    assert summary["captured"] > 1000
