@@ -409,3 +409,56 @@ async def test_a_stream_of_garbage_alone_reaches_the_capture_file(mcast_trio_cli
     assert summary["malformed"] >= 2900 and summary["readouts_written"] == 0
     assert summary["captured"] + summary["capture_dropped"] + summary["capture_discarded"] == summary["malformed"]
     assert summary["captured"] > 1000
+
+
+# -- point 3, the recorder: each sender's stream in files of its own ---------------------
+
+
+async def test_two_senders_with_split_hits_are_recorded_apart_and_decode_to_the_truth(mcast_trio_cli, tmp_path):
+    import csv
+
+    from mcast_trio import HIT_DTYPE, ApxReader
+
+    group, port = _endpoint()
+    out = tmp_path / "two.apx"
+    batches = [DaqSimulator(seed=seed, mean_hits=3.0, split_fraction=0.3).generate(400) for seed in (41, 42)]
+    assert all(b.n_split > 20 for b in batches)  # hits continued in the sender's next readout
+    streams = [b.datagrams() for b in batches]
+    process = subprocess.Popen([*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}", "--count", "800",
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("recording")
+        async with open_sender(group, port, framing="raw") as a, open_sender(group, port, framing="raw") as b:
+            for start in range(0, 400, 5):  # interleaved: ids in lockstep
+                await a.send_many(streams[0][start:start + 5])
+                await b.send_many(streams[1][start:start + 5])
+                await trio.sleep(0.001)
+        code = await trio.to_thread.run_sync(process.wait, 20)
+    finally:
+        process.kill()
+    text = err.join()
+    assert code == 0, text
+    summary = json.loads(process.stdout.read().decode())
+    files = summary["files"]
+    assert files == [str(out), str(tmp_path / "two-sender2.apx")], summary
+    assert sorted(f for fs in summary["senders"].values() for f in fs) == sorted(files)
+    for path in files:
+        with ApxReader(path) as reader:
+            records = list(reader.records())
+            sender = reader.header["recorder"]["sender"]
+        k = 0 if records[:1] == streams[0][:1] else 1
+        assert records == streams[k], path  # one sender's stream, whole, in order
+        if path != str(out):  # the first file is opened before any sender is known
+            assert summary["senders"][sender] == [path]
+        result = await trio.run_process([*mcast_trio_cli, "decode", path, "--to", "csv"], capture_stdout=True,
+                                        capture_stderr=True, check=False)
+        assert result.returncode == 0, result.stderr
+        csv_path = path[:-len(".apx")] + ".csv"
+        lines = [line for line in open(csv_path).read().splitlines() if not line.startswith("#")]
+        table = list(csv.DictReader(lines))
+        truth = batches[k].truth
+        assert len(table) == len(truth)
+        for name in HIT_DTYPE.names:
+            got = [float(row[name]) if name == "tot_us" else int(row[name]) for row in table]
+            assert got == truth[name].tolist(), (path, name)

@@ -109,14 +109,206 @@ class _Totals:
     captured_bytes: int = 0
 
 
-class _Segments:
-    """The output files: one ``.apx`` (and, when needed, one capture file) at
-    a time, rotated by size or age, never replacing an existing file (every
-    file is created with ``O_EXCL``; a taken name is skipped).
+#: Senders that get files of their own; the readouts of more senders are
+#: dropped and counted (``unrecorded``).
+MAX_SENDERS = 64
+
+
+def _sender_text(source) -> str:
+    if source is None:
+        return "?"
+    host, port = source[0], source[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _SenderLog:
+    """Which sender each readout of a chunk came from.
+
+    Readout chunks carry no source address, so the receiver's ``filter=``
+    callable (called with every datagram that is not truncated and its
+    source, in arrival order) notes them; ``on_malformed`` marks the
+    malformed ones (reported in order, after the filter saw their batch and
+    before its chunk is delivered); :meth:`take` gives the sources of the
+    next chunk's readouts. The receiver runs with ``overflow="block"`` (it
+    waits for the forwarding task, never for the disk), so no chunk is
+    dropped between them and the two stay in step."""
+
+    def __init__(self) -> None:
+        self.entries: list = []  # [payload, source, malformed]
+        self.head = 0  # first entry not taken
+        self.search = 0  # where the next malformed one is looked for
+
+    def __call__(self, payload: bytes, source) -> bool:
+        self.entries.append([payload, source, False])
+        return True
+
+    def malformed(self, payload: bytes) -> None:
+        entries = self.entries
+        for i in range(max(self.search, self.head), len(entries)):
+            if not entries[i][2] and entries[i][0] == payload:
+                entries[i][2] = True
+                self.search = i + 1
+                return
+
+    def take(self, n: int) -> list:
+        entries, i, sources = self.entries, self.head, []
+        while len(sources) < n and i < len(entries):
+            if not entries[i][2]:
+                sources.append(entries[i][1])
+            i += 1
+        if len(sources) < n:  # never expected; keep the file whole all the same
+            sources.extend([None] * (n - len(sources)))
+        self.head = i
+        if i > 4096 and i * 2 > len(entries):
+            del entries[:i]
+            self.search = max(0, self.search - i)
+            self.head = 0
+        return sources
+
+
+class _Recorder:
+    """Everything written: the first sender's files (``OUT.apx``, or
+    ``OUT-0001.apx``, ... when rotating; and the capture file), and one set
+    of files per further sender (``OUT-sender2.apx``, ...), so that each
+    file holds one sender's stream (a split hit continues in its sender's
+    next readout, never in another's).
 
     Written by two sink threads (the ``.apx`` writer and the capture
-    writer): every method that writes or rotates holds :attr:`lock`. An
-    ``OSError`` of a write names the file (``exc.filename``)."""
+    writer): every method holds :attr:`lock`."""
+
+    def __init__(self, out: pathlib.Path, header: dict, **options) -> None:
+        self.first = _Segments(out, header, **options)
+        self.header = header
+        self.options = options
+        self.streams: dict = {}  # source -> _Segments
+        self.lock = threading.Lock()
+        self.totals = _Totals()
+        self.unrecorded = 0  # readouts of senders past MAX_SENDERS
+
+    def ensure_open(self) -> None:
+        """Open the first file unless open (the capture writer may come
+        first: a malformed datagram right after the join)."""
+        with self.lock:
+            if self.first.number == 0:
+                self.first.open_next()
+
+    @property
+    def all_segments(self) -> list:
+        return [self.first, *(seg for seg in self.streams.values() if seg is not self.first)]
+
+    @property
+    def files(self) -> list[str]:
+        return [name for seg in self.all_segments for name in seg.files]
+
+    @property
+    def captures(self) -> list[str]:
+        return self.first.captures
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(seg.bytes_written for seg in self.all_segments)
+
+    def senders(self) -> dict:
+        """``{"host:port": [files]}``."""
+        return {seg.sender or "?": list(seg.files) for seg in self.all_segments if seg.sender or seg.files}
+
+    def _stream(self, source):
+        seg = self.streams.get(source)
+        if seg is not None:
+            return seg
+        if not self.streams:
+            seg = self.first
+        elif len(self.streams) >= MAX_SENDERS:
+            return None
+        else:
+            stem = self.first.stem
+            out = stem.with_name(f"{stem.name}-sender{len(self.streams) + 1}{self.first.suffix}")
+            seg = _Segments(out, self.header, **self.options)
+        seg.sender = _sender_text(source)
+        if seg.number == 0:
+            seg.open_next()
+        self.streams[source] = seg
+        return seg
+
+    def write_item(self, item) -> None:
+        """The ``.apx`` sink's writer: a chunk's records and their senders,
+        or a list of messages (``--messages``)."""
+        with self.lock:
+            if isinstance(item, list):
+                captured = False
+                for message in item:
+                    payload = _payload_bytes(message.payload)
+                    seg = self._stream(message.address) if _is_readout(payload) else None
+                    if seg is not None and seg.write_readout(payload):
+                        self.totals.readouts += 1
+                    elif seg is None and _is_readout(payload):
+                        self.unrecorded += 1
+                    else:
+                        self._capture(payload, message.address, time.time_ns())
+                        captured = True
+                if captured and self.first.capture is not None:
+                    self.first._named(self.first.capture.flush, self.first.capture_path)
+                return
+            data, lengths, sources = item
+            first = sources[0]
+            if all(source == first for source in sources):
+                groups = [(first, data, lengths)]
+            else:
+                ends = np.cumsum(lengths)
+                view = memoryview(data)
+                order: dict = {}
+                for i, source in enumerate(sources):
+                    order.setdefault(source, []).append(i)
+                groups = []
+                for source, index in order.items():
+                    parts = [view[int(ends[i]) - int(lengths[i]):int(ends[i])] for i in index]
+                    groups.append((source, b"".join(parts), lengths[np.array(index)]))
+            for source, part, part_lengths in groups:
+                seg = self._stream(source)
+                if seg is None:
+                    self.unrecorded += len(part_lengths)
+                    continue
+                seg.write_records(part, part_lengths)
+                self.totals.readouts += len(part_lengths)
+
+    def capture_item(self, item) -> None:
+        """The capture sink's writer: one malformed datagram."""
+        payload, source, arrival_ns = item
+        with self.lock:
+            self._capture(payload, source, arrival_ns)
+
+    def flush_capture(self) -> None:
+        with self.lock:
+            seg = self.first
+            if seg.capture is not None:
+                seg._named(seg.capture.flush, seg.capture_path)
+
+    def _capture(self, payload: bytes, source, arrival_ns: int) -> None:
+        self.first.write_capture(payload, source, arrival_ns)
+        self.totals.captured += 1
+        self.totals.captured_bytes += len(payload)
+
+    def close_all(self) -> None:
+        """Close every file (the ``.apx`` writer's last act); after a
+        failure the flush that fails again is not reported twice."""
+        with self.lock:
+            error = None
+            for seg in self.all_segments:
+                try:
+                    seg.close()
+                except OSError as exc:
+                    if not seg.failed and error is None:
+                        error = exc
+            if error is not None:
+                raise error
+
+
+class _Segments:
+    """The output files of one sender: one ``.apx`` (and, when needed, one
+    capture file) at a time, rotated by size or age, never replacing an
+    existing file (every file is created with ``O_EXCL``; a taken name is
+    skipped). An ``OSError`` of a write names the file (``exc.filename``).
+    Used under :attr:`_Recorder.lock`."""
 
     def __init__(self, out: pathlib.Path, header: dict, *, rotate_size: int | None, rotate_time: float | None,
                  fsync: bool) -> None:
@@ -136,9 +328,8 @@ class _Segments:
         self.captures: list[str] = []
         self.bytes_closed = 0
         self.opened_at = 0.0
-        self.lock = threading.Lock()
-        self.totals = _Totals()
         self.failed = False
+        self.sender: str | None = None  # "host:port", once known (in the headers opened after)
 
     def _base(self) -> str:
         return f"{self.stem}-{self.number:04d}" if self.rotating else str(self.stem)
@@ -150,7 +341,8 @@ class _Segments:
             path = pathlib.Path(self._base() + self.suffix)
             header = dict(self.header)
             header["recorder"] = dict(header["recorder"], segment=self.number,
-                                      segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat())
+                                      segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                      sender=self.sender)
             capture = pathlib.Path(self._base() + ".capture")
             try:
                 if capture.exists():  # created later, at the first non-readout payload
@@ -179,16 +371,6 @@ class _Segments:
             if capture is not None:
                 self._named(capture.close, capture.name)
 
-    def close_all(self) -> None:
-        """Close the files (the ``.apx`` writer's last act); after a failure
-        the flush that fails again is not reported twice."""
-        with self.lock:
-            try:
-                self.close()
-            except OSError:
-                if not self.failed:
-                    raise
-
     def _named(self, function, path, *args, **kwargs):
         """``function(*args, **kwargs)``; an ``OSError`` names ``path``."""
         try:
@@ -198,40 +380,6 @@ class _Segments:
             if not exc.filename:
                 exc.filename = str(path)
             raise
-
-    def write_item(self, item) -> None:
-        """The ``.apx`` sink's writer: a chunk's records, or a list of
-        messages (``--messages``)."""
-        with self.lock:
-            if isinstance(item, list):
-                for message in item:
-                    payload = _payload_bytes(message.payload)
-                    if self.write_readout(payload):
-                        self.totals.readouts += 1
-                    else:
-                        self._capture(payload, message.address, time.time_ns())
-                if self.capture is not None:
-                    self._named(self.capture.flush, self.capture_path)
-            else:
-                data, lengths = item
-                self.write_records(data, lengths)
-                self.totals.readouts += len(lengths)
-
-    def capture_item(self, item) -> None:
-        """The capture sink's writer: one malformed datagram."""
-        payload, source, arrival_ns = item
-        with self.lock:
-            self._capture(payload, source, arrival_ns)
-
-    def flush_capture(self) -> None:
-        with self.lock:
-            if self.capture is not None:
-                self._named(self.capture.flush, self.capture_path)
-
-    def _capture(self, payload: bytes, source, arrival_ns: int) -> None:
-        self.write_capture(payload, source, arrival_ns)
-        self.totals.captured += 1
-        self.totals.captured_bytes += len(payload)
 
     @property
     def bytes_written(self) -> int:
@@ -278,13 +426,6 @@ class _Segments:
             return False
         return True
 
-    def ensure_open(self) -> None:
-        """Open the first segment unless open (the capture writer may come
-        first: a malformed datagram right after the join)."""
-        with self.lock:
-            if self.number == 0:
-                self.open_next()
-
     def write_capture(self, payload: bytes, address, arrival_ns: int) -> None:
         if self.number == 0:
             self.open_next()
@@ -311,7 +452,7 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _status(every: float, service, segments: _Segments, disk, capture) -> None:
+async def _status(every: float, service, segments: _Recorder, disk, capture) -> None:
     """A status line on stderr every ``every`` seconds, data or not."""
     while True:
         await trio.sleep(every)
@@ -343,7 +484,8 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
         "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": [os.path.basename(sys.argv[0]) if sys.argv else "mcast-trio", *sys.argv[1:]],
     }}
-    segments = _Segments(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
+    segments = _Recorder(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
+    log = None if messages else _SenderLog()
     send, receive = trio.open_memory_channel(queue)
     rx_scope = trio.CancelScope()
     started = time.monotonic()
@@ -360,11 +502,17 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                           on_error=lambda exc: rx_scope.cancel()) as capture:
 
             def on_malformed(payload, source) -> None:
+                if log is not None:
+                    log.malformed(payload)
                 capture.offer((payload, source, time.time_ns()), size=len(payload))
 
-            options = dict(group=network.group, port=network.port, send_channel=send,
-                           drop_channel=receive.clone(), readout_class=None if messages else AstroPix4Readout,
+            # overflow="block": the receive task waits for the forwarding loop
+            # below (which never waits), so no chunk is lost between them.
+            options = dict(group=network.group, port=network.port, send_channel=send, overflow="block",
+                           readout_class=None if messages else AstroPix4Readout,
                            framing=framing, on_malformed=on_malformed, **network.receiver_options())
+            if log is not None:
+                options["filter"] = log
             async with trio.open_nursery() as nursery:
                 await nursery.start(stop_on_signals, rx_scope)
                 service = await nursery.start(_receive, rx_scope, options)
@@ -379,13 +527,14 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                         if count is not None and taken >= count:
                             continue  # drained and discarded: --count readouts are taken
                         if isinstance(item, ReadoutChunk):
+                            sources = log.take(len(item.lengths))
                             lengths = item.lengths
                             if count is not None and taken + len(lengths) >= count:
                                 lengths = lengths[:count - taken]
                                 rx_scope.cancel()
                             data = item.data if len(lengths) == len(item.lengths) else \
                                 memoryview(item.data)[:int(lengths.sum())]
-                            disk.offer((data, lengths), weight=len(lengths))
+                            disk.offer((data, lengths, sources[:len(lengths)]), weight=len(lengths))
                             taken += len(lengths)
                         else:
                             # Messages: --count counts those that are readouts.
@@ -422,19 +571,21 @@ def _is_readout(payload) -> bool:
             and parse_readout_header(bytes(payload))[0] == 0)
 
 
-def _status_line(stats, segments: _Segments, disk, capture) -> str:
+def _status_line(stats, segments: _Recorder, disk, capture) -> str:
     return (f"{segments.totals.readouts} readouts written, {segments.bytes_written} bytes, "
             f"{len(segments.files)} files; received {stats.readouts}, queued {disk.queued}, "
             f"queue dropped {disk.dropped}, capture dropped {capture.dropped}; lost {stats.lost}, "
             f"malformed {stats.malformed}, dropped {stats.dropped}")
 
 
-def _summary(stats, segments: _Segments, disk, capture, elapsed: float, as_json: bool) -> None:
+def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool) -> None:
     totals = segments.totals
     summary = {
         "readouts_written": totals.readouts,
         "bytes_written": segments.bytes_written,
         "files": segments.files,
+        "senders": segments.senders(),
+        "unrecorded": segments.unrecorded,
         "captured": totals.captured,
         "captured_bytes": totals.captured_bytes,
         "capture_files": segments.captures,
@@ -470,8 +621,15 @@ def _summary(stats, segments: _Segments, disk, capture, elapsed: float, as_json:
         f"{stats.datagrams} datagrams; lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}, "
         f"kernel drops {stats.kernel_drops}, queue dropped {disk.dropped} (the disk did not keep up), "
         f"discarded {disk.discarded}, captured {totals.captured}, capture dropped {capture.dropped}", err=True)
-    for name in segments.files + segments.captures:
+    several = len(segments.streams) > 1
+    for seg in segments.all_segments:
+        for name in seg.files:
+            click.echo(f"  {name}" + (f" (sender {seg.sender})" if several else ""), err=True)
+    for name in segments.captures:
         click.echo(f"  {name}", err=True)
+    if segments.unrecorded:
+        click.echo(f"  {segments.unrecorded} readouts of senders past the first {MAX_SENDERS} not recorded",
+                   err=True)
 
 
 @click.command()
