@@ -1,5 +1,8 @@
 """``mcast-trio listen``: print readouts and their hits as they arrive (or,
-with ``--messages``, any other traffic), human-readable or as JSON lines."""
+with ``--messages``, any other traffic), human-readable or as JSON lines.
+
+The text goes to standard output through a :class:`~mcast_trio.Sink`
+(``cli/_output.py``): the receive loop never waits for the reader."""
 
 from __future__ import annotations
 
@@ -235,6 +238,11 @@ def listen_command(network, show_hits, as_json, framing, topics, pattern, messag
     readout with its hits as a list (every field of the hit table). At exit
     (--count reached, Ctrl-C or SIGTERM: exit 0) the receiver's statistics
     (lost, malformed, ...) go to stderr.
+
+    The receiver never waits for the reader of the output: up to 16384
+    readouts (messages) wait to be printed; beyond, they are dropped and
+    counted ("output: ... dropped" in the statistics). A reader that goes
+    away (| head) ends the command, exit 0.
 
     \b
     Examples:

@@ -7,7 +7,9 @@ and a TOT histogram; the sampler reads ``statistics()`` a few times a second
 (rates, alive/stale, alarms, a new run); the display task shows it: a rich
 ``Live`` screen in a terminal (rendered by rich's own thread from frames the
 display task builds) or one line (``--json``: one JSON object) per interval
-with ``--headless``; the key task reads single key presses in the terminal.
+with ``--headless`` (through a :class:`~mcast_trio.Sink` on standard output,
+so a stalled reader never stops the receive task); the key task reads single
+key presses in the terminal.
 """
 
 from __future__ import annotations
@@ -519,6 +521,12 @@ def monitor(network, headless, as_json, interval, seconds, stale, loss_alarm, lo
             snapshot_dir, run_name, tot_max):
     """The live monitor: rates, loss and health per sender, hit map, TOT
     spectrum, history, alarms.
+
+    Headless, the reports go to standard output through a bounded queue
+    (16 reports; when full, the oldest waiting one is dropped and counted:
+    "output" in each JSON report, output_dropped in each line, and a line
+    on stderr at exit): a reader that stalls never stops the counting. A
+    reader that goes away ends the monitor, exit 0.
 
     In a terminal: per sender readouts/s, hits/s, MB/s, lost, duplicates,
     reordered, restarts, malformed, dropped (overflow), kernel drops and

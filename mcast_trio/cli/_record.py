@@ -1,21 +1,47 @@
 """``mcast-trio record OUT.apx``: record everything received to ``.apx``.
 
 Readout mode (the default): a receive task (:func:`~mcast_trio.serve_receiver`
-with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and the writer
-(this command's main task) in one nursery. The writer takes one chunk (the
-well-formed readouts of one receive batch) at a time and hands its records
-to :class:`~mcast_trio.ApxWriter` with ``flush="batch"``: one ``write`` per
-chunk, so a killed recorder loses at most the chunk in progress. Malformed
-datagrams are counted by the receiver and handed to the recorder by its
-``on_malformed`` hook: they go to the capture file.
+with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and a forwarding
+loop (this command's main task) in one nursery, and two writers, each a
+:class:`~mcast_trio.Sink` (a bounded queue and a thread of its own). The
+forwarding loop never waits: it offers each chunk (the well-formed readouts
+of one receive batch) to the ``.apx`` writer, which hands its records to
+:class:`~mcast_trio.ApxWriter` with ``flush="batch"`` (one ``write`` per
+chunk). The receiver runs with ``overflow="block"``: it waits for the
+forwarding loop only, never for the disk. A disk that does not keep up
+fills the writer's queue (``--queue-size`` readouts); beyond, readouts are
+dropped and counted (``queue_dropped``). So a killed recorder (SIGKILL)
+loses at most what is queued: ``--queue-size`` readouts (plus, when the
+queue was empty, one receive batch: at most 256). Malformed datagrams are
+counted by the receiver and handed over by its ``on_malformed`` hook to the
+capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
+beyond, dropped and counted as ``capture_dropped``), which writes them
+whether or not readouts arrive.
+
+Senders: readout chunks carry no source address, so the receiver's
+``filter=`` hook notes the source of every datagram (:class:`_SenderLog`).
+Each sender's readouts go to files of their own: the first sender's to
+``OUT.apx``, the second's to ``OUT-sender2.apx``, and so on (with rotation
+``OUT-sender2-0001.apx``, ...), so that a hit split across two readouts is
+only ever joined with its own sender's next readout when decoded. Each file
+created once its sender is known names it in its header (``recorder`` ->
+``sender``, ``"host:port"``; the first file is created before any readout
+arrives, so its first segment's header says ``null``); the summary maps
+each sender to its files (``senders``). At most 64 senders get files;
+readouts of more are counted (``unrecorded``).
+
+A write error (a full or read-only disk) ends the recording: the receiver
+stops, the summary is printed, then one line naming the file, exit 1.
 
 ``--messages``: a message-mode receiver (``--framing raw`` to take every
 datagram as it is); a payload that is a well-formed serialized readout goes
 to the ``.apx``, anything else to the capture file beside it (format below).
 
 Stopping: ``--count``, ``--seconds``, Ctrl-C or SIGTERM stop the receive task
-only; the writer then drains every chunk the receiver had already delivered,
-flushes and closes the file, prints the summary and exits 0.
+only; the writers then write every chunk the receiver had already delivered
+(waiting at most 30 s for a stalled disk; what is left is counted as
+``queue_discarded``), flush and close the files; the summary is printed and
+the exit code is 0.
 
 Capture file (``STEM.capture``, created at the first non-readout payload):
 the 8 bytes ``MCTCAP01``, then per datagram a 30-byte little-endian header
@@ -671,10 +697,21 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
     ns, u32 length, u16 source port, 16-byte source address (IPv4 as
     ::ffff:a.b.c.d), all little-endian, then the payload).
 
+    Each sender's readouts go to files of their own: the first sender's to
+    OUT.apx, a second sender's to OUT-sender2.apx, and so on (the sender is
+    in each later file's header and in the summary), so that each file
+    decodes correctly.
+
+    The receiver never waits for the disk: at most --queue-size readouts
+    wait to be written; beyond, they are dropped and counted (queue
+    dropped). That is also the most a killed recorder (SIGKILL) loses; with
+    --fsync, the most a power loss loses.
+
     On Ctrl-C or SIGTERM the recorder stops receiving, writes every readout
     already received, closes the file and exits 0. The summary (readouts,
-    hits, bytes, files, lost, malformed, dropped) goes to stderr, or to
-    stdout with --json.
+    hits, bytes, files, lost, malformed, dropped, queue dropped) goes to
+    stderr, or to stdout with --json. A write error (a full disk) stops
+    the recording: summary, then one line naming the file, exit 1.
 
     \b
     Examples:
