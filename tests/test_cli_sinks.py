@@ -337,10 +337,10 @@ async def test_record_into_a_read_only_directory_fails_in_one_line(mcast_trio_cl
     assert "Traceback" not in text and str(out) in text and "Read-only file system" in text, text
 
 
-def _status_numbers(text: str) -> list[tuple[int, int, int, int]]:
-    """(written, received, queued, queue dropped) of every status line."""
-    return [(int(w), int(r), int(q), int(d)) for w, r, q, d in
-            re.findall(r"(\d+) readouts written, .*?received (\d+), queued (\d+), queue dropped (\d+)", text)]
+def _status_numbers(text: str) -> list[tuple[int, int, int, int, int]]:
+    """(written, received, taken, queued, queue dropped) of every status line."""
+    return [tuple(int(n) for n in numbers) for numbers in re.findall(
+        r"(\d+) readouts written, .*?received (\d+), taken (\d+), queued (\d+), queue dropped (\d+)", text)]
 
 
 async def test_sigkill_at_a_high_rate_loses_at_most_the_queue(mcast_trio_cli, tmp_path):
@@ -363,11 +363,12 @@ async def test_sigkill_at_a_high_rate_loses_at_most_the_queue(mcast_trio_cli, tm
             for start in range(0, len(datagrams), 256):  # as fast as the sender goes
                 await sender.send_many(datagrams[start:start + 256])
                 await trio.sleep(0)
-        # The socket drained (two status lines with the same count): kill.
+        # The socket drained (two status lines with the same count, all of
+        # it handed to the writer, which still has some queued): kill.
         with trio.fail_after(10):
             while True:
                 numbers = _status_numbers(err.text)
-                if len(numbers) >= 2 and numbers[-1][1] == numbers[-2][1] > 0:
+                if len(numbers) >= 2 and numbers[-1][1] == numbers[-2][1] == numbers[-1][2] > 0:
                     break
                 await trio.sleep(0.005)
         process.kill()
@@ -375,12 +376,14 @@ async def test_sigkill_at_a_high_rate_loses_at_most_the_queue(mcast_trio_cli, tm
     finally:
         process.kill()
     numbers = _status_numbers(err.join())
-    _, received, _, dropped = numbers[-1]
+    _, received, _, queued, dropped = numbers[-1]
     with ApxReader(out) as reader:
         on_disk = sum(1 for _ in reader.records())
     assert received > 10000, numbers[-3:]
     assert on_disk + dropped <= received
     assert on_disk >= received - dropped - queue_size - 256, (on_disk, received, dropped, numbers[-3:])
+    print(f"SIGKILL: received {received}, dropped {dropped}, queued {queued}, on disk {on_disk}, "
+          f"peak queued {max(n[3] for n in numbers)}")
 
 
 async def test_a_stream_of_garbage_alone_reaches_the_capture_file(mcast_trio_cli, tmp_path):
@@ -395,7 +398,7 @@ async def test_a_stream_of_garbage_alone_reaches_the_capture_file(mcast_trio_cli
     err = _Stderr(process)
     try:
         await err.wait_for("recording")
-        await _send(group, port, garbage)
+        await _send(group, port, garbage, per_tick=20)
         # No readout has arrived: the garbage is on disk all the same.
         with trio.fail_after(10):
             while not capture.exists() or capture.stat().st_size < 8 + 1000 * 1000:
@@ -406,7 +409,7 @@ async def test_a_stream_of_garbage_alone_reaches_the_capture_file(mcast_trio_cli
         process.kill()
     assert code == 0, err.join()
     summary = json.loads(process.stdout.read().decode())
-    assert summary["malformed"] >= 2900 and summary["readouts_written"] == 0
+    assert summary["malformed"] >= 2700 and summary["readouts_written"] == 0
     assert summary["captured"] + summary["capture_dropped"] + summary["capture_discarded"] == summary["malformed"]
     assert summary["captured"] > 1000
 
@@ -430,9 +433,10 @@ async def test_two_senders_with_split_hits_are_recorded_apart_and_decode_to_the_
     try:
         await err.wait_for("recording")
         async with open_sender(group, port, framing="raw") as a, open_sender(group, port, framing="raw") as b:
-            for start in range(0, 400, 5):  # interleaved: ids in lockstep
+            for start in range(0, 400, 5):  # interleaved: ids in lockstep, and some garbage
                 await a.send_many(streams[0][start:start + 5])
-                await b.send_many(streams[1][start:start + 5])
+                await b.send_many([*streams[1][start:start + 3], b"\xfe\xdc\xba junk %d" % start,
+                                   *streams[1][start + 3:start + 5]])
                 await trio.sleep(0.001)
         code = await trio.to_thread.run_sync(process.wait, 20)
     finally:
@@ -442,6 +446,7 @@ async def test_two_senders_with_split_hits_are_recorded_apart_and_decode_to_the_
     summary = json.loads(process.stdout.read().decode())
     files = summary["files"]
     assert files == [str(out), str(tmp_path / "two-sender2.apx")], summary
+    assert summary["malformed"] == summary["captured"] == 80
     assert sorted(f for fs in summary["senders"].values() for f in fs) == sorted(files)
     for path in files:
         with ApxReader(path) as reader:

@@ -174,7 +174,21 @@ class _SenderLog:
             if not entries[i][2] and entries[i][0] == payload:
                 entries[i][2] = True
                 self.search = i + 1
-                return
+                break
+        # Malformed ones at the head belong to no chunk: forget them (a
+        # stream of garbage alone must not grow this list).
+        head = self.head
+        while head < len(entries) and entries[head][2]:
+            head += 1
+        self.head = head
+        self._compact()
+
+    def _compact(self) -> None:
+        i = self.head
+        if i > 4096 and i * 2 > len(self.entries):
+            del self.entries[:i]
+            self.search = max(0, self.search - i)
+            self.head = 0
 
     def take(self, n: int) -> list:
         entries, i, sources = self.entries, self.head, []
@@ -185,10 +199,7 @@ class _SenderLog:
         if len(sources) < n:  # never expected; keep the file whole all the same
             sources.extend([None] * (n - len(sources)))
         self.head = i
-        if i > 4096 and i * 2 > len(entries):
-            del entries[:i]
-            self.search = max(0, self.search - i)
-            self.head = 0
+        self._compact()
         return sources
 
 
@@ -496,6 +507,9 @@ def _payload_bytes(payload) -> bytes:
 #: they are dropped and counted (``capture_dropped``).
 CAPTURE_QUEUE = 4096
 CAPTURE_QUEUE_BYTES = 16 << 20
+#: Receive batches (at most 256 readouts each) between the receive task and
+#: the forwarding loop.
+HANDOVER_BATCHES = 4
 #: Seconds the writers get at exit to write what is queued (a disk that
 #: takes longer: the rest is counted as discarded).
 CLOSE_TIMEOUT = 30.0
@@ -512,7 +526,10 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     }}
     segments = _Recorder(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
     log = None if messages else _SenderLog()
-    send, receive = trio.open_memory_channel(queue)
+    # Batches between the receive task and the forwarding loop: a few at
+    # most (the loop never waits, the receiver waits for it): what waits for
+    # the disk waits in the writer's queue, bounded by --queue-size.
+    send, receive = trio.open_memory_channel(min(queue, HANDOVER_BATCHES))
     rx_scope = trio.CancelScope()
     started = time.monotonic()
     service = None
@@ -599,7 +616,7 @@ def _is_readout(payload) -> bool:
 
 def _status_line(stats, segments: _Recorder, disk, capture) -> str:
     return (f"{segments.totals.readouts} readouts written, {segments.bytes_written} bytes, "
-            f"{len(segments.files)} files; received {stats.readouts}, queued {disk.queued}, "
+            f"{len(segments.files)} files; received {stats.readouts}, taken {disk.offered}, queued {disk.queued}, "
             f"queue dropped {disk.dropped}, capture dropped {capture.dropped}; lost {stats.lost}, "
             f"malformed {stats.malformed}, dropped {stats.dropped}")
 
