@@ -692,7 +692,8 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
               help="Stop after SECONDS.")
 @click.option("--fsync", is_flag=True, help="fsync after every written batch (power-loss safe, slower).")
 @click.option("--queue", type=click.IntRange(1, 1 << 20), default=1024, show_default=True,
-              help="Receive batches buffered between the receiver and the writer.")
+              help="Receive batches handed over from the receiver at once (at most 4 are used: what "
+                   "waits for the disk waits in the writer's queue, --queue-size).")
 @click.option("--queue-size", type=click.IntRange(1, 1 << 24), default=16384, show_default=True, metavar="N",
               help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
                    "dropped). A killed recorder (SIGKILL) loses at most these N readouts.")
