@@ -18,8 +18,9 @@ capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
 beyond, dropped and counted as ``capture_dropped``), which writes them
 whether or not readouts arrive.
 
-Senders: readout chunks carry no source address, so the receiver's
-``filter=`` hook notes the source of every datagram (:class:`_SenderLog`).
+Senders: readout chunks carry no source address, so the receiver's endpoint
+(through its ``network=`` seam) notes the senders of each received batch, a
+few numpy copies per batch, nothing per datagram (:class:`_SourceTap`).
 Each sender's readouts go to files of their own: the first sender's to
 ``OUT.apx``, the second's to ``OUT-sender2.apx``, and so on (with rotation
 ``OUT-sender2-0001.apx``, ...), so that a hit split across two readouts is
@@ -54,6 +55,7 @@ msgpack) is stored as its JSON text.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -81,6 +83,7 @@ from .. import (
     serve_receiver,
 )
 from .._format import parse_readout_header
+from .._io._net import current_network
 from .._sinks import open_sink
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 
@@ -147,60 +150,108 @@ def _sender_text(source) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-class _SenderLog:
-    """Which sender each readout of a chunk came from.
+class _SourceTap:
+    """Which sender each readout of a chunk came from, at a cost per batch.
 
-    Readout chunks carry no source address, so the receiver's ``filter=``
-    callable (called with every datagram that is not truncated and its
-    source, in arrival order) notes them; ``on_malformed`` marks the
-    malformed ones (reported in order, after the filter saw their batch and
-    before its chunk is delivered); :meth:`take` gives the sources of the
-    next chunk's readouts. The receiver runs with ``overflow="block"`` (it
-    waits for the forwarding task, never for the disk), so no chunk is
+    Readout chunks carry no source address. The receiver gets its endpoint
+    from a *network* (``network=``, the seam of ``mcast_trio._io._net``);
+    this one wraps the current network's endpoint so that each received
+    batch's senders (families, addresses, ports) and truncation flags are
+    copied (a few numpy slices per batch) into a FIFO. ``on_malformed``
+    marks the malformed ones (it is called while their batch is fed, so the
+    batch still holds their bytes); the forwarding loop then takes, for each
+    chunk, the first batch that kept any readout: its kept datagrams are the
+    chunk's readouts, in order. The receiver runs with ``overflow="block"``
+    (it waits for the forwarding loop, never for the disk), so no chunk is
     dropped between them and the two stay in step."""
 
-    def __init__(self) -> None:
-        self.entries: list = []  # [payload, source, malformed]
-        self.head = 0  # first entry not taken
-        self.search = 0  # where the next malformed one is looked for
+    def __init__(self, network) -> None:
+        self.network = network
+        self.batches: collections.deque = collections.deque()  # [families, addresses, ports, keep]
+        self.batch = None  # the receiver's batch (being fed)
+        self.search = 0
 
-    def __call__(self, payload: bytes, source) -> bool:
-        self.entries.append([payload, source, False])
-        return True
+    # -- the network seam --------------------------------------------------
+
+    def open_receiver(self, spec, **options):
+        return _TapEndpoint(self.network.open_receiver(spec, **options), self)
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+    def note(self, batch, n: int) -> None:
+        self.batch = batch
+        self.search = 0
+        self.batches.append([batch.families[:n].copy(), batch.addresses[:n].copy(), batch.ports[:n].copy(),
+                             ~batch.truncated[:n]])
+
+    # -- the recorder's side ---------------------------------------------------
 
     def malformed(self, payload: bytes) -> None:
-        entries = self.entries
-        for i in range(max(self.search, self.head), len(entries)):
-            if not entries[i][2] and entries[i][0] == payload:
-                entries[i][2] = True
+        """Mark the malformed datagram ``payload`` of the batch being fed."""
+        if not self.batches or self.batch is None:
+            return
+        batch, keep = self.batch, self.batches[-1][3]
+        size = len(payload)
+        buffer = memoryview(batch.buffer)
+        for i in range(self.search, len(keep)):
+            start = int(batch.offsets[i])
+            if keep[i] and int(batch.lengths[i]) == size and buffer[start:start + size] == payload:
+                keep[i] = False
                 self.search = i + 1
+                return
+
+    def take(self, n: int):
+        """The senders of the next chunk's ``n`` readouts, as groups:
+        ``[(source, index or None), ...]`` in order of first appearance
+        (``None``: every readout of the chunk)."""
+        while self.batches:
+            families, addresses, ports, keep = self.batches.popleft()
+            if keep.any():
                 break
-        # Malformed ones at the head belong to no chunk: forget them (a
-        # stream of garbage alone must not grow this list).
-        head = self.head
-        while head < len(entries) and entries[head][2]:
-            head += 1
-        self.head = head
-        self._compact()
+        else:
+            return [(None, None)]
+        kept = np.flatnonzero(keep)
+        if len(kept) != n:  # never expected: keep the files whole all the same
+            return [(None, None)]
+        families, addresses, ports = families[kept], addresses[kept], ports[kept]
+        if (ports == ports[0]).all() and (addresses == addresses[0]).all():
+            return [(_source_of(families[0], addresses[0], ports[0]), None)]
+        rows = np.concatenate([families[:, None], addresses, ports.astype(">u2").view(np.uint8).reshape(-1, 2)],
+                              axis=1)
+        keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        groups = []
+        for u in np.argsort(first):
+            index = np.flatnonzero(inverse.ravel() == u)
+            i = int(first[u])
+            groups.append((_source_of(families[i], addresses[i], ports[i]), index))
+        return groups
 
-    def _compact(self) -> None:
-        i = self.head
-        if i > 4096 and i * 2 > len(self.entries):
-            del self.entries[:i]
-            self.search = max(0, self.search - i)
-            self.head = 0
 
-    def take(self, n: int) -> list:
-        entries, i, sources = self.entries, self.head, []
-        while len(sources) < n and i < len(entries):
-            if not entries[i][2]:
-                sources.append(entries[i][1])
-            i += 1
-        if len(sources) < n:  # never expected; keep the file whole all the same
-            sources.extend([None] * (n - len(sources)))
-        self.head = i
-        self._compact()
-        return sources
+class _TapEndpoint:
+    """A receiver endpoint that tells :class:`_SourceTap` about each batch."""
+
+    def __init__(self, endpoint, tap: _SourceTap) -> None:
+        self._endpoint = endpoint
+        self._tap = tap
+
+    def receive_batch(self, batch) -> int:
+        n = self._endpoint.receive_batch(batch)
+        if n:
+            self._tap.note(batch, n)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._endpoint, name)
+
+
+def _source_of(family, address, port) -> tuple | None:
+    if family == 4:
+        return (socket.inet_ntop(socket.AF_INET, address[:4].tobytes()), int(port))
+    if family == 6:
+        return (socket.inet_ntop(socket.AF_INET6, address.tobytes()), int(port))
+    return None
 
 
 class _Recorder:
@@ -286,20 +337,16 @@ class _Recorder:
                 if captured and self.first.capture is not None:
                     self.first._named(self.first.capture.flush, self.first.capture_path)
                 return
-            data, lengths, sources = item
-            first = sources[0]
-            if all(source == first for source in sources):
-                groups = [(first, data, lengths)]
+            data, lengths, senders = item
+            if len(senders) == 1:
+                groups = [(senders[0][0], data, lengths)]
             else:
                 ends = np.cumsum(lengths)
                 view = memoryview(data)
-                order: dict = {}
-                for i, source in enumerate(sources):
-                    order.setdefault(source, []).append(i)
                 groups = []
-                for source, index in order.items():
-                    parts = [view[int(ends[i]) - int(lengths[i]):int(ends[i])] for i in index]
-                    groups.append((source, b"".join(parts), lengths[np.array(index)]))
+                for source, index in senders:
+                    parts = [view[int(ends[i]) - int(lengths[i]):int(ends[i])] for i in index.tolist()]
+                    groups.append((source, b"".join(parts), lengths[index]))
             for source, part, part_lengths in groups:
                 seg = self._stream(source)
                 if seg is None:
@@ -525,7 +572,8 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
         "command": [os.path.basename(sys.argv[0]) if sys.argv else "mcast-trio", *sys.argv[1:]],
     }}
     segments = _Recorder(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
-    log = None if messages else _SenderLog()
+    network_options = network.receiver_options()
+    tap = None if messages else _SourceTap(network_options.pop("network", None) or current_network())
     # Batches between the receive task and the forwarding loop: a few at
     # most (the loop never waits, the receiver waits for it): what waits for
     # the disk waits in the writer's queue, bounded by --queue-size.
@@ -545,17 +593,17 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                           on_error=lambda exc: rx_scope.cancel()) as capture:
 
             def on_malformed(payload, source) -> None:
-                if log is not None:
-                    log.malformed(payload)
+                if tap is not None:
+                    tap.malformed(payload)
                 capture.offer((payload, source, time.time_ns()), size=len(payload))
 
             # overflow="block": the receive task waits for the forwarding loop
             # below (which never waits), so no chunk is lost between them.
             options = dict(group=network.group, port=network.port, send_channel=send, overflow="block",
                            readout_class=None if messages else AstroPix4Readout,
-                           framing=framing, on_malformed=on_malformed, **network.receiver_options())
-            if log is not None:
-                options["filter"] = log
+                           framing=framing, on_malformed=on_malformed, **network_options)
+            if tap is not None:
+                options["network"] = tap
             async with trio.open_nursery() as nursery:
                 await nursery.start(stop_on_signals, rx_scope)
                 service = await nursery.start(_receive, rx_scope, options)
@@ -570,14 +618,19 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                         if count is not None and taken >= count:
                             continue  # drained and discarded: --count readouts are taken
                         if isinstance(item, ReadoutChunk):
-                            sources = log.take(len(item.lengths))
+                            senders = tap.take(len(item.lengths))
                             lengths = item.lengths
                             if count is not None and taken + len(lengths) >= count:
                                 lengths = lengths[:count - taken]
                                 rx_scope.cancel()
                             data = item.data if len(lengths) == len(item.lengths) else \
                                 memoryview(item.data)[:int(lengths.sum())]
-                            disk.offer((data, lengths, sources[:len(lengths)]), weight=len(lengths))
+                            if len(lengths) < len(item.lengths):  # --count reached
+                                senders = [(source, None if index is None else index[index < len(lengths)])
+                                           for source, index in senders]
+                                senders = [g for g in senders if g[1] is None or len(g[1])] if len(senders) > 1 \
+                                    else senders
+                            disk.offer((data, lengths, senders), weight=len(lengths))
                             taken += len(lengths)
                         else:
                             # Messages: --count counts those that are readouts.
