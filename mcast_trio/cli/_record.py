@@ -11,8 +11,9 @@ chunk). The receiver runs with ``overflow="block"``: it waits for the
 forwarding loop only, never for the disk. A disk that does not keep up
 fills the writer's queue (``--queue-size`` readouts); beyond, readouts are
 dropped and counted (``queue_dropped``). So a killed recorder (SIGKILL)
-loses at most what is queued: ``--queue-size`` readouts (plus, when the
-queue was empty, one receive batch: at most 256). Malformed datagrams are
+loses at most what is queued: ``--queue-size`` readouts (one receive batch,
+at most 256 readouts, when that is more), plus the batches being handed
+over from the receiver (at most 4, of at most 256 readouts each). Malformed datagrams are
 counted by the receiver and handed over by its ``on_malformed`` hook to the
 capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
 beyond, dropped and counted as ``capture_dropped``), which writes them
@@ -749,7 +750,8 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
                    "waits for the disk waits in the writer's queue, --queue-size).")
 @click.option("--queue-size", type=click.IntRange(1, 1 << 24), default=16384, show_default=True, metavar="N",
               help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
-                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts.")
+                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts, plus the 4 "
+                   "receive batches (of at most 256) being handed over.")
 @click.option("--status", "status_every", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
@@ -775,8 +777,9 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
 
     The receiver never waits for the disk: at most --queue-size readouts
     wait to be written; beyond, they are dropped and counted (queue
-    dropped). That is also the most a killed recorder (SIGKILL) loses; with
-    --fsync, the most a power loss loses.
+    dropped). That, plus at most 4 receive batches (up to 256 readouts
+    each) being handed over, is the most a killed recorder (SIGKILL) loses;
+    with --fsync, the most a power loss loses.
 
     On Ctrl-C or SIGTERM the recorder stops receiving, writes every readout
     already received, closes the file and exits 0. The summary (readouts,
