@@ -175,7 +175,7 @@ def _statistics_line(counts: dict, output) -> str:
     what = (f"{counts['messages']:,} messages" if counts["mode"] == "messages" else
             f"{counts['readouts']:,} readouts, {counts['hits']:,} hits")
     o = output.statistics()
-    what += (f" taken; output: printed {o.written:,}, dropped {o.dropped:,} (stdout did not keep up), "
+    what += (f" taken; output: printed {o.written:,}, dropped {o.dropped:,} (not taken by stdout), "
              f"discarded {o.discarded:,}")
     return (f"listen: {what}; received {s.datagrams:,} datagrams from {len(s.senders)} "
             f"sender{'' if len(s.senders) == 1 else 's'}: lost {s.lost}, malformed {s.malformed}, "

@@ -451,8 +451,8 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
             await _serve(group, port, receiver_options, config, also, acc, ui)
         o = ui.output.statistics()
         if o.dropped or o.discarded:
-            print(f"mcast-trio monitor: output: {o.written} reports written, {o.dropped} dropped (stdout did "
-                  f"not keep up), {o.discarded} discarded", file=sys.stderr, flush=True)
+            print(f"mcast-trio monitor: output: {o.written} reports written, {o.dropped} dropped (not taken by "
+                  f"stdout), {o.discarded} discarded", file=sys.stderr, flush=True)
         if ui.output.error is not None:
             if not is_reader_gone(ui.output.error):
                 raise ui.output.error
