@@ -102,6 +102,10 @@ class Sink:
             Either way the weight dropped is counted in ``dropped``.
         name: the thread's name (for debugging).
 
+    Attributes:
+        error: the exception that ended the writer (from ``write``,
+            ``flush`` or ``close``), None while it works.
+
     Raises:
         ValueError: ``capacity`` or ``max_bytes`` is out of range.
         TypeError: ``write`` (or ``flush``/``close``/``on_error``) is not

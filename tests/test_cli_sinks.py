@@ -467,3 +467,30 @@ async def test_two_senders_with_split_hits_are_recorded_apart_and_decode_to_the_
         for name in HIT_DTYPE.names:
             got = [float(row[name]) if name == "tot_us" else int(row[name]) for row in table]
             assert got == truth[name].tolist(), (path, name)
+
+
+async def test_record_on_a_slow_disk_keeps_receiving_and_accounts_for_every_readout(mcast_trio_cli, tmp_path):
+    """--fsync after every chunk and a small queue: the writer falls behind;
+    the receiver does not, and every readout received is written, dropped
+    (counted) or discarded (counted)."""
+    group, port = _endpoint()
+    out = tmp_path / "slow.apx"
+    datagrams = DaqSimulator(seed=33, mean_hits=2.0).generate(20000).datagrams()
+    process = subprocess.Popen([*mcast_trio_cli, "record", str(out), "-g", f"{group}:{port}", "--fsync",
+                                "--queue-size", "300", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("recording")
+        await _send(group, port, datagrams, per_tick=40)
+        await trio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(process.wait, 40)
+    finally:
+        process.kill()
+    assert code == 0, err.join()
+    summary = json.loads(process.stdout.read().decode())
+    assert summary["readouts"] >= 0.95 * len(datagrams), summary  # the receiver was not held up
+    assert summary["readouts_written"] + summary["queue_dropped"] + summary["queue_discarded"] \
+        == summary["readouts"], summary
+    assert summary["queue_peak"] <= 300 + 256
+    print("slow disk:", {k: summary[k] for k in ("readouts", "readouts_written", "queue_dropped", "queue_peak")})
