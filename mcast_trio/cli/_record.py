@@ -13,15 +13,15 @@ fills the writer's queue (``--queue-size`` readouts); beyond, readouts are
 dropped and counted (``queue_dropped``). So a killed recorder (SIGKILL)
 loses at most what is queued: ``--queue-size`` readouts (one receive batch,
 at most 256 readouts, when that is more), plus the batches being handed
-over from the receiver (at most 4, of at most 256 readouts each). Malformed datagrams are
-counted by the receiver and handed over by its ``on_malformed`` hook to the
-capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
+over from the receiver (at most 4, of at most 256 readouts each).
+Malformed datagrams are counted by the receiver and handed over by its
+``on_malformed`` hook to the capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
 beyond, dropped and counted as ``capture_dropped``), which writes them
 whether or not readouts arrive.
 
 Senders: readout chunks carry no source address, so the receiver's endpoint
 (through its ``network=`` seam) notes the senders of each received batch, a
-few numpy copies per batch, nothing per datagram (:class:`_SourceTap`).
+few numpy copies per batch, nothing per datagram (``_SourceTap``).
 Each sender's readouts go to files of their own: the first sender's to
 ``OUT.apx``, the second's to ``OUT-sender2.apx``, and so on (with rotation
 ``OUT-sender2-0001.apx``, ...), so that a hit split across two readouts is
