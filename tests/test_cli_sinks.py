@@ -494,3 +494,34 @@ async def test_record_on_a_slow_disk_keeps_receiving_and_accounts_for_every_read
         == summary["readouts"], summary
     assert summary["queue_peak"] <= 300 + 256
     print("slow disk:", {k: summary[k] for k in ("readouts", "readouts_written", "queue_dropped", "queue_peak")})
+
+
+async def test_listen_exits_promptly_when_its_reader_never_reads_again(mcast_trio_cli):
+    """A writer thread stuck on a pipe nobody reads does not hold up the exit:
+    SIGTERM ends listen within its bounded close wait, and what the thread
+    still held is counted as discarded."""
+    group, port = _endpoint()
+    datagrams = DaqSimulator(seed=25, mean_hits=2.0).generate(3000).datagrams()
+    r, w = _small_pipe()
+    process = subprocess.Popen([*mcast_trio_cli, "listen", "-g", f"{group}:{port}"], stdout=w,
+                               stderr=subprocess.PIPE)
+    os.close(w)
+    err = _Stderr(process)
+    try:
+        await err.wait_for("joined")
+        await _send(group, port, datagrams)
+        await trio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await trio.to_thread.run_sync(process.wait, 20)
+        waited = time.monotonic() - started
+    finally:
+        process.kill()
+        os.close(r)  # never read
+    text = err.join()
+    assert code == 0, text
+    assert waited < 8, waited
+    match = re.search(r"output: printed ([\d,]+), dropped ([\d,]+).*discarded ([\d,]+); received ([\d,]+)", text)
+    assert match, text
+    printed, dropped, discarded, received = (int(g.replace(",", "")) for g in match.groups())
+    assert discarded > 0 and received >= 0.95 * len(datagrams)
