@@ -44,6 +44,7 @@ from ._receiver import (
     open_receiver,
     serve_receiver,
 )
+from ._sinks import Sink, SinkStatistics, open_sink
 from . import sim
 
 __all__ = [
@@ -71,12 +72,15 @@ __all__ = [
     "SenderStats",
     "SenderTable",
     "SequenceTracker",
+    "Sink",
+    "SinkStatistics",
     "TruncatedRecord",
     "TruncatedRecordWarning",
     "make_filter",
     "open_apx",
     "open_receiver",
     "open_sender",
+    "open_sink",
     "resolve_group",
     "serve_receiver",
     "serve_sender",

@@ -24,11 +24,26 @@ STOPPED_BY_SIGNALS = frozenset({"simulate", "replay", "listen", "record", "monit
 
 
 class _Group(click.Group):
+    """The group: the subcommands not in :data:`STOPPED_BY_SIGNALS` are
+    interrupted by signals; a reader of standard output that goes away (``| head``)
+    ends any subcommand quietly, exit 0 (click's own handling says exit 1)."""
+
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
         if name not in STOPPED_BY_SIGNALS:
             _signals.interruptible()
         return name, command, rest
+
+    def invoke(self, ctx: click.Context):
+        from ._output import is_reader_gone, reader_gone
+
+        try:
+            return super().invoke(ctx)
+        except (BrokenPipeError, BaseExceptionGroup) as exc:
+            if not is_reader_gone(exc):
+                raise
+            reader_gone()
+            raise SystemExit(0) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

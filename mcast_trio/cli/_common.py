@@ -24,7 +24,6 @@ import json
 import math
 import pathlib
 import re
-import signal
 import sys
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
@@ -376,8 +375,8 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         raise SystemExit(0) from None
-    except click.ClickException:
-        raise
+    except (click.ClickException, BrokenPipeError):
+        raise  # a broken pipe: the reader went away (the click group ends quietly)
     except (OSError, MalformedDatagram, ValueError, TypeError) as exc:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:

@@ -1,19 +1,21 @@
 """``mcast-trio listen``: print readouts and their hits as they arrive (or,
-with ``--messages``, any other traffic), human-readable or as JSON lines."""
+with ``--messages``, any other traffic), human-readable or as JSON lines.
+
+The text goes to standard output through a :class:`~mcast_trio.Sink`
+(``cli/_output.py``): the receive loop never waits for the reader."""
 
 from __future__ import annotations
 
 import collections
 import datetime
-import os
 import re
-import sys
 
 import click
 import trio
 
 from .. import HIT_DTYPE, AstroPix4Readout, MalformedDatagram, open_receiver
-from ._common import COUNT_OR_UNLIMITED, emit_json, network_options, run, stop_on_signals
+from ._common import COUNT_OR_UNLIMITED, network_options, run, stop_on_signals
+from ._output import is_reader_gone, json_line, open_stdout, reader_gone
 
 __all__ = ["COMMANDS"]
 
@@ -22,6 +24,10 @@ _HIT_TEXT_FIELDS = ("row", "column", "tot_us", "chip_id", "decoding_order", "ts_
 _HIT_FIELDS = HIT_DTYPE.names
 #: Senders remembered for readouts not yet printed (see _SenderLog).
 _MAX_PENDING = 1 << 16
+#: Readouts (messages) waiting for standard output; beyond, they are dropped
+#: and counted ("output dropped" in the summary): a reader that stalls never
+#: stops the receiver.
+OUTPUT_QUEUE = 16384
 
 
 def _address(address) -> str:
@@ -76,15 +82,15 @@ def _hit_dicts(hits) -> list[dict]:
     return [dict(zip(_HIT_FIELDS, values)) for values in zip(*columns.values())]
 
 
-async def _readouts(network, framing, topics, log, show_hits, as_json, count, counts) -> None:
+async def _readouts(network, framing, topics, log, show_hits, as_json, count, counts, out) -> None:
     options = dict(network.receiver_options(), framing=framing, filter=log)
     if topics:
         options["topics"] = topics
-    out = sys.stdout
     async with open_receiver(network.group, network.port, readout_class=AstroPix4Readout, **options) as receiver:
         counts["receiver"] = receiver
         _ready(receiver)
         async for batch in receiver.batches():
+            before = counts["readouts"]
             rows = batch.readouts
             hits = batch.hits
             lines = []
@@ -98,22 +104,21 @@ async def _readouts(network, framing, topics, log, show_hits, as_json, count, co
                               "n_hits": n, "status": int(row["status"]),
                               "dropped_bytes": int(row["dropped_bytes"]),
                               "hits": _hit_dicts(hits[first:first + n])}
-                    emit_json(record)
+                    lines.append(json_line(record))
                 else:
                     lines.append(f"{sender} readout {rid} at {_time(int(row['timestamp']))} "
-                                 f"{n} hit{'' if n == 1 else 's'}")
+                                 f"{n} hit{'' if n == 1 else 's'}\n")
                     if show_hits:
                         for hit in hits[first:first + n]:
                             lines.append("  " + " ".join(
                                 f"{name} {hit[name]:.2f}" if name == "tot_us" else f"{name} {hit[name]}"
-                                for name in _HIT_TEXT_FIELDS))
+                                for name in _HIT_TEXT_FIELDS) + "\n")
                 counts["readouts"] += 1
                 counts["hits"] += n
                 if count and counts["readouts"] >= count:
                     break
             if lines:
-                out.write("\n".join(lines) + "\n")
-                out.flush()
+                out.offer("".join(lines), weight=counts["readouts"] - before)
             if count and counts["readouts"] >= count:
                 return
 
@@ -132,7 +137,7 @@ def _payload_text(payload) -> str:
     return repr(payload)
 
 
-async def _messages(network, framing, topics, pattern, as_json, count, counts) -> None:
+async def _messages(network, framing, topics, pattern, as_json, count, counts, out) -> None:
     options = dict(network.receiver_options(), framing=framing)
     if topics:
         options["topics"] = topics
@@ -152,22 +157,26 @@ async def _messages(network, framing, topics, pattern, as_json, count, counts) -
                     record["size"] = len(payload)
                 else:
                     record["payload"] = payload
-                emit_json(record)
+                out.offer(json_line(record))
             else:
                 size = f" ({len(message.payload)} bytes)" if isinstance(message.payload, bytes) else ""
-                click.echo(f"{_address(message.address)} topic {topic!r}{size}: {_payload_text(message.payload)}")
+                out.offer(f"{_address(message.address)} topic {topic!r}{size}: "
+                          f"{_payload_text(message.payload)}\n")
             counts["messages"] += 1
             if count and counts["messages"] >= count:
                 return
 
 
-def _statistics_line(counts: dict) -> str:
+def _statistics_line(counts: dict, output) -> str:
     receiver = counts.get("receiver")
     if receiver is None:
         return "listen: nothing received"
     s = receiver.statistics()
     what = (f"{counts['messages']:,} messages" if counts["mode"] == "messages" else
-            f"{counts['readouts']:,} readouts, {counts['hits']:,} hits printed")
+            f"{counts['readouts']:,} readouts, {counts['hits']:,} hits")
+    o = output.statistics()
+    what += (f" taken; output: printed {o.written:,}, dropped {o.dropped:,} (not taken by stdout), "
+             f"discarded {o.discarded:,}")
     return (f"listen: {what}; received {s.datagrams:,} datagrams from {len(s.senders)} "
             f"sender{'' if len(s.senders) == 1 else 's'}: lost {s.lost}, malformed {s.malformed}, "
             f"duplicates {s.duplicates}, reordered {s.reordered}, restarts {s.restarts}, "
@@ -177,25 +186,34 @@ def _statistics_line(counts: dict) -> str:
 
 async def _main(network, framing, topics, pattern, show_hits, as_json, messages, count) -> None:
     counts = {"readouts": 0, "hits": 0, "messages": 0, "mode": "messages" if messages else "readouts"}
+    out = None
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stop_on_signals, nursery.cancel_scope)
-            if messages:
-                await _messages(network, framing, topics, pattern, as_json, count, counts)
-            else:
-                await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
-                                counts)
-            nursery.cancel_scope.cancel()
-        counts["stopped"] = True  # also by a signal before the receiver opened
-    except BrokenPipeError:
-        # The reader went away (`mcast-trio listen | head`): a normal end.
-        # Later writes to stdout (at interpreter exit) go nowhere.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        async with open_stdout(OUTPUT_QUEUE) as out:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stop_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_stop_when_failed, out, nursery.cancel_scope)
+                if messages:
+                    await _messages(network, framing, topics, pattern, as_json, count, counts, out)
+                else:
+                    await _readouts(network, framing, topics, _SenderLog(pattern), show_hits, as_json, count,
+                                    counts, out)
+                nursery.cancel_scope.cancel()
+            counts["stopped"] = True  # also by a signal before the receiver opened
     finally:
         if "receiver" in counts or "stopped" in counts:
-            click.echo(_statistics_line(counts), err=True)
+            click.echo(_statistics_line(counts, out), err=True)
+    if out.error is not None:
+        if is_reader_gone(out.error):
+            # The reader went away (`mcast-trio listen | head`): a normal end.
+            reader_gone()
+            return
+        raise out.error
+
+
+async def _stop_when_failed(out, scope: trio.CancelScope) -> None:
+    """Standard output failed (a reader that went away): stop."""
+    await out.wait_failed()
+    scope.cancel()
 
 
 @click.command("listen")
@@ -221,6 +239,11 @@ def listen_command(network, show_hits, as_json, framing, topics, pattern, messag
     readout with its hits as a list (every field of the hit table). At exit
     (--count reached, Ctrl-C or SIGTERM: exit 0) the receiver's statistics
     (lost, malformed, ...) go to stderr.
+
+    The receiver never waits for the reader of the output: up to 16384
+    readouts (messages) wait to be printed; beyond, they are dropped and
+    counted ("output: ... dropped" in the statistics). A reader that goes
+    away (| head) ends the command, exit 0.
 
     \b
     Examples:

@@ -7,7 +7,9 @@ and a TOT histogram; the sampler reads ``statistics()`` a few times a second
 (rates, alive/stale, alarms, a new run); the display task shows it: a rich
 ``Live`` screen in a terminal (rendered by rich's own thread from frames the
 display task builds) or one line (``--json``: one JSON object) per interval
-with ``--headless``; the key task reads single key presses in the terminal.
+with ``--headless`` (through a :class:`~mcast_trio.Sink` on standard output,
+so a stalled reader never stops the receive task); the key task reads single
+key presses in the terminal.
 """
 
 from __future__ import annotations
@@ -33,13 +35,17 @@ from ._accumulate import (
     sparkline,
     text_bars,
 )
-from ._common import (FRACTION, MAX_SECONDS, SECONDS, TOT_US, Number, emit_json, network_options, run,
-                      stop_on_signals)
+from ._common import FRACTION, MAX_SECONDS, SECONDS, TOT_US, Number, network_options, run, stop_on_signals
+from ._output import is_reader_gone, json_line, open_stdout, reader_gone
 
 __all__ = ["COMMANDS", "MonitorConfig", "serve_monitor", "render_frame"]
 
 #: How often the sampler reads the receiver's statistics (seconds).
 SAMPLE_PERIOD = 0.25
+#: Headless reports waiting for standard output; beyond, the oldest waiting
+#: report is dropped and counted (``output`` in the JSON, ``output_dropped`` in the text line,
+#: and a line on stderr at exit): a stalled reader never stops the receiver.
+OUTPUT_QUEUE = 16
 
 
 @dataclasses.dataclass
@@ -73,6 +79,8 @@ class UiState:
     snapshots: int = 0
     message: str = ""
     quit: bool = False
+    #: Headless: the standard output sink (a :class:`~mcast_trio.Sink`).
+    output: Any = None
 
 
 def _now() -> float:
@@ -143,8 +151,18 @@ def summary(acc: Accumulator, now: float, ui: UiState, *, final: bool = False) -
         # sources whose per-source malformed counts were forgotten to bound memory
         "sources_evicted": acc.sources_evicted,
         "events": list(acc.events),
+        "output": _output_counters(ui),
         "final": final,
     }
+
+
+def _output_counters(ui: UiState) -> dict:
+    """What standard output took: reports written, dropped (the reader did
+    not keep up), discarded (written never: the reader went away)."""
+    if ui.output is None:
+        return {"written": 0, "dropped": 0, "discarded": 0}
+    o = ui.output.statistics()
+    return {"written": o.written, "dropped": o.dropped, "discarded": o.discarded}
 
 
 def text_line(acc: Accumulator, now: float, ui: UiState) -> str:
@@ -159,7 +177,7 @@ def text_line(acc: Accumulator, now: float, ui: UiState) -> str:
             f"({r.hits:,.0f}/s) {r.mbytes:.2f} MB/s lost {c['lost']} dup {c['duplicates']} "
             f"reord {c['reordered']} restarts {c['restarts']} malformed {c['malformed']} "
             f"dropped {c['dropped']} kernel_drops {c['kernel_drops']} senders {alive}/{len(senders)} alive "
-            f"{hot}")
+            f"{hot} output_dropped {_output_counters(ui)['dropped']}")
     if acc.sources_evicted:
         line += f" sources_evicted {acc.sources_evicted:,}"
     alarms = acc.alarms(now)
@@ -182,11 +200,10 @@ def _emit(receiver, acc: Accumulator, ui: UiState, config: MonitorConfig, *, fin
     now = _now()
     acc.observe(now, receiver.statistics(), rate_point=not final)
     if config.json:
-        emit_json(summary(acc, now, ui, final=final))
+        ui.output.offer(json_line(summary(acc, now, ui, final=final)))
         acc.events.clear()
     else:
-        sys.stdout.write(text_line(acc, now, ui) + "\n")
-        sys.stdout.flush()
+        ui.output.offer(text_line(acc, now, ui) + "\n")
 
 
 async def _display(acc: Accumulator, ui: UiState, config: MonitorConfig) -> None:
@@ -433,10 +450,35 @@ async def serve_monitor(group: str, port: int, receiver_options: dict, config: M
                  snapshot_dir=config.snapshot_dir)
     # Malformed datagrams are counted per sender as the receive task meets them.
     receiver_options = dict(receiver_options, on_malformed=lambda payload, source: acc.add_malformed(source))
+    if config.headless:
+        # The latest report matters most: a full queue drops the oldest.
+        async with open_stdout(OUTPUT_QUEUE, overflow="drop_oldest") as ui.output:
+            await _serve(group, port, receiver_options, config, also, acc, ui)
+        o = ui.output.statistics()
+        if o.dropped or o.discarded:
+            print(f"mcast-trio monitor: output: {o.written} reports written, {o.dropped} dropped (not taken by "
+                  f"stdout), {o.discarded} discarded", file=sys.stderr, flush=True)
+        if ui.output.error is not None:
+            if not is_reader_gone(ui.output.error):
+                raise ui.output.error
+            reader_gone()  # the reader went away: a normal end
+        return
+    await _serve(group, port, receiver_options, config, also, acc, ui)
+
+
+async def _stop_when_failed(output, scope: trio.CancelScope) -> None:
+    """Standard output failed (a reader that went away): stop."""
+    await output.wait_failed()
+    scope.cancel()
+
+
+async def _serve(group, port, receiver_options, config, also, acc: Accumulator, ui: UiState) -> None:
     async with open_receiver(group, port, AstroPix4Readout, **receiver_options) as receiver:
         acc.observe(_now(), receiver.statistics())
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signals, nursery.cancel_scope)
+            if ui.output is not None:
+                nursery.start_soon(_stop_when_failed, ui.output, nursery.cancel_scope)
             rate_point = False if config.headless else None  # headless: a rate point per report
             nursery.start_soon(_accumulate, receiver, acc, ui, rate_point)
             nursery.start_soon(_sample, receiver, acc, ui, rate_point)
@@ -484,6 +526,12 @@ def monitor(network, headless, as_json, interval, seconds, stale, loss_alarm, lo
             snapshot_dir, run_name, tot_max):
     """The live monitor: rates, loss and health per sender, hit map, TOT
     spectrum, history, alarms.
+
+    Headless, the reports go to standard output through a bounded queue
+    (16 reports; when full, the oldest waiting one is dropped and counted:
+    "output" in each JSON report, output_dropped in each line, and a line
+    on stderr at exit): a reader that stalls never stops the counting. A
+    reader that goes away ends the monitor, exit 0.
 
     In a terminal: per sender readouts/s, hits/s, MB/s, lost, duplicates,
     reordered, restarts, malformed, dropped (overflow), kernel drops and

@@ -1,21 +1,49 @@
 """``mcast-trio record OUT.apx``: record everything received to ``.apx``.
 
 Readout mode (the default): a receive task (:func:`~mcast_trio.serve_receiver`
-with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and the writer
-(this command's main task) in one nursery. The writer takes one chunk (the
-well-formed readouts of one receive batch) at a time and hands its records
-to :class:`~mcast_trio.ApxWriter` with ``flush="batch"``: one ``write`` per
-chunk, so a killed recorder loses at most the chunk in progress. Malformed
-datagrams are counted by the receiver and handed to the recorder by its
-``on_malformed`` hook: they go to the capture file.
+with a :class:`~mcast_trio.ReadoutChunk` channel of our own) and a forwarding
+loop (this command's main task) in one nursery, and two writers, each a
+:class:`~mcast_trio.Sink` (a bounded queue and a thread of its own). The
+forwarding loop never waits: it offers each chunk (the well-formed readouts
+of one receive batch) to the ``.apx`` writer, which hands its records to
+:class:`~mcast_trio.ApxWriter` with ``flush="batch"`` (one ``write`` per
+chunk). The receiver runs with ``overflow="block"``: it waits for the
+forwarding loop only, never for the disk. A disk that does not keep up
+fills the writer's queue (``--queue-size`` readouts); beyond, readouts are
+dropped and counted (``queue_dropped``). So a killed recorder (SIGKILL)
+loses at most what is queued: ``--queue-size`` readouts (one receive batch,
+at most 256 readouts, when that is more), plus the batches being handed
+over from the receiver (at most 4, of at most 256 readouts each).
+Malformed datagrams are counted by the receiver and handed over by its
+``on_malformed`` hook to the capture writer, a second sink (at most 4096 datagrams or 16 MiB queued;
+beyond, dropped and counted as ``capture_dropped``), which writes them
+whether or not readouts arrive.
+
+Senders: readout chunks carry no source address, so the receiver's endpoint
+(through its ``network=`` seam) notes the senders of each received batch, a
+few numpy copies per batch, nothing per datagram (``_SourceTap``).
+Each sender's readouts go to files of their own: the first sender's to
+``OUT.apx``, the second's to ``OUT-sender2.apx``, and so on (with rotation
+``OUT-sender2-0001.apx``, ...), so that a hit split across two readouts is
+only ever joined with its own sender's next readout when decoded. Each file
+created once its sender is known names it in its header (``recorder`` ->
+``sender``, ``"host:port"``; the first file is created before any readout
+arrives, so its first segment's header says ``null``); the summary maps
+each sender to its files (``senders``). At most 64 senders get files;
+readouts of more are counted (``unrecorded``).
+
+A write error (a full or read-only disk) ends the recording: the receiver
+stops, the summary is printed, then one line naming the file, exit 1.
 
 ``--messages``: a message-mode receiver (``--framing raw`` to take every
 datagram as it is); a payload that is a well-formed serialized readout goes
 to the ``.apx``, anything else to the capture file beside it (format below).
 
 Stopping: ``--count``, ``--seconds``, Ctrl-C or SIGTERM stop the receive task
-only; the writer then drains every chunk the receiver had already delivered,
-flushes and closes the file, prints the summary and exits 0.
+only; the writers then write every chunk the receiver had already delivered
+(waiting at most 30 s for a stalled disk; what is left is counted as
+``queue_discarded``), flush and close the files; the summary is printed and
+the exit code is 0.
 
 Capture file (``STEM.capture``, created at the first non-readout payload):
 the 8 bytes ``MCTCAP01``, then per datagram a 30-byte little-endian header
@@ -39,6 +67,7 @@ import pathlib
 import socket
 import struct
 import sys
+import threading
 import time
 
 import click
@@ -53,8 +82,11 @@ from .. import (
     __version__,
     serve_receiver,
 )
+from .._format import parse_readout_header
+from .._io._net import current_network
+from .._sinks import open_sink
 from ._common import emit_json, fail, network_options, run, stop_on_signals
-from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, OutputFile, parse_size  # option types
+from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, Number, OutputFile, parse_size  # option types
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
 
@@ -81,10 +113,261 @@ class _Totals:
     captured_bytes: int = 0
 
 
+#: Senders that get files of their own; the readouts of more senders are
+#: dropped and counted (``unrecorded``).
+MAX_SENDERS = 64
+
+
+def _sender_text(source) -> str:
+    if source is None:
+        return "?"
+    host, port = source[0], source[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _SourceTap:
+    """Which sender each readout of a chunk came from, at a cost per batch.
+
+    Readout chunks carry no source address. The receiver gets its endpoint
+    from a *network* (``network=``, the seam of ``mcast_trio._io._net``);
+    this one wraps the current network's endpoint so that each received
+    batch's senders (families, addresses, ports) and truncation flags are
+    copied (a few numpy slices per batch) into a FIFO. ``on_malformed``
+    marks the malformed ones (it is called while their batch is fed, so the
+    batch still holds their bytes); the forwarding loop then takes, for each
+    chunk, the first batch that kept any readout: its kept datagrams are the
+    chunk's readouts, in order. The receiver runs with ``overflow="block"``
+    (it waits for the forwarding loop, never for the disk), so no chunk is
+    dropped between them and the two stay in step."""
+
+    def __init__(self, network) -> None:
+        self.network = network
+        self.batches: collections.deque = collections.deque()  # [families, addresses, ports, keep]
+        self.batch = None  # the receiver's batch (being fed)
+        self.search = 0
+
+    # -- the network seam --------------------------------------------------
+
+    def open_receiver(self, spec, **options):
+        return _TapEndpoint(self.network.open_receiver(spec, **options), self)
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+    def note(self, batch, n: int) -> None:
+        self.batch = batch
+        self.search = 0
+        self.batches.append([batch.families[:n].copy(), batch.addresses[:n].copy(), batch.ports[:n].copy(),
+                             ~batch.truncated[:n]])
+
+    # -- the recorder's side ---------------------------------------------------
+
+    def malformed(self, payload: bytes) -> None:
+        """Mark the malformed datagram ``payload`` of the batch being fed."""
+        if not self.batches or self.batch is None:
+            return
+        batch, keep = self.batch, self.batches[-1][3]
+        size = len(payload)
+        buffer = memoryview(batch.buffer)
+        for i in range(self.search, len(keep)):
+            start = int(batch.offsets[i])
+            if keep[i] and int(batch.lengths[i]) == size and buffer[start:start + size] == payload:
+                keep[i] = False
+                self.search = i + 1
+                return
+
+    def take(self, n: int):
+        """The senders of the next chunk's ``n`` readouts, as groups:
+        ``[(source, index or None), ...]`` in order of first appearance
+        (``None``: every readout of the chunk)."""
+        while self.batches:
+            families, addresses, ports, keep = self.batches.popleft()
+            if keep.any():
+                break
+        else:
+            return [(None, None)]
+        kept = np.flatnonzero(keep)
+        if len(kept) != n:  # never expected: keep the files whole all the same
+            return [(None, None)]
+        families, addresses, ports = families[kept], addresses[kept], ports[kept]
+        if (ports == ports[0]).all() and (addresses == addresses[0]).all():
+            return [(_source_of(families[0], addresses[0], ports[0]), None)]
+        rows = np.concatenate([families[:, None], addresses, ports.astype(">u2").view(np.uint8).reshape(-1, 2)],
+                              axis=1)
+        keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        groups = []
+        for u in np.argsort(first):
+            index = np.flatnonzero(inverse.ravel() == u)
+            i = int(first[u])
+            groups.append((_source_of(families[i], addresses[i], ports[i]), index))
+        return groups
+
+
+class _TapEndpoint:
+    """A receiver endpoint that tells :class:`_SourceTap` about each batch."""
+
+    def __init__(self, endpoint, tap: _SourceTap) -> None:
+        self._endpoint = endpoint
+        self._tap = tap
+
+    def receive_batch(self, batch) -> int:
+        n = self._endpoint.receive_batch(batch)
+        if n:
+            self._tap.note(batch, n)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._endpoint, name)
+
+
+def _source_of(family, address, port) -> tuple | None:
+    if family == 4:
+        return (socket.inet_ntop(socket.AF_INET, address[:4].tobytes()), int(port))
+    if family == 6:
+        return (socket.inet_ntop(socket.AF_INET6, address.tobytes()), int(port))
+    return None
+
+
+class _Recorder:
+    """Everything written: the first sender's files (``OUT.apx``, or
+    ``OUT-0001.apx``, ... when rotating; and the capture file), and one set
+    of files per further sender (``OUT-sender2.apx``, ...), so that each
+    file holds one sender's stream (a split hit continues in its sender's
+    next readout, never in another's).
+
+    Written by two sink threads (the ``.apx`` writer and the capture
+    writer): every method holds :attr:`lock`."""
+
+    def __init__(self, out: pathlib.Path, header: dict, **options) -> None:
+        self.first = _Segments(out, header, **options)
+        self.header = header
+        self.options = options
+        self.streams: dict = {}  # source -> _Segments
+        self.lock = threading.Lock()
+        self.totals = _Totals()
+        self.unrecorded = 0  # readouts of senders past MAX_SENDERS
+
+    def ensure_open(self) -> None:
+        """Open the first file unless open (the capture writer may come
+        first: a malformed datagram right after the join)."""
+        with self.lock:
+            if self.first.number == 0:
+                self.first.open_next()
+
+    @property
+    def all_segments(self) -> list:
+        return [self.first, *(seg for seg in self.streams.values() if seg is not self.first)]
+
+    @property
+    def files(self) -> list[str]:
+        return [name for seg in self.all_segments for name in seg.files]
+
+    @property
+    def captures(self) -> list[str]:
+        return self.first.captures
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(seg.bytes_written for seg in self.all_segments)
+
+    def senders(self) -> dict:
+        """``{"host:port": [files]}``."""
+        return {seg.sender or "?": list(seg.files) for seg in self.all_segments if seg.sender or seg.files}
+
+    def _stream(self, source):
+        seg = self.streams.get(source)
+        if seg is not None:
+            return seg
+        if not self.streams:
+            seg = self.first
+        elif len(self.streams) >= MAX_SENDERS:
+            return None
+        else:
+            stem = self.first.stem
+            out = stem.with_name(f"{stem.name}-sender{len(self.streams) + 1}{self.first.suffix}")
+            seg = _Segments(out, self.header, **self.options)
+        seg.sender = _sender_text(source)
+        if seg.number == 0:
+            seg.open_next()
+        self.streams[source] = seg
+        return seg
+
+    def write_item(self, item) -> None:
+        """The ``.apx`` sink's writer: a chunk's records and their senders,
+        or a list of messages (``--messages``)."""
+        with self.lock:
+            if isinstance(item, list):
+                captured = False
+                for message in item:
+                    payload = _payload_bytes(message.payload)
+                    seg = self._stream(message.address) if _is_readout(payload) else None
+                    if seg is not None and seg.write_readout(payload):
+                        self.totals.readouts += 1
+                    elif seg is None and _is_readout(payload):
+                        self.unrecorded += 1
+                    else:
+                        self._capture(payload, message.address, time.time_ns())
+                        captured = True
+                if captured and self.first.capture is not None:
+                    self.first._named(self.first.capture.flush, self.first.capture_path)
+                return
+            data, lengths, senders = item
+            if len(senders) == 1:
+                groups = [(senders[0][0], data, lengths)]
+            else:
+                ends = np.cumsum(lengths)
+                view = memoryview(data)
+                groups = []
+                for source, index in senders:
+                    parts = [view[int(ends[i]) - int(lengths[i]):int(ends[i])] for i in index.tolist()]
+                    groups.append((source, b"".join(parts), lengths[index]))
+            for source, part, part_lengths in groups:
+                seg = self._stream(source)
+                if seg is None:
+                    self.unrecorded += len(part_lengths)
+                    continue
+                seg.write_records(part, part_lengths)
+                self.totals.readouts += len(part_lengths)
+
+    def capture_item(self, item) -> None:
+        """The capture sink's writer: one malformed datagram."""
+        payload, source, arrival_ns = item
+        with self.lock:
+            self._capture(payload, source, arrival_ns)
+
+    def flush_capture(self) -> None:
+        with self.lock:
+            seg = self.first
+            if seg.capture is not None:
+                seg._named(seg.capture.flush, seg.capture_path)
+
+    def _capture(self, payload: bytes, source, arrival_ns: int) -> None:
+        self.first.write_capture(payload, source, arrival_ns)
+        self.totals.captured += 1
+        self.totals.captured_bytes += len(payload)
+
+    def close_all(self) -> None:
+        """Close every file (the ``.apx`` writer's last act); after a
+        failure the flush that fails again is not reported twice."""
+        with self.lock:
+            error = None
+            for seg in self.all_segments:
+                try:
+                    seg.close()
+                except OSError as exc:
+                    if not seg.failed and error is None:
+                        error = exc
+            if error is not None:
+                raise error
+
+
 class _Segments:
-    """The output files: one ``.apx`` (and, when needed, one capture file) at
-    a time, rotated by size or age, never replacing an existing file (every
-    file is created with ``O_EXCL``; a taken name is skipped)."""
+    """The output files of one sender: one ``.apx`` (and, when needed, one
+    capture file) at a time, rotated by size or age, never replacing an
+    existing file (every file is created with ``O_EXCL``; a taken name is
+    skipped). An ``OSError`` of a write names the file (``exc.filename``).
+    Used under :attr:`_Recorder.lock`."""
 
     def __init__(self, out: pathlib.Path, header: dict, *, rotate_size: int | None, rotate_time: float | None,
                  fsync: bool) -> None:
@@ -104,6 +387,8 @@ class _Segments:
         self.captures: list[str] = []
         self.bytes_closed = 0
         self.opened_at = 0.0
+        self.failed = False
+        self.sender: str | None = None  # "host:port", once known (in the headers opened after)
 
     def _base(self) -> str:
         return f"{self.stem}-{self.number:04d}" if self.rotating else str(self.stem)
@@ -115,13 +400,14 @@ class _Segments:
             path = pathlib.Path(self._base() + self.suffix)
             header = dict(self.header)
             header["recorder"] = dict(header["recorder"], segment=self.number,
-                                      segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat())
+                                      segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                      sender=self.sender)
             capture = pathlib.Path(self._base() + ".capture")
             try:
                 if capture.exists():  # created later, at the first non-readout payload
                     raise FileExistsError(capture)
-                self.writer = ApxWriter(path, header, flush="batch", fsync=self.fsync, mode="xb",
-                                        buffer_size=1 << 20)
+                self.writer = self._named(ApxWriter, path, path, header, flush="batch", fsync=self.fsync,
+                                          mode="xb", buffer_size=1 << 20)
             except FileExistsError as exc:
                 if exc.args and exc.args[0] == capture and not self.rotating:
                     raise fail(f"{capture}: exists; record never replaces a file") from None
@@ -134,13 +420,25 @@ class _Segments:
         self.opened_at = time.monotonic()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.bytes_closed += self.writer.bytes_written
-            self.writer = None
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
+        writer, capture = self.writer, self.capture
+        self.writer = self.capture = None
+        try:
+            if writer is not None:
+                self.bytes_closed += writer.bytes_written
+                self._named(writer.close, writer.path)
+        finally:
+            if capture is not None:
+                self._named(capture.close, capture.name)
+
+    def _named(self, function, path, *args, **kwargs):
+        """``function(*args, **kwargs)``; an ``OSError`` names ``path``."""
+        try:
+            return function(*args, **kwargs)
+        except OSError as exc:
+            self.failed = True
+            if not exc.filename:
+                exc.filename = str(path)
+            raise
 
     @property
     def bytes_written(self) -> int:
@@ -172,7 +470,8 @@ class _Segments:
                 stop = start + fits
             first = int(ends[start - 1]) if start else 0
             # Checked together and written in one call (ApxWriter.write_records).
-            self.writer.write_records(view[first:int(ends[stop - 1])], lengths[start:stop])
+            self._named(self.writer.write_records, self.writer.path, view[first:int(ends[stop - 1])],
+                        lengths[start:stop])
             start = stop
 
     def write_readout(self, payload: bytes) -> bool:
@@ -186,19 +485,18 @@ class _Segments:
             return False
         return True
 
-    def write_capture(self, payload: bytes, address) -> None:
+    def write_capture(self, payload: bytes, address, arrival_ns: int) -> None:
+        if self.number == 0:
+            self.open_next()
         if self._due_by_time():
             self.open_next()
         if self.capture is None:
-            self.capture = open(self.capture_path, "xb")
-            self.capture.write(CAPTURE_MAGIC)
+            self.capture = self._named(open, self.capture_path, self.capture_path, "xb")
             self.captures.append(str(self.capture_path))
+            self._named(self.capture.write, self.capture_path, CAPTURE_MAGIC)
         port, host = _address_bytes(address)
-        self.capture.write(CAPTURE_HEADER.pack(time.time_ns(), len(payload), port, host) + payload)
-
-    def flush(self) -> None:
-        if self.capture is not None:
-            self.capture.flush()
+        self._named(self.capture.write, self.capture_path,
+                    CAPTURE_HEADER.pack(arrival_ns, len(payload), port, host) + payload)
 
 
 async def _receive(scope: trio.CancelScope, options: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -213,11 +511,12 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _status(every: float, service, totals: _Totals, segments: _Segments) -> None:
+async def _status(every: float, service, segments: _Recorder, disk, capture) -> None:
     """A status line on stderr every ``every`` seconds, data or not."""
     while True:
         await trio.sleep(every)
-        click.echo(_status_line(service.statistics(), totals, segments), err=True)
+        click.echo(_status_line(service.statistics(), segments, disk.statistics(), capture.statistics()),
+                   err=True)
 
 
 def _payload_bytes(payload) -> bytes:
@@ -226,8 +525,20 @@ def _payload_bytes(payload) -> bytes:
     return json.dumps(payload, default=repr).encode()
 
 
+#: Malformed datagrams (and their bytes) waiting for the capture file; beyond,
+#: they are dropped and counted (``capture_dropped``).
+CAPTURE_QUEUE = 4096
+CAPTURE_QUEUE_BYTES = 16 << 20
+#: Receive batches (at most 256 readouts each) between the receive task and
+#: the forwarding loop.
+HANDOVER_BATCHES = 4
+#: Seconds the writers get at exit to write what is queued (a disk that
+#: takes longer: the rest is counted as discarded).
+CLOSE_TIMEOUT = 30.0
+
+
 async def _record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, as_json,
-                  queue, status_every) -> None:
+                  queue, status_every, queue_size=16384) -> None:
     header = {"readout_uid": 4000, "recorder": {
         "program": "mcast-trio record", "mcast_trio_version": __version__, "host": socket.gethostname(),
         "group": network.group, "port": network.port, "interface": None if network.interface is None
@@ -235,78 +546,117 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
         "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": [os.path.basename(sys.argv[0]) if sys.argv else "mcast-trio", *sys.argv[1:]],
     }}
-    segments = _Segments(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
-    totals = _Totals()
-    send, receive = trio.open_memory_channel(queue)
-    malformed: collections.deque = collections.deque()  # (payload, source) from the receive task
-
-    def write_malformed() -> None:
-        while malformed:
-            payload, source = malformed.popleft()
-            segments.write_capture(payload, source)
-            totals.captured += 1
-            totals.captured_bytes += len(payload)
-
-    options = dict(group=network.group, port=network.port, send_channel=send, drop_channel=receive.clone(),
-                   readout_class=None if messages else AstroPix4Readout, framing=framing,
-                   on_malformed=lambda payload, source: malformed.append((payload, source)),
-                   **network.receiver_options())
+    segments = _Recorder(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
+    network_options = network.receiver_options()
+    tap = None if messages else _SourceTap(network_options.pop("network", None) or current_network())
+    # Batches between the receive task and the forwarding loop: a few at
+    # most (the loop never waits, the receiver waits for it): what waits for
+    # the disk waits in the writer's queue, bounded by --queue-size.
+    send, receive = trio.open_memory_channel(min(queue, HANDOVER_BATCHES))
     rx_scope = trio.CancelScope()
     started = time.monotonic()
     service = None
+    taken = 0  # readouts (messages) handed to the .apx writer
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stop_on_signals, rx_scope)
-            service = await nursery.start(_receive, rx_scope, options)
-            segments.open_next()
-            click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
-            if seconds is not None:
-                nursery.start_soon(_timer, seconds, rx_scope)
-            if status_every:
-                nursery.start_soon(_status, status_every, service, totals, segments)
-            async with receive:
-                async for item in receive:
-                    write_malformed()
-                    if count is not None and totals.readouts >= count:
-                        continue  # drained and discarded: --count readouts are written
-                    if isinstance(item, ReadoutChunk):
-                        lengths = item.lengths
-                        if count is not None and totals.readouts + len(lengths) >= count:
-                            lengths = lengths[:count - totals.readouts]
-                            rx_scope.cancel()
-                        segments.write_records(item.data, lengths)
-                        totals.readouts += len(lengths)
-                    else:
-                        for message in item:
-                            payload = _payload_bytes(message.payload)
-                            if segments.write_readout(payload):
-                                totals.readouts += 1
-                                if count is not None and totals.readouts >= count:
-                                    rx_scope.cancel()
-                                    break
-                            else:
-                                segments.write_capture(payload, message.address)
-                                totals.captured += 1
-                                totals.captured_bytes += len(payload)
-                        segments.flush()
-            write_malformed()
-            nursery.cancel_scope.cancel()  # the signal listener, the status lines
+        # The writers are threads behind bounded queues: the receive task and
+        # this task never wait for the disk; a full queue drops and counts.
+        async with open_sink(segments.write_item, capacity=queue_size, close=segments.close_all,
+                             name="record .apx", close_timeout=CLOSE_TIMEOUT,
+                             on_error=lambda exc: rx_scope.cancel()) as disk, \
+                open_sink(segments.capture_item, capacity=CAPTURE_QUEUE, max_bytes=CAPTURE_QUEUE_BYTES,
+                          flush=segments.flush_capture, name="record capture", close_timeout=CLOSE_TIMEOUT,
+                          on_error=lambda exc: rx_scope.cancel()) as capture:
+
+            def on_malformed(payload, source) -> None:
+                if tap is not None:
+                    tap.malformed(payload)
+                capture.offer((payload, source, time.time_ns()), size=len(payload))
+
+            # overflow="block": the receive task waits for the forwarding loop
+            # below (which never waits), so no chunk is lost between them.
+            options = dict(group=network.group, port=network.port, send_channel=send, overflow="block",
+                           readout_class=None if messages else AstroPix4Readout,
+                           framing=framing, on_malformed=on_malformed, **network_options)
+            if tap is not None:
+                options["network"] = tap
+            async with trio.open_nursery() as nursery:
+                await nursery.start(stop_on_signals, rx_scope)
+                service = await nursery.start(_receive, rx_scope, options)
+                segments.ensure_open()  # the header, once the group is joined: scripts wait for it
+                click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
+                if seconds is not None:
+                    nursery.start_soon(_timer, seconds, rx_scope)
+                if status_every:
+                    nursery.start_soon(_status, status_every, service, segments, disk, capture)
+                async with receive:
+                    async for item in receive:
+                        if count is not None and taken >= count:
+                            continue  # drained and discarded: --count readouts are taken
+                        if isinstance(item, ReadoutChunk):
+                            senders = tap.take(len(item.lengths))
+                            lengths = item.lengths
+                            if count is not None and taken + len(lengths) >= count:
+                                lengths = lengths[:count - taken]
+                                rx_scope.cancel()
+                            data = item.data if len(lengths) == len(item.lengths) else \
+                                memoryview(item.data)[:int(lengths.sum())]
+                            if len(lengths) < len(item.lengths):  # --count reached
+                                senders = [(source, None if index is None else index[index < len(lengths)])
+                                           for source, index in senders]
+                                senders = [g for g in senders if g[1] is None or len(g[1])] if len(senders) > 1 \
+                                    else senders
+                            disk.offer((data, lengths, senders), weight=len(lengths))
+                            taken += len(lengths)
+                        else:
+                            # Messages: --count counts those that are readouts.
+                            n = 0
+                            for k, message in enumerate(item):
+                                if _is_readout(message.payload):
+                                    n += 1
+                                    if count is not None and taken + n >= count:
+                                        item = item[:k + 1]
+                                        rx_scope.cancel()
+                                        break
+                            disk.offer(item, weight=len(item))
+                            taken += n
+                nursery.cancel_scope.cancel()  # the signal listener, the status lines
     finally:
-        segments.close()
+        if service is None:
+            segments.close_all()
     elapsed = time.monotonic() - started
-    _summary(service.statistics(), totals, segments, elapsed, as_json)
+    disk_stats, capture_stats = disk.statistics(), capture.statistics()
+    _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json)
+    error = disk.error or capture.error
+    if error is not None:
+        if isinstance(error, OSError):
+            where = error.filename or segments.files[-1]
+            text = error.strerror or str(error)
+            raise fail(f"{where}: {text}; recording stopped, the summary above counts what was written")
+        raise error
 
 
-def _status_line(stats, totals: _Totals, segments: _Segments) -> str:
-    return (f"{totals.readouts} readouts written, {segments.bytes_written} bytes, {len(segments.files)} files; "
-            f"lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}")
+def _is_readout(payload) -> bool:
+    """Whether ``payload`` is a well-formed serialized readout (as the
+    ``.apx`` writer checks it)."""
+    return (isinstance(payload, (bytes, bytearray, memoryview)) and bytes(payload[:3]) == b"\xfe\xdc\xba"
+            and parse_readout_header(bytes(payload))[0] == 0)
 
 
-def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_json: bool) -> None:
+def _status_line(stats, segments: _Recorder, disk, capture) -> str:
+    return (f"{segments.totals.readouts} readouts written, {segments.bytes_written} bytes, "
+            f"{len(segments.files)} files; received {stats.readouts}, taken {disk.offered}, queued {disk.queued}, "
+            f"queue dropped {disk.dropped}, capture dropped {capture.dropped}; lost {stats.lost}, "
+            f"malformed {stats.malformed}, dropped {stats.dropped}")
+
+
+def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool) -> None:
+    totals = segments.totals
     summary = {
         "readouts_written": totals.readouts,
         "bytes_written": segments.bytes_written,
         "files": segments.files,
+        "senders": segments.senders(),
+        "unrecorded": segments.unrecorded,
         "captured": totals.captured,
         "captured_bytes": totals.captured_bytes,
         "capture_files": segments.captures,
@@ -324,6 +674,12 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
         "truncated": stats.truncated,
         "dropped": stats.dropped,
         "kernel_drops": stats.kernel_drops,
+        "queue_dropped": disk.dropped,
+        "queue_discarded": disk.discarded,
+        "queue_peak": disk.peak,
+        "capture_dropped": capture.dropped,
+        "capture_discarded": capture.discarded,
+        "write_error": disk.error or capture.error,
         "last_error": stats.last_error,
     }
     if as_json:
@@ -334,9 +690,17 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
         f"recorded {totals.readouts} readouts ({stats.hits} hits), {segments.bytes_written} bytes in "
         f"{len(segments.files)} file(s) in {elapsed:.1f} s ({rate:.0f} readouts/s); received "
         f"{stats.datagrams} datagrams; lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}, "
-        f"kernel drops {stats.kernel_drops}, captured {totals.captured}", err=True)
-    for name in segments.files + segments.captures:
+        f"kernel drops {stats.kernel_drops}, queue dropped {disk.dropped} (the disk did not keep up), "
+        f"discarded {disk.discarded}, captured {totals.captured}, capture dropped {capture.dropped}", err=True)
+    several = len(segments.streams) > 1
+    for seg in segments.all_segments:
+        for name in seg.files:
+            click.echo(f"  {name}" + (f" (sender {seg.sender})" if several else ""), err=True)
+    for name in segments.captures:
         click.echo(f"  {name}", err=True)
+    if segments.unrecorded:
+        click.echo(f"  {segments.unrecorded} readouts of senders past the first {MAX_SENDERS} not recorded",
+                   err=True)
 
 
 @click.command()
@@ -356,12 +720,18 @@ def _summary(stats, totals: _Totals, segments: _Segments, elapsed: float, as_jso
               help="Stop after SECONDS.")
 @click.option("--fsync", is_flag=True, help="fsync after every written batch (power-loss safe, slower).")
 @click.option("--queue", type=QUEUE, default=1024, show_default=True,
-              help="Receive batches buffered between the receiver and the writer.")
+              help="Receive batches handed over from the receiver at once (at most 4 are used: what "
+                   "waits for the disk waits in the writer's queue, --queue-size).")
+@click.option("--queue-size", type=Number(1, 1 << 24, integer=True), default=16384, show_default=True,
+              metavar="N",
+              help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
+                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts, plus the 4 "
+                   "receive batches (of at most 256) being handed over.")
 @click.option("--status", "status_every", type=SECONDS_OR_NEVER, default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
-def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, status_every,
-           as_json) -> None:
+def record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, queue, queue_size,
+           status_every, as_json) -> None:
     """Record what arrives to OUT.apx, until Ctrl-C, SIGTERM, --count or --seconds.
 
     Readouts are written exactly as received (an .apx file astropix-analysis
@@ -375,10 +745,22 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
     ns, u32 length, u16 source port, 16-byte source address (IPv4 as
     ::ffff:a.b.c.d), all little-endian, then the payload).
 
+    Each sender's readouts go to files of their own: the first sender's to
+    OUT.apx, a second sender's to OUT-sender2.apx, and so on (the sender is
+    in each later file's header and in the summary), so that each file
+    decodes correctly.
+
+    The receiver never waits for the disk: at most --queue-size readouts
+    wait to be written; beyond, they are dropped and counted (queue
+    dropped). That, plus at most 4 receive batches (up to 256 readouts
+    each) being handed over, is the most a killed recorder (SIGKILL) loses;
+    with --fsync, the most a power loss loses.
+
     On Ctrl-C or SIGTERM the recorder stops receiving, writes every readout
     already received, closes the file and exits 0. The summary (readouts,
-    hits, bytes, files, lost, malformed, dropped) goes to stderr, or to
-    stdout with --json.
+    hits, bytes, files, lost, malformed, dropped, queue dropped) goes to
+    stderr, or to stdout with --json. A write error (a full disk) stops
+    the recording: summary, then one line naming the file, exit 1.
 
     \b
     Examples:
@@ -394,7 +776,7 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
     if not parent.is_dir():
         raise fail(f"{parent}: no such directory")
     run(functools.partial(_record, network, out, framing, messages, rotate_size, rotate_time, count, seconds,
-                          fsync, as_json, queue, status_every))
+                          fsync, as_json, queue, status_every, queue_size))
 
 
 COMMANDS = [record]

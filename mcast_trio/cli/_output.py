@@ -1,0 +1,68 @@
+"""Standard output as a sink: what the printing subcommands write goes
+through a :class:`~mcast_trio.Sink` (a bounded queue and a writer thread),
+so a reader that stalls never stops the receive task; a reader that goes
+away ends the command quietly (exit 0).
+
+The writer thread writes with ``os.write`` on file descriptor 1 (blocking,
+so standard error, which shares the open file description when both go to
+a terminal, stays blocking too), never through ``sys.stdout``: a thread
+stuck in a write to a pipe nobody reads then holds no lock that the
+interpreter needs at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import asynccontextmanager
+
+from .. import open_sink
+from ._common import _jsonable
+
+__all__ = ["json_line", "open_stdout", "reader_gone", "is_reader_gone"]
+
+#: Seconds the writer gets, at exit, to write what is still queued.
+CLOSE_TIMEOUT = 2.0
+
+
+def json_line(record: dict) -> str:
+    """One JSON line, as :func:`~mcast_trio.cli._common.emit_json` prints it."""
+    return json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n"
+
+
+def _write_fd(fd: int):
+    def write(text: str) -> None:
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+@asynccontextmanager
+async def open_stdout(capacity: int, *, overflow: str = "drop_newest", close_timeout: float = CLOSE_TIMEOUT):
+    """A sink writing text to standard output; ``offer(text, weight)``."""
+    sys.stdout.flush()
+    async with open_sink(_write_fd(sys.stdout.fileno()), capacity=capacity, name="stdout", overflow=overflow,
+                         close_timeout=close_timeout) as sink:
+        yield sink
+
+
+def is_reader_gone(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is (or groups only) a broken pipe."""
+    if isinstance(exc, BrokenPipeError):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_reader_gone(e) for e in exc.exceptions)
+    return False
+
+
+def reader_gone() -> None:
+    """The reader of standard output went away: point file descriptor 1 at
+    /dev/null so that later writes (and the flush at exit) go nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
