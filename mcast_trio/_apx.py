@@ -69,6 +69,9 @@ _PREAMBLE = len(APX_MAGIC) + _U32.size  # magic + header length
 _DEFAULT_CHUNK = 1 << 20
 # Never ask the OS for more than this in one read, whatever a length field says.
 _MAX_READ = 64 << 20
+# The largest JSON header ApxReader accepts (bytes): a header length
+# above it, or past the end of the file, is damage, reported before reading.
+_MAX_HEADER = 16 << 20
 # Records checked at once by the reader's fast path.
 _RUN = 256
 
@@ -131,6 +134,20 @@ def _read_upto(f, size: int) -> bytes:
     return b"".join(parts)
 
 
+def _remaining(f) -> int | None:
+    """Bytes from the current position to the end of the file, or None
+    when the file object cannot tell (not seekable)."""
+    try:
+        if not f.seekable():
+            return None
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return max(end - here, 0)
+
+
 def _parse_header(f) -> tuple[dict, int]:
     """Read and check the magic, header length and JSON header.
 
@@ -147,6 +164,19 @@ def _parse_header(f) -> tuple[dict, int]:
             f"the .apx file ends at offset {len(pre)}, inside the 4-byte header length at offset {len(APX_MAGIC)}"
         )
     (length,) = _U32.unpack_from(pre, len(APX_MAGIC))
+    # Check the length before reading: a crafted one must not make the
+    # reader load the whole file.
+    remaining = _remaining(f)
+    if remaining is not None and length > remaining:
+        raise MalformedReadout(
+            f"the header length at offset {len(APX_MAGIC)} says {length} bytes, but the file ends "
+            f"after {remaining} of them (offset {_PREAMBLE + remaining})"
+        )
+    if length > _MAX_HEADER:
+        raise MalformedReadout(
+            f"the header length at offset {len(APX_MAGIC)} says {length} bytes; "
+            f"allowed: at most {_MAX_HEADER} (a JSON header)"
+        )
     text = _read_upto(f, length)
     if len(text) < length:
         raise MalformedReadout(
@@ -367,7 +397,8 @@ class ApxReader:
         chunk_size: bytes read from the file at a time.
 
     Raises:
-        MalformedReadout: bad magic, header length past the end of the file,
+        MalformedReadout: bad magic, a header length past the end of the
+            file or above 16 MiB (checked before the header is read),
             a header that is not a UTF-8 JSON object with ``readout_uid``
             4000; and, while iterating, damage (with its byte offset) unless
             ``recover=True``, or a truncated final record with

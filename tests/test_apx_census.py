@@ -224,3 +224,58 @@ def test_check_exit_codes_on_census_variants(mcast_trio_cli, tmp_path, k, byte, 
     clean.write_bytes(_apx_bytes(_fixed_records(100, 64, seed=2)))
     result = run(mcast_trio_cli, "check", str(clean))
     assert result.returncode == 0 and "clean, 100 records" in result.stdout
+
+
+# -- (7) a crafted header length -----------------------------------------------------------------
+
+
+_MEASURE = """
+import os, subprocess, sys, json
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+out, err = proc.stdout.read(), proc.stderr.read()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"rss_kib": usage.ru_maxrss, "status": os.waitstatus_to_exitcode(status),
+                  "stdout": out.decode(), "stderr": err.decode()}))
+"""
+
+
+def _measure(cli, *args) -> dict:
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *cli, *args], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("command", ["info", "check"])
+def test_a_crafted_header_length_is_refused_before_reading(mcast_trio_cli, tmp_path, command):
+    """A header length of 0xFFFFFFFF in a 64 MB file: refused at once, in
+    about the memory of reading a small clean file (before: the whole file
+    was read into memory, twice)."""
+    small = tmp_path / "small.apx"
+    small.write_bytes(_apx_bytes(DaqSimulator(1, start_ns=START_NS).datagrams(100)))
+    crafted = tmp_path / "crafted.apx"
+    with open(crafted, "wb") as f:
+        f.write(b"%APXDF" + struct.pack("<I", 0xFFFFFFFF) + b'{"readout_uid": 4000}')
+        f.write(os.urandom(1 << 20))
+        f.truncate(64 << 20)
+    baseline = _measure(mcast_trio_cli, command, str(small))
+    assert baseline["status"] == 0, baseline
+    result = _measure(mcast_trio_cli, command, str(crafted))
+    assert result["status"] == 1, result
+    assert "the header length at offset 6 says 4294967295 bytes, but the file ends after" in result["stderr"]
+    assert len(result["stderr"].strip().splitlines()) == 1, result["stderr"]
+    assert result["rss_kib"] < baseline["rss_kib"] + 16 * 1024, (result["rss_kib"], baseline["rss_kib"])
+
+
+def test_header_length_limits_in_the_reader(tmp_path):
+    """Past the end of a seekable file; above 16 MiB through a pipe (where
+    the file size is unknown): refused before reading."""
+    content = _apx_bytes(DaqSimulator(1, start_ns=START_NS).datagrams(3))
+    crafted = content[:6] + struct.pack("<I", len(content)) + content[10:]
+    with pytest.raises(MalformedReadout, match=r"says \d+ bytes, but the file ends after \d+ of them"):
+        ApxReader(io.BytesIO(crafted))
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as writer, os.fdopen(r, "rb") as reader:
+        writer.write(b"%APXDF" + struct.pack("<I", (16 << 20) + 1) + b"{}")
+        writer.close()
+        with pytest.raises(MalformedReadout, match=r"says 16777217 bytes; allowed: at most 16777216"):
+            ApxReader(reader)
