@@ -279,3 +279,199 @@ def test_header_length_limits_in_the_reader(tmp_path):
         writer.close()
         with pytest.raises(MalformedReadout, match=r"says 16777217 bytes; allowed: at most 16777216"):
             ApxReader(reader)
+
+
+# -- (11) decode onto a full or read-only disk, or onto its input ------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    """A simulated run whose CSV is about 600 kB; its header holds NaN and
+    infinities (JSON as Python writes it)."""
+    path = tmp_path_factory.mktemp("census-sim") / "sim.apx"
+    header = {"run": 5, "threshold": float("nan"), "limits": [float("inf"), -float("inf"), 1.5]}
+    with open_apx(path, "wb", header) as out:
+        out.write_many(DaqSimulator(8, start_ns=START_NS, mean_hits=3.0).datagrams(3000))
+    return path
+
+
+def _unshare_mount(tmp_path, options: str, command: str) -> subprocess.CompletedProcess:
+    """Run ``command`` (a shell line) in a private mount namespace where
+    ``tmp_path/disk`` is a fresh tmpfs mounted with ``options``; prints the
+    exit status and the directory listing after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o {options} tmpfs {disk} || exit 99; {command}; "
+              f"echo \"status=$?\"; echo listing:; ls -A {disk}")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    if done.returncode == 99 or "unshare failed" in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here (not root?): {done.stderr.strip()}")
+    return done
+
+
+def _quoted(argv) -> str:
+    import shlex
+
+    return shlex.join([str(a) for a in argv])
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("csv", "200k"), ("npz", "32k")])
+def test_decode_onto_a_full_disk_is_one_line_and_leaves_nothing(mcast_trio_cli, sim_file, tmp_path, fmt, size):
+    out = tmp_path / "disk" / f"out.{fmt}"
+    done = _unshare_mount(tmp_path, f"size={size}",
+                          _quoted([*mcast_trio_cli, "decode", sim_file, "--to", fmt, "-o", out]))
+    stdout = done.stdout.split("listing:")
+    assert "status=1" in stdout[0], done
+    assert stdout[1].split() == [], f"left behind: {stdout[1]!r}"
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"Error: {out}: No space left on device"], done.stderr
+
+
+def test_decode_onto_dev_full_is_one_line(mcast_trio_cli, sim_file):
+    result = run(mcast_trio_cli, "decode", str(sim_file), "-o", "/dev/full")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Error: /dev/full: No space left on device"]
+    assert pathlib.Path("/dev/full").is_char_device()
+
+
+def test_decode_into_a_read_only_directory_is_one_line(mcast_trio_cli, sim_file, tmp_path):
+    out = tmp_path / "disk" / "out.csv"
+    done = _unshare_mount(tmp_path, "ro,size=1m", _quoted([*mcast_trio_cli, "decode", sim_file, "-o", out]))
+    stdout = done.stdout.split("listing:")
+    assert "status=1" in stdout[0] and stdout[1].split() == [], done
+    assert done.stderr.strip().splitlines() == [f"Error: {out}: Read-only file system"]
+
+
+def test_decode_stops_cleanly_on_damage_and_keeps_an_existing_output(mcast_trio_cli, sim_file, tmp_path):
+    """Damage in the middle: exit 1, no partial table; with --force, the
+    previous output stays as it was (it is replaced only by a complete one)."""
+    content = bytearray(sim_file.read_bytes())
+    with open_apx(sim_file) as apx:
+        offset = [o for o, _ in apx.records_with_offsets()][2000]
+    content[offset] ^= 0x01
+    damaged = tmp_path / "damaged.apx"
+    damaged.write_bytes(bytes(content))
+    out = tmp_path / "out.csv"
+    out.write_text("previous\n")
+    result = run(mcast_trio_cli, "decode", str(damaged), "-o", str(out), "--force")
+    assert result.returncode == 1 and "damaged" in result.stderr
+    assert out.read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.apx", "out.csv"]
+    result = run(mcast_trio_cli, "decode", str(sim_file), "-o", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert out.read_text().startswith("#{") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "damaged.apx", "out.csv"]
+
+
+def test_decode_refuses_its_own_input_as_output(mcast_trio_cli, sim_file, tmp_path):
+    recording = tmp_path / "run.apx"
+    recording.write_bytes(sim_file.read_bytes())
+    original = recording.read_bytes()
+    (tmp_path / "link.apx").symlink_to(recording)
+    os.link(recording, tmp_path / "hard.apx")
+    (tmp_path / "sub").mkdir()
+    spellings = [str(recording), f"{tmp_path}/./run.apx", f"{tmp_path}/sub/../run.apx",
+                 str(tmp_path / "link.apx"), str(tmp_path / "hard.apx")]
+    for out in spellings:
+        for force in ([], ["--force"]):
+            result = run(mcast_trio_cli, "decode", str(recording), "-o", out, *force)
+            assert result.returncode == 2, (out, force, result)
+            assert "is the input file" in result.stderr, result.stderr
+            assert recording.read_bytes() == original
+    # The default output (FILE with the format's suffix) can be the input too.
+    named_csv = tmp_path / "run.csv"
+    named_csv.write_bytes(original)
+    result = run(mcast_trio_cli, "decode", str(named_csv), "--force")
+    assert result.returncode == 2 and "the default output" in result.stderr
+    assert named_csv.read_bytes() == original
+    # Through a relative path from another working directory.
+    result = run(mcast_trio_cli, "decode", str(recording), "-o", "run.apx", "--force", cwd=tmp_path)
+    assert result.returncode == 2 and recording.read_bytes() == original
+
+
+def test_decode_to_dev_stdout_writes_in_place(mcast_trio_cli, sim_file):
+    result = run(mcast_trio_cli, "decode", str(sim_file), "-o", "/dev/stdout")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("#{") and lines[1].startswith("chip_id,") and len(lines) > 5000
+    assert os.path.exists("/dev/stdout")
+
+
+# -- (12) warnings in the tool's words, once -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def truncated_file(sim_file, tmp_path_factory):
+    """``sim_file`` without the last 10 bytes; with the offset and size of
+    its last record."""
+    path = tmp_path_factory.mktemp("census-trunc") / "cut.apx"
+    path.write_bytes(sim_file.read_bytes()[:-10])
+    with open_apx(sim_file) as apx:
+        offset, last = list(apx.records_with_offsets())[-1]
+    return path, offset, len(last)
+
+
+@pytest.mark.parametrize(("command", "args", "verb"), [
+    ("decode", ["--to", "npz", "--force"], "are decoded"),
+    ("info", [], "are counted"),
+    ("info", ["--json"], "are counted"),
+    ("plot", [], "are plotted"),
+])
+def test_truncation_is_said_once_in_the_tools_words(mcast_trio_cli, truncated_file, tmp_path, command, args,
+                                                    verb):
+    if command == "plot":
+        pytest.importorskip("matplotlib", reason="mcast-trio plot needs the 'plot' extra")
+        args = ["--out", str(tmp_path)]
+    if command == "decode":
+        args = [*args, "-o", str(tmp_path / "cut.npz")]
+    path, offset, size = truncated_file
+    result = run(mcast_trio_cli, command, str(path), *args)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "truncated" in line]
+    assert notes == [f"{command}: note: {path}: record 2999 at offset {offset} is truncated: the file ends "
+                     f"after {size - 10} of its {size} bytes; the complete records before it {verb}"], result.stderr
+    assert "Warning" not in result.stderr and ".py:" not in result.stderr, result.stderr
+
+
+def test_check_reports_the_truncation_once_in_its_report(mcast_trio_cli, truncated_file):
+    path, offset, size = truncated_file
+    result = run(mcast_trio_cli, "check", str(path))
+    assert result.returncode == 1
+    assert result.stderr == ""
+    assert [line for line in result.stdout.splitlines() if "truncated" in line] == [
+        f"truncated last record at offset {offset}: {size - 10} bytes"]
+
+
+def test_said_once_says_each_warning_once_and_keeps_the_filters(capfd):
+    from mcast_trio.cli._files import said_once
+
+    with said_once("tool", truncation="are read"):
+        for _ in range(3):
+            warnings.warn("something odd\nover two lines", RuntimeWarning, stacklevel=1)
+        warnings.warn("hidden", DeprecationWarning, stacklevel=1)  # ignored by Python's default filters
+    err = capfd.readouterr().err
+    assert err == "tool: warning: something odd over two lines\n"
+
+
+# -- (13) strict JSON -----------------------------------------------------------------------------
+
+
+def _strict_loads(text: str):
+    def reject(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_info_json_is_strict_with_nan_in_the_header(mcast_trio_cli, sim_file):
+    result = run(mcast_trio_cli, "info", str(sim_file), "--json")
+    assert result.returncode == 0, result.stderr
+    report = _strict_loads(result.stdout)
+    assert report["header"] == {"readout_uid": 4000, "run": 5, "threshold": None, "limits": [None, None, 1.5]}
+    assert report["records"] == 3000 and report["rate_hz"] > 0
+
+
+def test_check_json_is_strict(mcast_trio_cli, sim_file):
+    result = run(mcast_trio_cli, "check", str(sim_file), "--json")
+    assert result.returncode == 0
+    assert _strict_loads(result.stdout)["clean"] is True
