@@ -441,7 +441,8 @@ def _ts(ns: int | None) -> str:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object on stdout (strict JSON: null where a number is not finite).")
 @_progress_option
 def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
     """Summarize FILE.apx: header, readouts, hits, time span, rates, flags.
@@ -450,7 +451,10 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
     `check` does). Time span and rates come from the readout timestamps;
     ``id gaps`` counts places where a readout id does not follow the
     previous one (lost or reordered readouts, or a new run); ``flags``
-    counts readouts per DecodingStatus bit.
+    counts readouts per DecodingStatus bit. With --json the output is strict
+    JSON (RFC 8259): a value that is not a finite number (NaN or an
+    infinity in the file's JSON header) is null. A truncated last record is
+    noted once on stderr.
 
     \b
     Examples:
@@ -492,7 +496,7 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
 @click.option("--repair", type=click.Path(path_type=pathlib.Path), default=None, metavar="OUT.apx",
               help="Write the recovered records (same header) to a new file (never replaced).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (strict JSON).")
 def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> None:
     """Check FILE.apx for damage: damaged regions, bytes skipped, records
     recovered, a truncated last record.
