@@ -477,3 +477,11 @@ def test_check_json_is_strict(mcast_trio_cli, sim_file):
     result = run(mcast_trio_cli, "check", str(sim_file), "--json")
     assert result.returncode == 0
     assert _strict_loads(result.stdout)["clean"] is True
+
+
+def test_plot_into_a_read_only_directory_is_one_line(mcast_trio_cli, sim_file, tmp_path):
+    pytest.importorskip("matplotlib", reason="mcast-trio plot needs the 'plot' extra")
+    done = _unshare_mount(tmp_path, "ro,size=1m", _quoted([*mcast_trio_cli, "plot", sim_file, "--out",
+                                                            tmp_path / "disk"]))
+    assert "status=1" in done.stdout.split("listing:")[0], done
+    assert done.stderr.strip().splitlines() == [f"Error: {tmp_path / 'disk' / 'sim-hitmap.png'}: Read-only file system"]

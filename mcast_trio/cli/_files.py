@@ -591,6 +591,16 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
         _plot(file, out_dir, log, bins, progress, plt)
 
 
+def _save(plt, fig, path: pathlib.Path) -> None:
+    """Write one PNG; a file that cannot be written is one line (exit 1)."""
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise fail(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
 def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progress: bool | None, plt) -> None:
     reader = _open(file, recover=True)
     hitmap = np.zeros((_MATRIX, _MATRIX), np.int64)
@@ -624,15 +634,13 @@ def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progr
     fig.colorbar(image, ax=ax, label="hits")
     ax.set(xlabel="column", ylabel="row", title=f"{file.name}: hit map ({int(hitmap.sum())} hits)")
     written.append(out_dir / f"{stem}-hitmap.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(tot, bins=bins)
     ax.set(xlabel="TOT (us)", ylabel="hits", title=f"{file.name}: TOT spectrum")
     written.append(out_dir / f"{stem}-tot.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(ts):
@@ -644,8 +652,7 @@ def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progr
         ax.step(edges[:-1], counts / np.where(widths > 0, widths, 1), where="post")
     ax.set(xlabel="time since first readout (s)", ylabel="readouts/s", title=f"{file.name}: readout rate")
     written.append(out_dir / f"{stem}-rate.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
     for path in written:
         click.echo(str(path))
 
