@@ -685,7 +685,7 @@ class ApxReader:
         # and continues this one. Otherwise the record is not delivered: its
         # end cannot be confirmed.
         following = w.peek(end, HEADER_SIZE)
-        if self._sound(w, end, 1):
+        if self._sound(w, end, 1) and self._inner_chain(w, p + len(HEADER), end) is None:
             return "record", total
         return "damage", (
             f"record {index} at offset {p} is damaged or followed by garbage: its length field "
