@@ -608,7 +608,7 @@ class ApxReader:
         which records chain (:meth:`_chain_from`), or None."""
         pos = start
         while pos < end:
-            n = min(end - pos, w.chunk)
+            n = min(end - pos, max(w.chunk, 1 << 16))
             piece = w.peek(pos, n + len(HEADER) - 1)
             i = piece.find(HEADER)
             while 0 <= i < n:
