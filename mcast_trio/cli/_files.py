@@ -41,7 +41,7 @@ from .. import (
 )
 from ._common import emit_json, fail
 
-__all__ = ["COMMANDS", "decode", "info", "check", "plot"]
+__all__ = ["COMMANDS", "decode", "info", "check", "plot", "said_once"]
 
 #: Records decoded together (one ``decode_readouts`` call).
 _BATCH = 8192
