@@ -381,19 +381,20 @@ def run_mcl(data: bytes) -> frozenset:
 # -- (d) the .apx reader ------------------------------------------------------
 
 
-def _read_apx(content: bytes, strict: bool, chunk_size: int | None):
-    """Read everything; return (outcome, records, truncated, warnings)."""
+def _read_apx(content: bytes, strict: bool, chunk_size: int | None, recover: bool = False):
+    """Read everything; return (outcome, records, truncated, warnings); with
+    ``recover``, the outcome also holds the damaged regions."""
     f = io.BytesIO(content)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             if chunk_size is None:
-                reader = open_apx(f, strict=strict)
+                reader = open_apx(f, strict=strict, recover=recover)
             else:
-                reader = ApxReader(f, strict=strict, chunk_size=chunk_size)
+                reader = ApxReader(f, strict=strict, chunk_size=chunk_size, recover=recover)
             with reader:
                 records = list(reader.records_with_offsets())
-                outcome = ("ok", reader.data_offset, reader.header)
+                outcome = ("ok", reader.data_offset, reader.header, reader.statistics().damaged)
                 truncated = reader.truncated
                 # A second iteration starts again at the first record.
                 again = [r for r in reader]
@@ -409,32 +410,46 @@ def run_apx(data: bytes) -> frozenset:
     """``open_apx(io.BytesIO(...))`` / ``ApxReader``: header, records, rewind.
 
     Layout: ``opt`` byte (bits 0-2: chunk size, bit 3: strict, bit 4: use
-    ``open_apx`` with its default chunk size), then the file content.
+    ``open_apx`` with its default chunk size, bit 5: ``recover=True``), then
+    the file content.
 
     Documented: ``MalformedReadout`` and ``TruncatedRecordWarning`` only.
-    Oracles: the result (records, truncation, error message) does not
-    depend on the chunk size; records are contiguous from ``data_offset``,
-    each one a well-formed readout; a truncated tail is reported where the
-    last record ends, and with ``strict`` raises instead of warning.
+    Oracles: the result (records, damaged regions, truncation, error
+    message) does not depend on the chunk size; records, damaged regions
+    and a truncated tail tile the file from ``data_offset`` (without
+    ``recover`` there are no regions: records are contiguous), each record
+    a well-formed readout; a truncated tail is reported where the last
+    record or region ends, and with ``strict`` raises instead of warning;
+    with ``recover`` nothing is raised after the file header unless
+    ``strict``.
     """
     opt = data[0] if data else 0
     content = data[1:]
     strict = bool(opt & 8)
+    recover = bool(opt & 0x20)
     chunk = None if opt & 0x10 else _APX_CHUNKS[opt & 7]
-    outcome, records, truncated, caught = _read_apx(content, strict, chunk)
+    outcome, records, truncated, caught = _read_apx(content, strict, chunk, recover)
     for w in caught:
         _check(issubclass(w.category, TruncatedRecordWarning), lambda: f"undocumented warning {w.category.__name__}: {w.message}")
     # Chunk-size independence: the default reader says exactly the same.
-    other = _read_apx(content, strict, 1 << 20 if chunk != 1 << 20 else 5)
+    other = _read_apx(content, strict, 1 << 20 if chunk != 1 << 20 else 5, recover)
     _check(other[:3] == (outcome, records, truncated),
            lambda: f"chunk size {chunk} and the default disagree: {outcome!r:.200} / {other[0]!r:.200}")
     if outcome[0] == "malformed":
-        return frozenset({("malformed", outcome[1][:14]), ("strict", strict)})
-    _, offset, _header = outcome
-    for at, record in records:
-        _check(at == offset and record[:3] == b"\xfe\xdc\xba", lambda: f"record at {at} is not where expected ({offset})")
-        AstroPix4Readout.from_bytes(record)  # must not raise: the reader checked it
-        offset += len(record)
+        _check(not recover or strict or not outcome[1].startswith(("record", "bad record header")),
+               lambda: f"recover=True raised on damage: {outcome[1]:.200}")
+        return frozenset({("malformed", outcome[1][:14]), ("strict", strict), ("recover", recover)})
+    _, offset, _header, damaged = outcome
+    _check(recover or not damaged, "damaged regions without recover and without an error")
+    spans = sorted([(at, len(record), record) for at, record in records]
+                   + [(region.offset, region.size, None) for region in damaged])
+    for at, size, record in spans:
+        _check(at == offset, lambda: f"record or region at {at} is not where expected ({offset})")
+        if record is not None:
+            _check(record[:3] == b"\xfe\xdc\xba" and content[at:at + size] == record,
+                   lambda: f"record at {at} is not the file's bytes")
+            AstroPix4Readout.from_bytes(record)  # must not raise: the reader checked it
+        offset += size
     n_warn = len(caught)
     if truncated is None:
         _check(offset == len(content) and n_warn == 0, "records do not cover the file, and no truncation was reported")
@@ -444,7 +459,7 @@ def run_apx(data: bytes) -> frozenset:
                and truncated.index == len(records), lambda: f"truncation {truncated} does not match the records")
         _check(n_warn == 2, lambda: f"{n_warn} warnings for 2 iterations over a truncated file")
     return frozenset({("records", min(len(records), 3)), ("truncated", truncated is not None and truncated.expected is None),
-                      ("truncated", truncated is not None), ("chunk", chunk)})
+                      ("truncated", truncated is not None), ("chunk", chunk), ("damaged", min(len(damaged), 2))})
 
 
 #: name -> run function.
@@ -559,5 +574,12 @@ def seeds(target: str) -> list[bytes]:
         written = f.getvalue()
         out += [b"\x10" + written, b"\x01" + written, b"\x02" + written[:-5], b"\x0a" + written[:-5]]
         out += [b"\x10%APXDF\x02\x00\x00\x00{}", b"\x10%APXDF", b"\x10" + written[:20], b""]
+        # recover=True (bit 5) on the same files, and on one with a record
+        # whose length spans the next one.
+        out += [bytes([s[0] | 0x20]) + s[1:] for s in out if s]
+        spanning = bytearray(written)
+        first = len(written) - sum(map(len, _sim_datagrams(4, 6, split_fraction=0.3)))
+        spanning[first + 15] += len(_sim_datagrams(4, 6, split_fraction=0.3)[1])
+        out += [b"\x21" + bytes(spanning), b"\x01" + bytes(spanning)]
         return [s[:MAX_LEN] for s in out]
     raise ValueError(f"target={target!r} is not a fuzz target; allowed: {', '.join(TARGETS)}")

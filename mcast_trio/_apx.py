@@ -69,6 +69,11 @@ _PREAMBLE = len(APX_MAGIC) + _U32.size  # magic + header length
 _DEFAULT_CHUNK = 1 << 20
 # Never ask the OS for more than this in one read, whatever a length field says.
 _MAX_READ = 64 << 20
+# The largest JSON header ApxReader accepts (bytes): a header length
+# above it, or past the end of the file, is damage, reported before reading.
+_MAX_HEADER = 16 << 20
+# Records checked at once by the reader's fast path.
+_RUN = 256
 
 
 class TruncatedRecordWarning(UserWarning):
@@ -129,6 +134,20 @@ def _read_upto(f, size: int) -> bytes:
     return b"".join(parts)
 
 
+def _remaining(f) -> int | None:
+    """Bytes from the current position to the end of the file, or None
+    when the file object cannot tell (not seekable)."""
+    try:
+        if not f.seekable():
+            return None
+        here = f.tell()
+        end = f.seek(0, os.SEEK_END)
+        f.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return max(end - here, 0)
+
+
 def _parse_header(f) -> tuple[dict, int]:
     """Read and check the magic, header length and JSON header.
 
@@ -145,6 +164,19 @@ def _parse_header(f) -> tuple[dict, int]:
             f"the .apx file ends at offset {len(pre)}, inside the 4-byte header length at offset {len(APX_MAGIC)}"
         )
     (length,) = _U32.unpack_from(pre, len(APX_MAGIC))
+    # Check the length before reading: a crafted one must not make the
+    # reader load the whole file.
+    remaining = _remaining(f)
+    if remaining is not None and length > remaining:
+        raise MalformedReadout(
+            f"the header length at offset {len(APX_MAGIC)} says {length} bytes, but the file ends "
+            f"after {remaining} of them (offset {_PREAMBLE + remaining})"
+        )
+    if length > _MAX_HEADER:
+        raise MalformedReadout(
+            f"the header length at offset {len(APX_MAGIC)} says {length} bytes; "
+            f"allowed: at most {_MAX_HEADER} (a JSON header)"
+        )
     text = _read_upto(f, length)
     if len(text) < length:
         raise MalformedReadout(
@@ -186,9 +218,9 @@ class DamagedRegion:
 
     Attributes:
         offset: byte offset where a record should start but none does (a
-            record header that is not ``fe dc ba``, or a record whose length
+            record header that is not ``fe dc ba``, a record whose length
             field does not lead to the next record header or the end of the
-            file).
+            file, or one that has a chain of records inside it).
         size: bytes skipped from ``offset`` up to the next plausible record
             (or the end of the file) with ``recover=True``; None without it,
             where the reader stops at the damage.
@@ -316,10 +348,13 @@ class ApxReader:
     iteration starts again at the first record (when the file is seekable).
 
     A record is delivered only once its end is confirmed: its header is
-    ``fe dc ba`` and its length field leads to the next record header (or
+    ``fe dc ba``, its length field leads to the next record header (or
     to a damaged one whose own length field leads on), or to the end of the
-    file. A record followed by garbage is therefore reported as damaged
-    with it: its length field could be what is wrong. Every reading style (iteration,
+    file, and no chain of records starts inside it (a record header in its
+    data whose length leads on to another record header: the length field
+    would then span several records). A record followed by garbage is
+    therefore reported as damaged with it: its length field could be what
+    is wrong. Every reading style (iteration,
     :meth:`records`, :meth:`records_with_offsets`, :meth:`batches`,
     :meth:`read_all`) delivers every complete record before a problem, then
     reports it the same way:
@@ -329,7 +364,8 @@ class ApxReader:
       :class:`TruncatedRecordWarning`, or, with ``strict=True``, raises
       :class:`MalformedReadout`.
     * Damage in the middle (a record header that is not ``fe dc ba``, a
-      length field that does not lead to the next record header) raises
+      length field that does not lead to the next record header or that
+      spans several records) raises
       :class:`MalformedReadout` with the byte offset and the record index,
       also recorded in :meth:`statistics` (``damaged``). :meth:`batches`
       yields the partial batch before raising; :meth:`read_all` attaches the
@@ -361,7 +397,8 @@ class ApxReader:
         chunk_size: bytes read from the file at a time.
 
     Raises:
-        MalformedReadout: bad magic, header length past the end of the file,
+        MalformedReadout: bad magic, a header length past the end of the
+            file or above 16 MiB (checked before the header is read),
             a header that is not a UTF-8 JSON object with ``readout_uid``
             4000; and, while iterating, damage (with its byte offset) unless
             ``recover=True``, or a truncated final record with
@@ -544,8 +581,64 @@ class ApxReader:
                 return q
             q += 1
 
+    @staticmethod
+    def _chain_from(w: _Window, x: int, end: int) -> bool:
+        """Whether records chain from a record header at ``x`` found inside
+        a record that claims to end at ``end``: a record at ``x`` that fits
+        and ends at a record header (or the end of the file), and either
+        ends exactly at ``end``, at the end of the file, or is followed by a
+        second such record. Such a chain is an alternative reading of the
+        bytes that contradicts the claimed end."""
+        y = x
+        for _ in range(2):
+            fixed = w.peek(y, HEADER_SIZE)
+            if len(fixed) < HEADER_SIZE or fixed[:3] != HEADER:
+                return False
+            e = y + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
+            after = w.peek(e - 1, 4)
+            if not _chains(after):
+                return False
+            if e == end or len(after) < 4:
+                return True
+            y = e
+        return True
+
+    def _inner_chain(self, w: _Window, start: int, end: int) -> int | None:
+        """Offset of the first record header in ``start..end - 1`` from
+        which records chain (:meth:`_chain_from`), or None."""
+        pos = start
+        while pos < end:
+            n = min(end - pos, max(w.chunk, 1 << 16))
+            piece = w.peek(pos, n + len(HEADER) - 1)
+            i = piece.find(HEADER)
+            while 0 <= i < n:
+                if self._chain_from(w, pos + i, end):
+                    return pos + i
+                i = piece.find(HEADER, i + 1)
+            if len(piece) < n:
+                break
+            pos += n
+        return None
+
+    def _sound(self, w: _Window, q: int, skip: int) -> bool:
+        """Whether the record at ``q`` (header bytes not checked) fits in
+        the file, ends at a record header or the end of the file, and has
+        no chain of records inside it (searched from ``q + skip``)."""
+        fixed = w.peek(q, HEADER_SIZE)
+        if len(fixed) < HEADER_SIZE:
+            return False
+        e = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
+        return _chains(w.peek(e - 1, 4)) and self._inner_chain(w, q + skip, e) is None
+
     def _classify(self, w: _Window, p: int, index: int):
         """What is at ``p``, where a record should start (the slow path).
+
+        A record is confirmed when its length field leads to a record header
+        (or to the end of the file) and no chain of records starts inside it
+        (:meth:`_inner_chain`: its length field would then span records, as
+        a flipped high bit of a length makes it do). A record not followed
+        by a record header is confirmed when what follows reads as a record
+        with a damaged header that is itself sound (:meth:`_sound`).
 
         Returns ``("record", size)``, ``("end", 0)``, ``("truncated",
         (size, expected))`` or ``("damage", (reason, resync offset or None
@@ -578,17 +671,22 @@ class ApxReader:
                 q,
             )
         if _chains(after):
+            inner = self._inner_chain(w, p + len(HEADER), end)
+            if inner is not None:
+                return "damage", (
+                    f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
+                    f"{length} data bytes, but records start inside it at offset {inner}",
+                    None,
+                )
             return "record", total
         # Not followed by a record header. Either this record's length field
         # is damaged, or the next record's header is: tell them apart by
-        # whether the next record, read from its own length field, fits and
-        # is followed by a record header or the end of the file. Otherwise
-        # the record is not delivered: its end cannot be confirmed.
+        # whether the next record, read from its own length field, is sound
+        # and continues this one. Otherwise the record is not delivered: its
+        # end cannot be confirmed.
         following = w.peek(end, HEADER_SIZE)
-        if len(following) == HEADER_SIZE:
-            next_end = end + HEADER_SIZE + LENGTH_FIELD.unpack_from(following, LENGTH_OFFSET)[0]
-            if _chains(w.peek(next_end - 1, 4)):
-                return "record", total
+        if self._sound(w, end, 1) and self._inner_chain(w, p + len(HEADER), end) is None:
+            return "record", total
         return "damage", (
             f"record {index} at offset {p} is damaged or followed by garbage: its length field "
             f"(offset {p + LENGTH_OFFSET}) says {length} data bytes, but the bytes after it at offset {end} are "
@@ -612,20 +710,47 @@ class ApxReader:
             # Fast path, through what is buffered: a record header, and the
             # next one right after the record.
             buf = w.buf
+            find = buf.find
+            count = buf.count
             base = w.base
             rel = p - base
             limit = len(buf) - HEADER_SIZE
             # Records and skipped regions tile the file up to here.
             origin = self.data_offset + self._skipped - base
+            # A record is delivered at once when a record header follows it
+            # and none lies inside it (otherwise the slow path looks closer):
+            # a run of records whose ends are record headers, then one count
+            # of the record headers in the run (one per record, at its start).
             while rel <= limit and buf[rel:rel + 3] == HEADER:
-                end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
-                if buf[end:end + 3] != HEADER:
+                start = rel
+                ends = []
+                while rel <= limit and len(ends) < _RUN:
+                    end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
+                    if buf[end:end + 3] != HEADER:
+                        break
+                    ends.append(end)
+                    rel = end
+                full = len(ends) == _RUN
+                if count(HEADER, start, rel) != len(ends):
+                    # A record header inside a record: deliver the records
+                    # before that one, which the slow path judges.
+                    full = False
+                    at = start
+                    for i, end in enumerate(ends):
+                        if find(HEADER, at + 3, end) >= 0:
+                            del ends[i:]
+                            break
+                        at = end
+                    rel = at
+                at = start
+                for end in ends:
+                    index += 1
+                    self.records_read = index
+                    self._record_bytes = end - origin
+                    yield base + at, buf[at:end]
+                    at = end
+                if not full:
                     break
-                index += 1
-                self.records_read = index
-                self._record_bytes = end - origin
-                yield base + rel, buf[rel:end]
-                rel = end
             p = base + rel
             w.mark = p
             kind, what = self._classify(w, p, index)

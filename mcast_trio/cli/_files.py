@@ -18,19 +18,31 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import pathlib
+import secrets
+import stat
 import sys
+import warnings
 from collections.abc import Iterator
 
 import click
 import numpy as np
 
-from .. import HIT_DTYPE, ApxReader, ApxWriter, DecodingStatus, MalformedReadout, decode_readouts
+from .. import (
+    HIT_DTYPE,
+    ApxReader,
+    ApxWriter,
+    DecodingStatus,
+    MalformedReadout,
+    TruncatedRecordWarning,
+    decode_readouts,
+)
 from ._common import emit_json, fail
 from ._common import Number, OutputFile  # the option types
 
-__all__ = ["COMMANDS", "decode", "info", "check", "plot"]
+__all__ = ["COMMANDS", "decode", "info", "check", "plot", "said_once"]
 
 #: Records decoded together (one ``decode_readouts`` call).
 _BATCH = 8192
@@ -95,6 +107,39 @@ def _decoded(reader: ApxReader, advance=lambda n: None) -> Iterator:
         yield batch
 
 
+@contextlib.contextmanager
+def said_once(tool: str, *, truncation: str | None = None):
+    """Say the Python warnings raised inside in the tool's own words: one
+    line on stderr per distinct message, ``TOOL: warning: MESSAGE``, never
+    the raw warning with its source line.
+
+    A :class:`~mcast_trio.TruncatedRecordWarning` becomes ``TOOL: note:
+    FILE: record N at offset X is truncated: ...; the complete records
+    before it TRUNCATION`` (``truncation`` says what was done with them), or
+    is not said at all when ``truncation`` is None (the tool reports it
+    itself). The warning filters in force are kept (what Python hides stays
+    hidden).
+    """
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TruncatedRecordWarning):
+            if truncation is None:
+                return
+            text = f"{tool}: note: {message}; the complete records before it {truncation}"
+        else:
+            text = f"{tool}: warning: {message}"
+        text = " ".join(text.split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TruncatedRecordWarning)
+        warnings.showwarning = show
+        yield
+
+
 def _read_error(path, exc: MalformedReadout) -> click.ClickException:
     return fail(f"{path}: damaged: {exc} (`mcast-trio check {path} --repair OUT.apx` recovers the rest)")
 
@@ -110,8 +155,8 @@ class _CsvSink:
     """The CSV of astropix-analysis: ``#`` + the JSON header, the column
     names, then one line per hit; floats as Python prints them."""
 
-    def __init__(self, path, header: dict) -> None:
-        self.f = open(path, "x", newline="")
+    def __init__(self, path, header: dict, mode: str = "x") -> None:
+        self.f = open(path, mode, newline="")
         self.f.write("#" + json.dumps(header) + "\n" + ",".join(HIT_DTYPE.names) + "\n")
 
     def write(self, hits) -> None:
@@ -122,14 +167,18 @@ class _CsvSink:
     def close(self) -> None:
         self.f.close()
 
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+
 
 class _ParquetSink:
-    def __init__(self, path, header: dict) -> None:
+    def __init__(self, path, header: dict, mode: str = "x") -> None:
         self.pa = _require("pyarrow", "parquet")
         self.pq = _require("pyarrow.parquet", "parquet")
         self.schema = self.pa.schema([(name, self.pa.from_numpy_dtype(HIT_DTYPE[name])) for name in HIT_DTYPE.names],
                                      metadata={b"apx_header": json.dumps(header).encode()})
-        self.f = open(path, "xb")
+        self.f = open(path, mode + "b")
         self.writer = self.pq.ParquetWriter(self.f, self.schema)
 
     def write(self, hits) -> None:
@@ -141,13 +190,19 @@ class _ParquetSink:
         self.writer.close()
         self.f.close()
 
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        with contextlib.suppress(OSError):
+            self.f.close()
+
 
 class _Hdf5Sink:
-    def __init__(self, path, header: dict) -> None:
+    def __init__(self, path, header: dict, mode: str = "x") -> None:
         h5py = _require("h5py", "hdf5")
         packed = np.dtype([(name, HIT_DTYPE[name]) for name in HIT_DTYPE.names])
         self.packed = packed
-        self.f = h5py.File(path, "x")
+        self.f = h5py.File(path, mode)
         self.f.attrs["apx_header"] = json.dumps(header)
         self.d = self.f.create_dataset("hits", shape=(0,), maxshape=(None,), dtype=packed, chunks=(65536,),
                                        compression="gzip")
@@ -164,13 +219,17 @@ class _Hdf5Sink:
     def close(self) -> None:
         self.f.close()
 
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.f.close()
+
 
 class _NpzSink:
     """One array per column plus ``apx_header`` (a JSON string); collected in
     memory, written at the end (npz is a zip of whole arrays)."""
 
-    def __init__(self, path, header: dict) -> None:
-        self.f = open(path, "xb")
+    def __init__(self, path, header: dict, mode: str = "x") -> None:
+        self.f = open(path, mode + "b")
         self.header = header
         self.parts: list[np.ndarray] = []
 
@@ -182,6 +241,10 @@ class _NpzSink:
         hits = np.concatenate(self.parts) if self.parts else np.zeros(0, HIT_DTYPE)
         np.savez_compressed(self.f, apx_header=np.array(json.dumps(self.header)), **_columns(hits))
         self.f.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
 
 
 _SINKS = {"csv": _CsvSink, "parquet": _ParquetSink, "hdf5": _Hdf5Sink, "npz": _NpzSink}
@@ -208,7 +271,11 @@ def decode(file: pathlib.Path, fmt: str, out: pathlib.Path | None, force: bool, 
     ``hits``) and npz (one array per column). A hit split across two
     readouts is completed from the next readout when its id follows.
     parquet needs the 'parquet' extra, hdf5 the 'hdf5' extra. An existing
-    output file is not replaced without --force.
+    output file is not replaced without --force, and the input file never
+    is. The table is written under a temporary name beside the output
+    (``.NAME.XXXXXXXX.part``) and renamed when complete: a failure (a full
+    disk, damage in FILE, Ctrl-C) leaves no partial table. An output that
+    is a device or a pipe (``-o /dev/stdout``) is written in place.
 
     \b
     Examples:
@@ -217,31 +284,76 @@ def decode(file: pathlib.Path, fmt: str, out: pathlib.Path | None, force: bool, 
       mcast-trio decode run.apx --to hdf5 --progress
     """
     suffix, _extra = _FORMATS[fmt]
-    out = out if out is not None else file.with_suffix(suffix)
+    default = out is None
+    out = file.with_suffix(suffix) if default else out
+    if _same_file(file, out):
+        raise click.UsageError(
+            f"{'the default output ' if default else '--out='}{out} is the input file {file}; "
+            f"allowed: any other file (decoding into it would destroy the recording)"
+        )
     reader = _open(file)
-    with reader:
-        if force:
-            with contextlib.suppress(FileNotFoundError):
-                out.unlink()
+    with reader, said_once("decode", truncation="are decoded"):
+        direct = _is_special(out)  # a device or a pipe (/dev/stdout): written in place
+        if not direct:
+            if out.is_dir():
+                raise fail(f"{out}: is a directory")
+            if not force and (out.exists() or out.is_symlink()):
+                raise fail(f"{out}: exists (use --force to replace it)")
+        # Written under a temporary name beside the output and renamed when
+        # complete: a failure (a full disk, damage, Ctrl-C) leaves no partial
+        # table that would pass for the whole file.
+        target = out if direct else out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
+        sink = None
+        done = False
         try:
-            sink = _SINKS[fmt](out, reader.header)
-        except FileExistsError:
-            raise fail(f"{out}: exists (use --force to replace it)") from None
-        except OSError as exc:
-            raise fail(f"{out}: {exc.strerror or exc}") from None
-        hits = records = 0
-        try:
+            try:
+                sink = _SINKS[fmt](target, reader.header, "w" if direct else "x")
+            except FileExistsError:
+                raise fail(f"{out}: exists (use --force to replace it)") from None
+            hits = records = 0
             with _progress(file, progress, "decoding") as advance:
                 for batch in _decoded(reader, advance):
                     sink.write(batch.hits)
                     hits += len(batch.hits)
                     records += len(batch.readouts)
+            sink, closing = None, sink
+            closing.close()
+            if not direct:
+                if not force and (out.exists() or out.is_symlink()):
+                    raise fail(f"{out}: exists (use --force to replace it)")
+                os.replace(target, out)
+            done = True
         except MalformedReadout as exc:
-            sink.close()
-            out.unlink()  # a table of part of the file would pass for all of it
             raise _read_error(file, exc) from None
-        sink.close()
+        except OSError as exc:
+            where = exc.filename if exc.filename is not None and exc.filename != str(target) else out
+            raise fail(f"{where}: {exc.strerror or exc}") from None
+        finally:
+            if sink is not None:
+                sink.abort()
+            if not done and not direct:
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
     click.echo(f"{file}: {records} readouts, {hits} hits -> {out}", err=True)
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Whether ``a`` and ``b`` are the same existing file (same inode, also
+    through symlinks and other spellings of the path)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_special(path: pathlib.Path) -> bool:
+    """Whether ``path`` exists and is not a regular file or a directory (a
+    device, a pipe): written in place, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 # -- info ----------------------------------------------------------------------------------------
@@ -307,6 +419,19 @@ def _summary(file: pathlib.Path, progress: bool | None) -> dict:
     }
 
 
+def _strict_json(value):
+    """``value`` with every float that is not finite (NaN, infinities, as a
+    JSON header may hold) replaced by None, so that the JSON printed is
+    strict (RFC 8259: no ``NaN``/``Infinity``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
 def _ts(ns: int | None) -> str:
     if ns is None:
         return "-"
@@ -317,7 +442,8 @@ def _ts(ns: int | None) -> str:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object on stdout (strict JSON: null where a number is not finite).")
 @_progress_option
 def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
     """Summarize FILE.apx: header, readouts, hits, time span, rates, flags.
@@ -326,16 +452,20 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
     `check` does). Time span and rates come from the readout timestamps;
     ``id gaps`` counts places where a readout id does not follow the
     previous one (lost or reordered readouts, or a new run); ``flags``
-    counts readouts per DecodingStatus bit.
+    counts readouts per DecodingStatus bit. With --json the output is strict
+    JSON (RFC 8259): a value that is not a finite number (NaN or an
+    infinity in the file's JSON header) is null. A truncated last record is
+    noted once on stderr.
 
     \b
     Examples:
       mcast-trio info run.apx
       mcast-trio info run.apx --json | jq .rate_hz
     """
-    s = _summary(file, progress)
+    with said_once("info", truncation="are counted"):
+        s = _summary(file, progress)
     if as_json:
-        emit_json(s)
+        emit_json(_strict_json(s))
         return
     meta = {k: v for k, v in s["header"].items() if k != "readout_uid"}
     lines = [
@@ -367,7 +497,7 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
 @click.argument("file", type=click.Path(path_type=pathlib.Path))
 @click.option("--repair", type=OutputFile(), default=None, metavar="OUT.apx",
               help="Write the recovered records (same header) to a new file (never replaced).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (strict JSON).")
 def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> None:
     """Check FILE.apx for damage: damaged regions, bytes skipped, records
     recovered, a truncated last record.
@@ -384,7 +514,8 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
     """
     reader = _open(file, recover=True)
     writer = None
-    with reader:
+    # A truncated last record is part of the report below: said once, there.
+    with reader, said_once("check", truncation=None):
         if repair is not None:
             try:
                 writer = ApxWriter(repair, reader.header, flush="none", mode="xb")
@@ -414,7 +545,7 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         "repaired": str(repair) if repair is not None else None,
     }
     if as_json:
-        emit_json(result)
+        emit_json(_strict_json(result))
     else:
         if not damaged:
             click.echo(f"{file}: clean, {stats.records} records")
@@ -458,6 +589,21 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     matplotlib.use("Agg")
     plt = _require("matplotlib.pyplot", "plot")
     out_dir = out_dir if out_dir is not None else file.parent
+    with said_once("plot", truncation="are plotted"):
+        _plot(file, out_dir, log, bins, progress, plt)
+
+
+def _save(plt, fig, path: pathlib.Path) -> None:
+    """Write one PNG; a file that cannot be written is one line (exit 1)."""
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise fail(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progress: bool | None, plt) -> None:
     reader = _open(file, recover=True)
     hitmap = np.zeros((_MATRIX, _MATRIX), np.int64)
     tots: list[np.ndarray] = []
@@ -490,15 +636,13 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     fig.colorbar(image, ax=ax, label="hits")
     ax.set(xlabel="column", ylabel="row", title=f"{file.name}: hit map ({int(hitmap.sum())} hits)")
     written.append(out_dir / f"{stem}-hitmap.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(tot, bins=bins)
     ax.set(xlabel="TOT (us)", ylabel="hits", title=f"{file.name}: TOT spectrum")
     written.append(out_dir / f"{stem}-tot.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(ts):
@@ -510,8 +654,7 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
         ax.step(edges[:-1], counts / np.where(widths > 0, widths, 1), where="post")
     ax.set(xlabel="time since first readout (s)", ylabel="readouts/s", title=f"{file.name}: readout rate")
     written.append(out_dir / f"{stem}-rate.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, written[-1])
     for path in written:
         click.echo(str(path))
 
