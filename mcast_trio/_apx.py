@@ -684,7 +684,6 @@ class ApxReader:
         # whether the next record, read from its own length field, is sound
         # and continues this one. Otherwise the record is not delivered: its
         # end cannot be confirmed.
-        following = w.peek(end, HEADER_SIZE)
         if self._sound(w, end, 1) and self._inner_chain(w, p + len(HEADER), end) is None:
             return "record", total
         return "damage", (

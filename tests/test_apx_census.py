@@ -445,12 +445,14 @@ def test_check_reports_the_truncation_once_in_its_report(mcast_trio_cli, truncat
 
 
 def test_said_once_says_each_warning_once_and_keeps_the_filters(capfd):
-    from mcast_trio.cli._files import said_once
+    from mcast_trio.cli._common import said_once
 
-    with said_once("tool", truncation="are read"):
-        for _ in range(3):
-            warnings.warn("something odd\nover two lines", RuntimeWarning, stacklevel=1)
-        warnings.warn("hidden", DeprecationWarning, stacklevel=1)  # ignored by Python's default filters
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # a filter in force (pytest's own show them)
+        with said_once("tool", truncation="are read"):
+            for _ in range(3):
+                warnings.warn("something odd\nover two lines", RuntimeWarning, stacklevel=1)
+            warnings.warn("hidden", DeprecationWarning, stacklevel=1)
     err = capfd.readouterr().err
     assert err == "tool: warning: something odd over two lines\n"
 

@@ -428,9 +428,9 @@ def test_warnings_come_out_in_the_commands_words_once(capsys):
 
     import numpy as np
 
-    from mcast_trio.cli._common import warnings_in_own_words
+    from mcast_trio.cli._common import said_once
 
-    with warnings_in_own_words("replay"):
+    with said_once("replay"):
         for _ in range(3):
             np.array([1e308]) * np.float64(10)  # numpy: overflow encountered in multiply
         warnings.warn("something else", UserWarning)

@@ -26,13 +26,13 @@ import pathlib
 import re
 import sys
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
 import trio
 
-from .. import GroupSpec, MalformedDatagram, resolve_group
+from .. import GroupSpec, MalformedDatagram, TruncatedRecordWarning, resolve_group
 from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER
 from .._validate import check_int, check_number
 from . import _signals
@@ -51,7 +51,7 @@ __all__ = [
     "stop_on_signals",
     "emit_json",
     "fail",
-    "warnings_in_own_words",
+    "said_once",
 ]
 
 #: The default group and port of every network command: an organization-local
@@ -476,21 +476,35 @@ async def stop_on_signals(cancel_scope: trio.CancelScope, *, task_status=trio.TA
 
 
 @contextlib.contextmanager
-def warnings_in_own_words(command: str) -> Iterator[None]:
-    """Inside, any Python warning (numpy's, the library's) reaches the user
-    as one line ``COMMAND: warning: MESSAGE`` on stderr, each message once,
-    as it happens: never Python's raw ``file.py:123: SomeWarning`` with a
-    source line."""
-    said: set[str] = set()
+def said_once(tool: str, *, truncation: str | None = None):
+    """Say the Python warnings raised inside (numpy's, the library's) in the
+    tool's own words: one line on stderr per distinct message, ``TOOL:
+    warning: MESSAGE``, as it happens, never the raw warning with its source
+    line.
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = str(message)
-        if text not in said:
-            said.add(text)
-            click.echo(f"{command}: warning: {text}", err=True)
+    A :class:`~mcast_trio.TruncatedRecordWarning` becomes ``TOOL: note:
+    FILE: record N at offset X is truncated: ...; the complete records
+    before it TRUNCATION`` (``truncation`` says what was done with them), or
+    is not said at all when ``truncation`` is None (the tool reports it
+    itself). The warning filters in force are kept (what Python hides stays
+    hidden).
+    """
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TruncatedRecordWarning):
+            if truncation is None:
+                return
+            text = f"{tool}: note: {message}; the complete records before it {truncation}"
+        else:
+            text = f"{tool}: warning: {message}"
+        text = " ".join(text.split())
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", TruncatedRecordWarning)
         warnings.showwarning = show
         yield
 

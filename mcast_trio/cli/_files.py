@@ -24,7 +24,6 @@ import pathlib
 import secrets
 import stat
 import sys
-import warnings
 from collections.abc import Iterator
 
 import click
@@ -36,13 +35,12 @@ from .. import (
     ApxWriter,
     DecodingStatus,
     MalformedReadout,
-    TruncatedRecordWarning,
     decode_readouts,
 )
-from ._common import emit_json, fail
+from ._common import emit_json, fail, said_once
 from ._common import Number, OutputFile  # the option types
 
-__all__ = ["COMMANDS", "decode", "info", "check", "plot", "said_once"]
+__all__ = ["COMMANDS", "decode", "info", "check", "plot"]
 
 #: Records decoded together (one ``decode_readouts`` call).
 _BATCH = 8192
@@ -105,39 +103,6 @@ def _decoded(reader: ApxReader, advance=lambda n: None) -> Iterator:
         extra, last = batch.extra_bytes, batch.last_id
         advance(sum(map(len, records)))
         yield batch
-
-
-@contextlib.contextmanager
-def said_once(tool: str, *, truncation: str | None = None):
-    """Say the Python warnings raised inside in the tool's own words: one
-    line on stderr per distinct message, ``TOOL: warning: MESSAGE``, never
-    the raw warning with its source line.
-
-    A :class:`~mcast_trio.TruncatedRecordWarning` becomes ``TOOL: note:
-    FILE: record N at offset X is truncated: ...; the complete records
-    before it TRUNCATION`` (``truncation`` says what was done with them), or
-    is not said at all when ``truncation`` is None (the tool reports it
-    itself). The warning filters in force are kept (what Python hides stays
-    hidden).
-    """
-    seen: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, TruncatedRecordWarning):
-            if truncation is None:
-                return
-            text = f"{tool}: note: {message}; the complete records before it {truncation}"
-        else:
-            text = f"{tool}: warning: {message}"
-        text = " ".join(text.split())
-        if text not in seen:
-            seen.add(text)
-            click.echo(text, err=True)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", TruncatedRecordWarning)
-        warnings.showwarning = show
-        yield
 
 
 def _read_error(path, exc: MalformedReadout) -> click.ClickException:

@@ -14,7 +14,7 @@ import trio
 from .. import AstroPix4Readout, TruncatedRecordWarning, open_apx, open_sender
 from .._format import readout_ids_and_timestamps
 from ._common import (COUNT_OR_UNLIMITED, RATE, SPEED, emit_json, fail, network_options, run, stop_on_signals,
-                      warnings_in_own_words)
+                      said_once)
 from ._simulate import _endpoint_text
 
 __all__ = ["COMMANDS"]
@@ -243,7 +243,7 @@ def replay_command(network, file, speed, rate, fast, loops, keep_ids, as_json):
               if value is not None]
     if len(chosen) > 1:
         raise click.UsageError(f"{' and '.join(chosen)} exclude each other; give at most one")
-    with warnings_in_own_words("replay"):  # numpy's or the library's: never raw
+    with said_once("replay"):  # numpy's or the library's: never raw (truncation: said below)
         try:
             info = _scan(file)
         except OSError as exc:
