@@ -13,7 +13,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 VPY     = $(VENV)/bin/python
 NETNS   = tools/netns-run
-SOURCES = pyproject.toml setup.py $(wildcard mcast_trio/*.py mcast_trio/*.pyx mcast_trio/*/*.py)
+SOURCES = pyproject.toml setup.py _mcast_trio_launch.py $(wildcard mcast_trio/*.py mcast_trio/*.pyx mcast_trio/*/*.py)
 PYTEST_ARGS ?=
 
 .PHONY: install test test-reference demo bench docs clean
