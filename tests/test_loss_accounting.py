@@ -432,6 +432,16 @@ def test_pipeline_carry_per_sender_across_batches_with_malformed_datagrams(host,
             assert chunk.batch.hits.readout_id.tolist() == np.repeat(
                 chunk.batch.readouts.readout_id, chunk.batch.readouts.n_hits).tolist()
             hits.append(np.asarray(chunk.batch.hits))
+            # Which sender each delivered readout came from, in order of first appearance.
+            good = [(data, source) for data, source in part if source != src_bad]
+            assert chunk.sources == tuple(dict.fromkeys(source for _d, source in good))
+            assert [chunk.sources[k] for k in chunk.source_index] == [source for _d, source in good]
+            for source, rows in chunk.by_source():
+                assert [chunk.batch.readouts.readout_id[k] for k in rows] == [
+                    int.from_bytes(d[3:7], "little") for d, s_ in good if s_ == source]
+                ends = np.cumsum(chunk.lengths)
+                assert [bytes(chunk.data[ends[k] - chunk.lengths[k]:ends[k]]) for k in rows] == [
+                    d for d, s_ in good if s_ == source]
     hits = np.concatenate(hits)
     _assert_hits_equal(hits[hits["chip_id"] == 3], a.truth, "sender A")
     _assert_hits_equal(hits[hits["chip_id"] == 4], b.truth, "sender B")

@@ -133,16 +133,34 @@ class ReadoutChunk:
             ``data``.
         readout_class: the class :meth:`readouts` builds (e.g.
             :class:`~mcast_trio.AstroPix4Readout`).
+        sources: the senders of the readouts, ``(host, port)`` (IPv6 with
+            its flow info and scope), each once, in order of first
+            appearance; empty where the network gives no source.
+        source_index: ``intp`` array, readout ``k`` came from
+            ``sources[source_index[k]]``; None when every readout came from
+            ``sources[0]`` (the common case).
     """
 
-    __slots__ = ("data", "lengths", "batch", "readout_class")
+    __slots__ = ("data", "lengths", "batch", "readout_class", "sources", "source_index")
 
     def __init__(self, data: bytes | None, lengths: np.ndarray, batch: DecodedBatch,
-                 readout_class: Any) -> None:
+                 readout_class: Any, sources: tuple = (), source_index: np.ndarray | None = None) -> None:
         self.data = data
         self.lengths = lengths
         self.batch = batch
         self.readout_class = readout_class
+        self.sources = sources
+        self.source_index = source_index
+
+    def by_source(self) -> list[tuple[Any, np.ndarray | None]]:
+        """``[(source, rows), ...]``: the readouts of each sender, senders in
+        order of first appearance; ``rows`` are the indices of its readouts
+        in this chunk (in arrival order), None for all of them."""
+        if self.source_index is None:
+            return [(self.sources[0] if self.sources else None, None)]
+        order = np.argsort(self.source_index, kind="stable")
+        bounds = np.searchsorted(self.source_index[order], np.arange(len(self.sources) + 1))
+        return [(source, order[bounds[g]:bounds[g + 1]]) for g, source in enumerate(self.sources)]
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -291,6 +309,19 @@ def _batch_senders(batch, positions: np.ndarray) -> tuple[np.ndarray, list]:
     _unique, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
     keys = [_source(batch, int(positions[k])) for k in first.tolist()]
     return inverse.reshape(-1), keys
+
+
+def _first_appearance(inverse: np.ndarray, keys: list) -> tuple[tuple, np.ndarray | None]:
+    """``(sources, index)``: the senders ``keys[inverse[k]]`` of the rows,
+    renumbered in order of first appearance (senders with no row left out);
+    index None when one sender is left."""
+    present, first, renumbered = np.unique(inverse, return_index=True, return_inverse=True)
+    if len(present) == 1:
+        return (keys[int(present[0])],), None
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.arange(len(order), dtype=np.intp)
+    return tuple(keys[int(present[g])] for g in order.tolist()), rank[renumbered.reshape(-1)]
 
 
 def _source(batch, i: int) -> tuple:
@@ -470,6 +501,7 @@ class ReceivePipeline:
             if rejected:
                 self._track_pairs(batch, rejected)
             return None
+        inverse = None
         if self._same_source:
             # The common case: one sender, one compiled call.
             key = _source(batch, int(index[0]) if index is not None else 0)
@@ -480,6 +512,7 @@ class ReceivePipeline:
             decoded = self._carry.decode_senders(batch.buffer, offsets, lengths, inverse, keys)
             if len(keys) == 1:
                 key = keys[0]
+                inverse = None
         rows = decoded.readouts
         if decoded.errors:
             c.malformed += len(decoded.errors)
@@ -505,8 +538,14 @@ class ReceivePipeline:
             offsets = offsets.take(keep)
             lengths = lengths.take(keep)
             decoded = _well_formed(decoded, keep)
+            if inverse is not None:
+                inverse = inverse.take(keep)
         data = gather(batch.buffer, offsets, lengths) if self.keep_bytes else None
-        return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class)
+        if inverse is None:
+            return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class,
+                                (key,) if key is not None else ())
+        sources, source_index = _first_appearance(inverse, keys)
+        return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class, sources, source_index)
 
     def _track_readouts(self, batch, rows, lengths, good, index, rejected=None, key=None,
                         groups=None) -> None:
@@ -664,6 +703,7 @@ class ReceivePipeline:
             out = [out[k] for k in keep.tolist()]
             decoded = _well_formed(decoded, keep)
             lengths = lengths.take(keep)
+            inverse = inverse.take(keep)
             joined = None
         if native:
             tracker = self.senders.tracker
@@ -673,4 +713,5 @@ class ReceivePipeline:
             data = None
         else:
             data = joined if joined is not None else b"".join(m.payload for m in out)
-        return ReadoutChunk(data, lengths, decoded, self.readout_class)
+        sources, source_index = _first_appearance(inverse, list(groups))
+        return ReadoutChunk(data, lengths, decoded, self.readout_class, sources, source_index)

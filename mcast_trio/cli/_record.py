@@ -19,9 +19,9 @@ Malformed datagrams are counted by the receiver and handed over by its
 beyond, dropped and counted as ``capture_dropped``), which writes them
 whether or not readouts arrive.
 
-Senders: readout chunks carry no source address, so the receiver's endpoint
-(through its ``network=`` seam) notes the senders of each received batch, a
-few numpy copies per batch, nothing per datagram (``_SourceTap``).
+Senders: each readout chunk says which sender each of its readouts came
+from (:meth:`~mcast_trio.ReadoutChunk.by_source`; the receive pipeline
+keeps one decoding carry chain per sender and knows them).
 Each sender's readouts go to files of their own: the first sender's to
 ``OUT.apx``, the second's to ``OUT-sender2.apx``, and so on (with rotation
 ``OUT-sender2-0001.apx``, ...), so that a hit split across two readouts is
@@ -56,7 +56,6 @@ msgpack) is stored as its JSON text.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import functools
@@ -83,7 +82,6 @@ from .. import (
     serve_receiver,
 )
 from .._format import parse_readout_header
-from .._io._net import current_network
 from .._sinks import open_sink
 from ._common import emit_json, fail, network_options, run, stop_on_signals
 from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, Number, OutputFile, parse_size  # option types
@@ -123,110 +121,6 @@ def _sender_text(source) -> str:
         return "?"
     host, port = source[0], source[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-class _SourceTap:
-    """Which sender each readout of a chunk came from, at a cost per batch.
-
-    Readout chunks carry no source address. The receiver gets its endpoint
-    from a *network* (``network=``, the seam of ``mcast_trio._io._net``);
-    this one wraps the current network's endpoint so that each received
-    batch's senders (families, addresses, ports) and truncation flags are
-    copied (a few numpy slices per batch) into a FIFO. ``on_malformed``
-    marks the malformed ones (it is called while their batch is fed, so the
-    batch still holds their bytes); the forwarding loop then takes, for each
-    chunk, the first batch that kept any readout: its kept datagrams are the
-    chunk's readouts, in order. The receiver runs with ``overflow="block"``
-    (it waits for the forwarding loop, never for the disk), so no chunk is
-    dropped between them and the two stay in step."""
-
-    def __init__(self, network) -> None:
-        self.network = network
-        self.batches: collections.deque = collections.deque()  # [families, addresses, ports, keep]
-        self.batch = None  # the receiver's batch (being fed)
-        self.search = 0
-
-    # -- the network seam --------------------------------------------------
-
-    def open_receiver(self, spec, **options):
-        return _TapEndpoint(self.network.open_receiver(spec, **options), self)
-
-    def __getattr__(self, name):
-        return getattr(self.network, name)
-
-    def note(self, batch, n: int) -> None:
-        self.batch = batch
-        self.search = 0
-        self.batches.append([batch.families[:n].copy(), batch.addresses[:n].copy(), batch.ports[:n].copy(),
-                             ~batch.truncated[:n]])
-
-    # -- the recorder's side ---------------------------------------------------
-
-    def malformed(self, payload: bytes) -> None:
-        """Mark the malformed datagram ``payload`` of the batch being fed."""
-        if not self.batches or self.batch is None:
-            return
-        batch, keep = self.batch, self.batches[-1][3]
-        size = len(payload)
-        buffer = memoryview(batch.buffer)
-        for i in range(self.search, len(keep)):
-            start = int(batch.offsets[i])
-            if keep[i] and int(batch.lengths[i]) == size and buffer[start:start + size] == payload:
-                keep[i] = False
-                self.search = i + 1
-                return
-
-    def take(self, n: int):
-        """The senders of the next chunk's ``n`` readouts, as groups:
-        ``[(source, index or None), ...]`` in order of first appearance
-        (``None``: every readout of the chunk)."""
-        while self.batches:
-            families, addresses, ports, keep = self.batches.popleft()
-            if keep.any():
-                break
-        else:
-            return [(None, None)]
-        kept = np.flatnonzero(keep)
-        if len(kept) != n:  # never expected: keep the files whole all the same
-            return [(None, None)]
-        families, addresses, ports = families[kept], addresses[kept], ports[kept]
-        if (ports == ports[0]).all() and (addresses == addresses[0]).all():
-            return [(_source_of(families[0], addresses[0], ports[0]), None)]
-        rows = np.concatenate([families[:, None], addresses, ports.astype(">u2").view(np.uint8).reshape(-1, 2)],
-                              axis=1)
-        keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.shape[1]))).ravel()
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        groups = []
-        for u in np.argsort(first):
-            index = np.flatnonzero(inverse.ravel() == u)
-            i = int(first[u])
-            groups.append((_source_of(families[i], addresses[i], ports[i]), index))
-        return groups
-
-
-class _TapEndpoint:
-    """A receiver endpoint that tells :class:`_SourceTap` about each batch."""
-
-    def __init__(self, endpoint, tap: _SourceTap) -> None:
-        self._endpoint = endpoint
-        self._tap = tap
-
-    def receive_batch(self, batch) -> int:
-        n = self._endpoint.receive_batch(batch)
-        if n:
-            self._tap.note(batch, n)
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._endpoint, name)
-
-
-def _source_of(family, address, port) -> tuple | None:
-    if family == 4:
-        return (socket.inet_ntop(socket.AF_INET, address[:4].tobytes()), int(port))
-    if family == 6:
-        return (socket.inet_ntop(socket.AF_INET6, address.tobytes()), int(port))
-    return None
 
 
 class _Recorder:
@@ -548,7 +442,6 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     }}
     segments = _Recorder(out, header, rotate_size=rotate_size, rotate_time=rotate_time, fsync=fsync)
     network_options = network.receiver_options()
-    tap = None if messages else _SourceTap(network_options.pop("network", None) or current_network())
     # Batches between the receive task and the forwarding loop: a few at
     # most (the loop never waits, the receiver waits for it): what waits for
     # the disk waits in the writer's queue, bounded by --queue-size.
@@ -568,8 +461,6 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                           on_error=lambda exc: rx_scope.cancel()) as capture:
 
             def on_malformed(payload, source) -> None:
-                if tap is not None:
-                    tap.malformed(payload)
                 capture.offer((payload, source, time.time_ns()), size=len(payload))
 
             # overflow="block": the receive task waits for the forwarding loop
@@ -577,8 +468,6 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
             options = dict(group=network.group, port=network.port, send_channel=send, overflow="block",
                            readout_class=None if messages else AstroPix4Readout,
                            framing=framing, on_malformed=on_malformed, **network_options)
-            if tap is not None:
-                options["network"] = tap
             async with trio.open_nursery() as nursery:
                 await nursery.start(stop_on_signals, rx_scope)
                 service = await nursery.start(_receive, rx_scope, options)
@@ -593,7 +482,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                         if count is not None and taken >= count:
                             continue  # drained and discarded: --count readouts are taken
                         if isinstance(item, ReadoutChunk):
-                            senders = tap.take(len(item.lengths))
+                            senders = item.by_source()
                             lengths = item.lengths
                             if count is not None and taken + len(lengths) >= count:
                                 lengths = lengths[:count - taken]
