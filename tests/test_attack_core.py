@@ -1,0 +1,121 @@
+"""Attacks on the issue-13 fixes of the receive path (kernel drops read from
+the socket, one carry chain per sender, evicted senders in the totals, single
+errors under cancelled scopes), each a test of behaviour that should hold.
+
+Everything that opens a real socket runs only inside a private network
+namespace (``tools/netns-run``); elsewhere the module is skipped with that
+reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import numpy as np
+import pytest
+import trio
+
+from mcast_trio import HIT_DTYPE, AstroPix4Readout, open_receiver
+from mcast_trio.sim import DaqSimulator
+from mcast_trio.testing import isolation_problem
+
+_PROBLEM = isolation_problem()
+pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+
+_serial = itertools.count()
+_BASE_PORT = 41000 + os.getpid() % 1000 * 3
+
+
+@pytest.fixture
+def ep() -> tuple[str, int]:
+    """A fresh IPv4 group and port for one test."""
+    n = next(_serial)
+    return f"239.255.74.{n % 250 + 1}", _BASE_PORT + n
+
+
+def plain_sender() -> socket.socket:
+    """A blocking stdlib UDP socket sending loopback multicast."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def _split_sim(seed: int, chip_id: int, start_id: int = 0) -> DaqSimulator:
+    return DaqSimulator(seed, start_ns=0, chip_id=chip_id, mean_hits=3.0, split_fraction=0.6,
+                        start_id=start_id)
+
+
+def _assert_hits_equal(hits: np.ndarray, truth: np.ndarray, who: str) -> None:
+    assert len(hits) == len(truth), f"{who}: {len(hits)} hits decoded, {len(truth)} real"
+    for name in HIT_DTYPE.names:
+        np.testing.assert_array_equal(hits[name], truth[name], err_msg=f"{who}: {name}")
+
+
+async def _collect_hits(receiver, readouts: int) -> list:
+    hits = []
+    while receiver.statistics().readouts < readouts:
+        with trio.move_on_after(2) as scope:
+            hits.append(np.asarray((await receiver.receive_batch()).hits))
+        if scope.cancelled_caught:
+            break
+    return hits
+
+
+# -- carry chain per sender --------------------------------------------------
+
+
+async def test_garbage_from_a_sender_inside_its_split_hit_does_not_destroy_the_hit(ep):
+    """Readout k ends with the first bytes of a hit, readout k+1 (the next
+    id, well-formed) carries the rest; a short garbage datagram from the same
+    address and port arrives between them (a hostile or broken peer, a
+    spoofed source). The garbage is counted as malformed and not delivered;
+    it is not readout k+1 (which arrives intact), so it must not cost the
+    hit split across k and k+1: every real hit is decoded. Today the carry of
+    that sender is thrown away on any malformed datagram of its own, and the
+    hit vanishes with no counter moving (a truncated over-long datagram from
+    the same source, by contrast, does not break the chain)."""
+    group, port = ep
+    n = 300
+    sim = _split_sim(61, 7)
+    batch = sim.generate(n)
+    assert batch.n_split > 100
+    datagrams = batch.datagrams()
+    garbage = 0
+    async with open_receiver(group, port, AstroPix4Readout) as receiver:
+        sock = plain_sender()
+        try:
+            for k, d in enumerate(datagrams):
+                sock.sendto(d, (group, port))
+                if k % 3 == 0:
+                    sock.sendto(b"\xff" * 5, (group, port))  # not a readout
+                    garbage += 1
+        finally:
+            sock.close()
+        hits = await _collect_hits(receiver, n)
+        s = receiver.statistics()
+    assert s.kernel_drops == 0 and s.lost == 0 and s.readouts == n
+    assert s.malformed == garbage
+    _assert_hits_equal(np.concatenate(hits), batch.truth, "the sender")
+    assert s.hits == len(batch.truth)
+
+
+# -- arguments -----------------------------------------------------------------
+
+
+async def test_open_receiver_rejects_drop_channel_in_its_own_words(ep):
+    """open_receiver's keyword check lists ``drop_channel`` as allowed, then
+    the configuration raises a bare ``TypeError: _configure() got an
+    unexpected keyword argument``: the message must follow the library's
+    rule (``name=value ...; allowed: ...``), and not list as allowed what is
+    refused."""
+    group, port = ep
+    with pytest.raises(TypeError) as info:
+        async with open_receiver(group, port, AstroPix4Readout, drop_channel=None):
+            pass
+    message = str(info.value)
+    assert "_configure" not in message
+    assert "drop_channel" in message and "allowed" in message
