@@ -57,9 +57,12 @@ def _assert_hits_equal(hits: np.ndarray, truth: np.ndarray, who: str) -> None:
 
 async def _collect_hits(receiver, readouts: int) -> list:
     hits = []
-    while receiver.statistics().readouts < readouts:
+    got = 0
+    while got < readouts:
         with trio.move_on_after(2) as scope:
-            hits.append(np.asarray((await receiver.receive_batch()).hits))
+            batch = await receiver.receive_batch()
+            got += len(batch.readouts)
+            hits.append(np.asarray(batch.hits))
         if scope.cancelled_caught:
             break
     return hits
@@ -153,3 +156,39 @@ def test_a_batch_from_many_senders_costs_not_much_more_than_one_from_one_sender(
 
     one, many = cost(1), cost(64)
     assert many <= 8 * one, f"64 senders per batch cost {many / one:.1f}x one sender"
+
+
+async def test_garbage_from_many_source_ports_does_not_evict_a_daqs_split_hit(ep):
+    """A DAQ on one group, and a hostile or broken peer that sprays short
+    garbage datagrams from 64 source ports (the default ``max_senders``)
+    between two readouts of the DAQ. Every garbage datagram is counted as
+    malformed and never delivered; none of them is a sender whose loss is
+    tracked (``senders`` holds the DAQ only, nothing is ``evicted``). Yet
+    each garbage source takes a slot of the carry table, bounded like the
+    sender table, so the DAQ's carry is evicted and every hit it split
+    across two readouts vanishes, with no counter moving: bad input from
+    other sources must not cost a well-formed sender's data."""
+    group, port = ep
+    n = 60
+    batch = _split_sim(62, 8).generate(n)
+    assert batch.n_split > 15
+    spray = [plain_sender() for _ in range(64)]
+    async with open_receiver(group, port, AstroPix4Readout) as receiver:
+        daq = plain_sender()
+        try:
+            for d in batch.datagrams():
+                daq.sendto(d, (group, port))
+                await trio.sleep(0.002)  # the receiver takes it alone
+                for sock in spray:
+                    sock.sendto(b"\xff" * 5, (group, port))
+                await trio.sleep(0.002)
+        finally:
+            daq.close()
+            for sock in spray:
+                sock.close()
+        hits = await _collect_hits(receiver, n)
+        s = receiver.statistics()
+    assert s.kernel_drops == 0 and s.lost == 0 and s.readouts == n
+    assert s.malformed == 64 * n
+    assert len(s.senders) == 1 and s.evicted == 0
+    _assert_hits_equal(np.concatenate(hits), batch.truth, "the DAQ")
