@@ -296,3 +296,38 @@ def test_a_batch_from_many_senders_keeps_to_max_busy():
             worst = max(worst, time.perf_counter() - last)
     assert pipeline.statistics().readouts == 4 * 1024
     assert worst <= 0.025, f"the pipeline ran {worst * 1e3:.0f} ms without a pause (max_busy 5 ms)"
+
+
+# -- single errors -------------------------------------------------------------
+
+
+class _FilterFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_FilterFailure, KeyboardInterrupt])
+async def test_an_error_of_the_receive_task_comes_out_as_itself_to_a_waiting_consumer(ep, error):
+    """The receive task fails (here the user's ``filter`` raises; Ctrl-C
+    lands wherever Python code runs, a filter included) while the block
+    waits in ``receive()``. The only failure is that one; the
+    ``EndOfChannel`` the waiting ``receive()`` then gets is its consequence
+    (the task stopped, its channel closed), not a second, concurrent
+    failure. ``open_receiver`` promises that a single exception comes out as
+    itself, so that ``except KeyboardInterrupt`` (or the filter's own
+    exception type) works; today it comes out as
+    ``ExceptionGroup([error, EndOfChannel()])``."""
+    group, port = ep
+
+    def failing(payload, source):
+        raise error("from the filter")
+
+    with pytest.raises(error) as info:
+        async with open_receiver(group, port, AstroPix4Readout, filter=failing) as receiver:
+            sock = plain_sender()
+            try:
+                sock.sendto(DaqSimulator(1, start_ns=0).datagrams(1)[0], (group, port))
+            finally:
+                sock.close()
+            with trio.fail_after(5):
+                await receiver.receive()
+    assert type(info.value) is error
