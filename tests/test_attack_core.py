@@ -331,3 +331,17 @@ async def test_an_error_of_the_receive_task_comes_out_as_itself_to_a_waiting_con
             with trio.fail_after(5):
                 await receiver.receive()
     assert type(info.value) is error
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, 10**9])
+def test_receive_pipeline_names_loss_window(value):
+    """``ReceivePipeline(loss_window=...)`` (what the fault relay, the
+    receiver and the tools build) rejects a bad value naming the argument
+    it was given, ``loss_window=``, as ``open_receiver`` does; today the
+    message names ``window=``, the parameter of an internal class."""
+    from mcast_trio._protocol._pipeline import ReceivePipeline
+
+    with pytest.raises((TypeError, ValueError)) as info:
+        ReceivePipeline(readout_class=AstroPix4Readout, loss_window=value)
+    assert str(info.value).startswith(f"loss_window={value!r}"), str(info.value)
+    assert "allowed" in str(info.value)
