@@ -345,3 +345,32 @@ def test_receive_pipeline_names_loss_window(value):
         ReceivePipeline(readout_class=AstroPix4Readout, loss_window=value)
     assert str(info.value).startswith(f"loss_window={value!r}"), str(info.value)
     assert "allowed" in str(info.value)
+
+
+# -- kernel drops and what reached the socket ------------------------------------
+
+
+async def test_statistics_after_close_account_for_what_the_socket_still_held(ep):
+    """Issue 13.1: ``datagrams + kernel_drops`` equals what reached the
+    socket at every moment a user can look, and ``statistics()`` is read
+    after the block too (the last count is kept at close). 1,000 readouts
+    reach the socket (no kernel drop: the buffer holds them all) while the
+    consumer stalls with ``overflow="block"``; the block is left. The
+    receive task had taken 512 of them; the 488 still queued in the socket
+    are discarded with it and appear in no counter: after close,
+    ``datagrams + kernel_drops`` is 512 of 1,000, silently."""
+    group, port = ep
+    sent = 1000
+    datagrams = DaqSimulator(81, start_ns=0).datagrams(sent)
+    async with open_receiver(group, port, AstroPix4Readout, overflow="block", queue_size=1,
+                             rcvbuf=4 << 20) as receiver:
+        sock = plain_sender()
+        try:
+            for d in datagrams:
+                sock.sendto(d, (group, port))
+        finally:
+            sock.close()
+        await trio.sleep(0.2)  # the consumer stalls; the receive task blocks
+    s = receiver.statistics()
+    assert s.datagrams + s.kernel_drops == sent, (
+        f"datagrams {s.datagrams} + kernel_drops {s.kernel_drops} of {sent} that reached the socket")
