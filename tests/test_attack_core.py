@@ -374,3 +374,41 @@ async def test_statistics_after_close_account_for_what_the_socket_still_held(ep)
     s = receiver.statistics()
     assert s.datagrams + s.kernel_drops == sent, (
         f"datagrams {s.datagrams} + kernel_drops {s.kernel_drops} of {sent} that reached the socket")
+
+
+# -- evicted senders -----------------------------------------------------------
+
+
+async def test_losses_of_65_daqs_taking_turns_are_counted(ep):
+    """65 DAQs on one group (one more than the default ``max_senders``),
+    taking turns, each losing every fifth readout on the way (here: never
+    sent). Each DAQ's tracker is evicted before its next readout arrives, so
+    each readout starts a fresh tracker and no gap is ever seen: ``lost``
+    stays 0 of 325 lost readouts (only ``evicted`` moves, about one per
+    datagram). The fix of issue 13.6 keeps what an evicted tracker had
+    counted, but losses that happen while a sender is evicted vanish."""
+    group, port = ep
+    daqs, per = 65, 30
+    streams = [DaqSimulator(100 + k, start_ns=0, start_id=1000 * k).datagrams(per) for k in range(daqs)]
+    socks = [plain_sender() for _ in range(daqs)]
+    sent = 0
+    try:
+        async with open_receiver(group, port, AstroPix4Readout, rcvbuf=4 << 20) as receiver:
+            for i in range(per):
+                if i % 5 == 4:
+                    continue  # lost on the way
+                for sock, stream in zip(socks, streams):
+                    sock.sendto(stream[i], (group, port))
+                    sent += 1
+                await trio.sleep(0.001)
+            with trio.move_on_after(5):
+                while receiver.statistics().datagrams < sent:
+                    await trio.sleep(0.01)
+            s = receiver.statistics()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert s.kernel_drops == 0 and s.datagrams == sent
+    # Readouts 4, 9, ..., 24 of every DAQ are gaps between received ones
+    # (29 is after the last one received: not yet known as lost).
+    assert s.lost == daqs * 5, f"lost {s.lost} of {daqs * 5} (evicted {s.evicted})"
