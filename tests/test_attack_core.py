@@ -412,3 +412,19 @@ async def test_losses_of_65_daqs_taking_turns_are_counted(ep):
     # Readouts 4, 9, ..., 24 of every DAQ are gaps between received ones
     # (29 is after the last one received: not yet known as lost).
     assert s.lost == daqs * 5, f"lost {s.lost} of {daqs * 5} (evicted {s.evicted})"
+
+
+@pytest.mark.parametrize("value", ["nonsense", "", 5, float("nan"), ("127.0.0.1", 0)])
+async def test_open_sender_names_what_local_address_allows(ep, value):
+    """A bad ``local_address`` is refused before anything opens with the
+    library's message form ``name=value ...; allowed: ...`` (as
+    ``local_address='::1'`` already is); these say what is wrong but not
+    what is allowed."""
+    from mcast_trio import open_sender
+
+    group, port = ep
+    with pytest.raises((TypeError, ValueError)) as info:
+        async with open_sender(group, port, local_address=value):
+            pass
+    message = str(info.value)
+    assert message.startswith(f"local_address={value!r}") and "; allowed:" in message, message
