@@ -428,3 +428,43 @@ async def test_open_sender_names_what_local_address_allows(ep, value):
             pass
     message = str(info.value)
     assert message.startswith(f"local_address={value!r}") and "; allowed:" in message, message
+
+
+def test_a_hit_dense_batch_from_many_senders_costs_no_more_memory_or_time():
+    """1,024 hit-dense readouts (about 2,000 hits each, 2.1 M hits, 96 MB
+    decoded) in one receive batch (``batch_size=1024``): from one sender
+    they decode in one compiled call (~40 ms, ~97 MB at peak); from 1,024
+    source ports, each sender's hits are decoded apart, concatenated, then
+    put back in arrival order: three copies at once (~310 MB at peak) and
+    ~700 ms without a pause, with ``max_busy`` 5 ms. A peer choosing its
+    source ports must not triple the receiver's memory or stall its loop."""
+    import time
+    import tracemalloc
+
+    from mcast_trio._io._batchio import ReceiveBatch
+    from mcast_trio._protocol._pipeline import ReceivePipeline
+
+    big = max(DaqSimulator(5, start_ns=0, mean_hits=2000.0).datagrams(20), key=len)
+
+    def run(senders: int) -> tuple[int, float, int]:
+        pipeline = ReceivePipeline(readout_class=AstroPix4Readout)
+        pipeline.keep_bytes = False
+        batch = ReceiveBatch(1024, 65535)
+        for i in range(1024):
+            batch.store(i, big, ("127.0.0.1", 1 + i % senders))
+        batch.count = 1024
+        tracemalloc.start()
+        try:
+            t0 = time.perf_counter()
+            chunk = pipeline.run(batch, 1024, 0.0)
+            elapsed = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return peak, elapsed, len(chunk.batch.hits)
+
+    peak_one, time_one, hits_one = run(1)
+    peak_many, time_many, hits_many = run(1024)
+    assert hits_one == hits_many > 2_000_000
+    assert peak_many <= 1.5 * peak_one, f"peak {peak_many >> 20} MB vs {peak_one >> 20} MB from one sender"
+    assert time_many <= max(0.1, 3 * time_one), f"{time_many * 1e3:.0f} ms vs {time_one * 1e3:.0f} ms"
