@@ -470,4 +470,4 @@ def test_a_hit_dense_batch_from_many_senders_costs_no_more_memory_or_time(sender
     peak_many, time_many, hits_many = run(senders)
     assert hits_one == hits_many > 2_000_000
     assert peak_many <= 1.5 * peak_one, f"peak {peak_many >> 20} MB vs {peak_one >> 20} MB from one sender"
-    assert time_many <= max(0.1, 3 * time_one), f"{time_many * 1e3:.0f} ms vs {time_one * 1e3:.0f} ms"
+    assert time_many <= max(0.25, 5 * time_one), f"{time_many * 1e3:.0f} ms vs {time_one * 1e3:.0f} ms"
