@@ -17,6 +17,12 @@ which backend is active:
   ``buf[offsets[k]:offsets[k] + lengths[k]]`` (int64 arrays, inside
   ``buf``), ``carry`` one of ``_format.CARRY_*``; ``hits`` a ``HIT_DTYPE``
   array, ``readouts`` a ``READOUT_DTYPE`` array (one row per datagram).
+* ``decode_chains(buf, offsets, lengths, chain, extras, extra_lens, last_ids,
+  carry)`` -> ``(hits, readouts)``: the same for readouts of several carry
+  chains (senders) in arrival order, row ``k`` of chain ``chain[k]`` (int64);
+  each chain's state, ``extras`` (uint8, 8 bytes per chain), ``extra_lens``
+  (int8, -1: none) and ``last_ids`` (int64, -1: unknown), is read and
+  overwritten in place with its final state.
 * ``decode_one(data, extra_bytes, readout_id, timestamp)`` ->
   ``(hits, flags, extra_start, dropped)``: the data of one readout (trailing
   padding stripped); ``hits`` a ``HIT_DTYPE`` array.
@@ -130,6 +136,20 @@ if _choice == "compiled":
         )
         return hits[:n_hits], readouts, extra_out, last
 
+    def decode_chains(buf, offsets, lengths, chain, extras, extra_lens, last_ids, carry):
+        count = len(lengths)
+        bound = int(lengths.sum()) // 8 + count  # >= sum(lengths // 8) + count
+        hits = np.empty(bound, dtype=HIT_DTYPE)
+        readouts = np.zeros(count, dtype=READOUT_DTYPE)
+        n_hits = _decode.decode_chains(
+            buf if len(buf) else b"\0",  # a typed memoryview needs one element
+            offsets, lengths, chain, extras if len(extras) else np.zeros(1, np.uint8), extra_lens,
+            last_ids, carry,
+            hits.view(np.uint8) if bound else np.zeros(1, np.uint8),
+            readouts.view(np.uint8) if count else np.zeros(1, np.uint8),
+        )
+        return hits[:n_hits], readouts
+
     def decode_one(data, extra_bytes, readout_id, timestamp):
         hits = np.empty(len(data) // 8 + 1, dtype=HIT_DTYPE)
         n, flags, extra_start, dropped = _decode.decode_one(
@@ -144,5 +164,17 @@ else:
     def decode_batch(buf, offsets, lengths, extra_bytes, carry, last_id):
         parts = [buf[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
         return _reference.decode_batch(parts, extra_bytes, carry, last_id)
+
+    def decode_chains(buf, offsets, lengths, chain, extras, extra_lens, last_ids, carry):
+        parts = [buf[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
+        state = [(None if n < 0 else bytes(extras[8 * g:8 * g + n]), int(last))
+                 for g, (n, last) in enumerate(zip(extra_lens.tolist(), last_ids.tolist()))]
+        hits, readouts, state = _reference.decode_chains(parts, chain.tolist(), state, carry)
+        for g, (extra, last) in enumerate(state):
+            extra_lens[g] = -1 if extra is None else len(extra)
+            if extra:
+                extras[8 * g:8 * g + len(extra)] = np.frombuffer(extra, np.uint8)
+            last_ids[g] = last
+        return hits, readouts
 
     decode_one = _reference.decode_data

@@ -16,7 +16,7 @@ from . import _backend
 from ._format import CARRY_ALWAYS, CARRY_CONSECUTIVE, CARRY_NEVER, readout_error_message
 from ._validate import check_choice, check_int
 
-__all__ = ["DecodedBatch", "decode_readouts", "CARRY_MODES"]
+__all__ = ["DecodedBatch", "decode_readouts", "decode_chains", "CARRY_MODES"]
 
 #: Carry modes accepted by :func:`decode_readouts` (``carry=``).
 CARRY_MODES = {
@@ -37,10 +37,12 @@ class DecodedBatch:
             decoding ``status`` (:class:`DecodingStatus` bits), ``dropped_bytes``, ``n_extra``, and
             ``malformed``/``error`` for datagrams that were skipped.
         errors: ``(index, message)`` for each malformed datagram.
-        extra_bytes: extra bytes left by the last datagram, to pass as
-            ``extra_bytes=`` with the next batch (None if none).
-        last_id: readout id of the last datagram (-1 if it was malformed), to
-            pass as ``last_id=`` with the next batch.
+        extra_bytes: extra bytes the carry chain holds after the last
+            datagram, to pass as ``extra_bytes=`` with the next batch (None
+            if none).
+        last_id: readout id of the chain's last readout (-1: unknown, e.g.
+            after a malformed datagram with ``carry="always"``), to pass as
+            ``last_id=`` with the next batch.
     """
 
     hits: np.recarray
@@ -109,17 +111,20 @@ def _as_contiguous(datagrams, lengths, offsets):
     return view, offs, lens
 
 
-def _decode(buf, offs: np.ndarray, lens: np.ndarray, extra_bytes: bytes | None, last_id: int,
-            mode: int) -> DecodedBatch:
-    """Decode validated input with the backend bound in ``_backend``."""
-    count = len(lens)
-    hits, readouts, extra_out, last = _backend.decode_batch(buf, offs, lens, extra_bytes, mode, last_id)
-    errors: tuple[tuple[int, str], ...] = ()
-    if count and readouts["malformed"].any():
-        errors = tuple(
+def _errors(buf, offs: np.ndarray, lens: np.ndarray, readouts: np.ndarray) -> tuple[tuple[int, str], ...]:
+    if len(lens) and readouts["malformed"].any():
+        return tuple(
             (int(k), readout_error_message(buf[int(offs[k]):int(offs[k] + lens[k])], int(readouts["error"][k])))
             for k in np.flatnonzero(readouts["malformed"])
         )
+    return ()
+
+
+def _decode(buf, offs: np.ndarray, lens: np.ndarray, extra_bytes: bytes | None, last_id: int,
+            mode: int) -> DecodedBatch:
+    """Decode validated input with the backend bound in ``_backend``."""
+    hits, readouts, extra_out, last = _backend.decode_batch(buf, offs, lens, extra_bytes, mode, last_id)
+    errors = _errors(buf, offs, lens, readouts)
     return DecodedBatch(
         hits=hits.view(np.recarray),
         readouts=readouts.view(np.recarray),
@@ -140,6 +145,32 @@ def decode_trusted(buf, offsets: np.ndarray, lengths: np.ndarray, extra_bytes: b
     return _decode(buf, offsets, lengths, extra_bytes, last_id, carry)
 
 
+def decode_chains(buf, offsets: np.ndarray, lengths: np.ndarray, chain: np.ndarray,
+                  extras: np.ndarray, extra_lens: np.ndarray, last_ids: np.ndarray,
+                  carry: int) -> DecodedBatch:
+    """Decode readouts of several senders mixed in arrival order in one
+    compiled call, each sender on its own carry chain (for callers inside
+    the package that built the arrays themselves: the receive pipeline).
+
+    Row ``k`` (``buf[offsets[k]:offsets[k] + lengths[k]]``) belongs to chain
+    ``chain[k]`` (int64, ``0 <= chain[k] < len(last_ids)``). Chain ``g``'s
+    state is ``extras[8 * g:8 * g + extra_lens[g]]`` (uint8; ``extra_lens``
+    int8, -1: no extra bytes) and ``last_ids[g]`` (int64, -1: unknown); it
+    is read before the first row and overwritten in place after the last.
+    The rows of the result stay in arrival order; its ``extra_bytes`` /
+    ``last_id`` are None / -1 (the state is in the arrays). The compiled
+    decoder checks every offset, length and chain index.
+    """
+    hits, readouts = _backend.decode_chains(buf, offsets, lengths, chain, extras, extra_lens,
+                                            last_ids, carry)
+    return DecodedBatch(
+        hits=hits.view(np.recarray),
+        readouts=readouts.view(np.recarray),
+        errors=_errors(buf, offsets, lengths, readouts),
+        backend=_backend.decoder_backend(),
+    )
+
+
 def decode_readouts(
     datagrams,
     lengths=None,
@@ -156,7 +187,9 @@ def decode_readouts(
     datagrams are back to back), which is what a batched socket receive yields.
     Extra bytes left at the end of each readout are carried into the next one
     (spec section 5). A malformed datagram is reported in ``errors`` and its
-    row, skipped, and breaks the carry chain; the others still decode.
+    row, skipped; the others still decode. It is not a readout, so with
+    ``carry="consecutive"`` it leaves the chain as it was (the readout id
+    check decides what carries); with ``"always"`` it breaks the chain.
 
     Args:
         datagrams: the serialized readouts, or one buffer holding them.

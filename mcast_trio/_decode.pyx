@@ -9,7 +9,9 @@ caller allocated once (see ``_batch.py``):
   ``AstroPix4Readout.decode``);
 * :func:`decode_batch` decodes many serialized readouts held in one contiguous
   buffer (``offsets``/``lengths`` per datagram), carrying extra bytes from each
-  readout to the next, skipping (and reporting) malformed datagrams.
+  readout to the next, skipping (and reporting) malformed datagrams;
+* :func:`decode_chains` does the same for readouts of several senders mixed
+  in arrival order, each sender carrying on its own chain.
 
 Every byte read is preceded by an explicit bounds test against the datagram's
 own length: the input is untrusted network data. The walk mirrors
@@ -17,8 +19,8 @@ own length: the input is untrusted network data. The walk mirrors
 readout header is parsed by ``_readout_header.pxd``, its one C owner.
 """
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memmove
 
 from mcast_trio._readout_header cimport (
     READOUT_BAD_HEADER, READOUT_HEADER_SIZE, READOUT_LENGTH_MISMATCH, READOUT_LENGTH_OFFSET,
@@ -373,10 +375,100 @@ def decode_one(const uint8_t[::1] data, extra, uint32_t readout_id,
     return nh, flags, extra_start, dropped
 
 
+cdef Py_ssize_t _decode_rows(const uint8_t* base, const int64_t* offsets,
+                             const int64_t* lengths, Py_ssize_t count, const int64_t* chain,
+                             const uint8_t** carry_ptr, Py_ssize_t* carry_len,
+                             uint8_t* has_carry, int64_t* last_id, int carry,
+                             HitRec* out, ReadoutRec* rows) noexcept nogil:
+    """Decode ``count`` datagrams in arrival order; row ``k`` belongs to the
+    carry chain ``chain[k]`` (``chain`` NULL: every row to chain 0), whose
+    state (extra bytes, readout id of its last readout) is kept in the
+    per-chain arrays. A malformed row leaves its chain as it was in
+    ``CARRY_CONSECUTIVE`` mode (it is not the next readout: the id check
+    decides what carries) and breaks it otherwise. Returns the hit count."""
+    cdef Py_ssize_t k, g = 0
+    cdef Py_ssize_t nh = 0
+    cdef Py_ssize_t got, dn, extra_start, dropped
+    cdef const uint8_t* dg
+    cdef int64_t dglen
+    cdef uint32_t rid = 0
+    cdef uint64_t ts = 0
+    cdef int error
+    cdef uint8_t flags
+    cdef ReadoutRec* row
+    for k in range(count):
+        if chain != NULL:
+            g = chain[k]
+        row = &rows[k]
+        row.first_hit = <uint64_t>nh
+        dg = base + offsets[k]
+        dglen = lengths[k]
+        error = parse_readout_header(dg, <Py_ssize_t>dglen, &rid, &ts)
+        if error != READOUT_OK:
+            row.malformed = 1
+            row.error = <uint8_t>error
+            if carry != CARRY_CONSECUTIVE:
+                # Adjacency is all "always" goes by: unknown past a datagram
+                # we could not read.
+                has_carry[g] = 0
+                carry_len[g] = 0
+                last_id[g] = -1
+            continue
+        dn = dglen - READOUT_HEADER_SIZE
+        while dn > 0 and dg[READOUT_HEADER_SIZE + dn - 1] == PAD:
+            dn -= 1
+        if carry == CARRY_NEVER or (
+                carry == CARRY_CONSECUTIVE and last_id[g] >= 0
+                and <uint32_t>(last_id[g] + 1) != rid):
+            has_carry[g] = 0
+            carry_len[g] = 0
+        got = _walk(dg + READOUT_HEADER_SIZE, dn, carry_ptr[g], carry_len[g], has_carry[g],
+                    rid, ts, out + nh, &flags, &extra_start, &dropped)
+        row.readout_id = rid
+        row.timestamp = ts
+        row.length = <uint32_t>dn
+        row.n_hits = <uint32_t>got
+        row.status = flags
+        row.dropped_bytes = <uint32_t>dropped
+        nh += got
+        if extra_start >= 0:
+            has_carry[g] = 1
+            carry_ptr[g] = dg + READOUT_HEADER_SIZE + extra_start
+            carry_len[g] = dn - extra_start
+            row.n_extra = <uint8_t>carry_len[g]
+        else:
+            has_carry[g] = 0
+            carry_len[g] = 0
+        last_id[g] = rid
+    return nh
+
+
+cdef int64_t _check_rows(Py_ssize_t size, const int64_t[::1] offsets, const int64_t[::1] lengths,
+                         uint8_t[::1] hits_out, uint8_t[::1] readouts_out) except -1:
+    """Check every datagram against the buffer and the output room."""
+    cdef Py_ssize_t count = lengths.shape[0]
+    cdef Py_ssize_t k
+    cdef int64_t bound = count
+    if offsets.shape[0] != count:
+        raise ValueError(f"offsets has {offsets.shape[0]} entries but lengths has {count}")
+    for k in range(count):
+        if lengths[k] < 0 or offsets[k] < 0 or offsets[k] + lengths[k] > size:
+            raise ValueError(
+                f"datagram {k} (offset {offsets[k]}, length {lengths[k]}) "
+                f"does not fit in the {size}-byte buffer")
+        bound += lengths[k] // 8
+    if <int64_t>(hits_out.shape[0] // sizeof(HitRec)) < bound:
+        raise ValueError(f"hits_out has room for {hits_out.shape[0] // sizeof(HitRec)} hits, need {bound}")
+    if <Py_ssize_t>(readouts_out.shape[0] // sizeof(ReadoutRec)) < count:
+        raise ValueError(f"readouts_out has room for {readouts_out.shape[0] // sizeof(ReadoutRec)} rows, need {count}")
+    return 0
+
+
 def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
                  const int64_t[::1] lengths, extra, int carry, int64_t last_id,
                  uint8_t[::1] hits_out, uint8_t[::1] readouts_out):
-    """Decode serialized readouts ``buf[offsets[k]:offsets[k] + lengths[k]]``.
+    """Decode serialized readouts ``buf[offsets[k]:offsets[k] + lengths[k]]``
+    as one carry chain.
 
     Args:
         buf: one contiguous buffer holding all datagrams.
@@ -393,89 +485,109 @@ def decode_batch(const uint8_t[::1] buf, const int64_t[::1] offsets,
 
     Returns:
         ``(n_hits, extra_out, last_id)``: the number of hits written, the
-        extra bytes left by the last datagram (bytes or None) and its readout
-        id (-1 if it was malformed).
+        extra bytes the chain carries on (bytes or None) and the readout id
+        of its last readout (-1: unknown). A malformed datagram leaves the
+        chain as it was in consecutive mode and breaks it in the others.
     """
     cdef Py_ssize_t count = lengths.shape[0]
     cdef Py_ssize_t size = buf.shape[0]
-    cdef Py_ssize_t k
-    cdef int64_t bound = count
-    if offsets.shape[0] != count:
-        raise ValueError(f"offsets has {offsets.shape[0]} entries but lengths has {count}")
-    for k in range(count):
-        if lengths[k] < 0 or offsets[k] < 0 or offsets[k] + lengths[k] > size:
-            raise ValueError(
-                f"datagram {k} (offset {offsets[k]}, length {lengths[k]}) "
-                f"does not fit in the {size}-byte buffer")
-        bound += lengths[k] // 8
-    if <int64_t>(hits_out.shape[0] // sizeof(HitRec)) < bound:
-        raise ValueError(f"hits_out has room for {hits_out.shape[0] // sizeof(HitRec)} hits, need {bound}")
-    if <Py_ssize_t>(readouts_out.shape[0] // sizeof(ReadoutRec)) < count:
-        raise ValueError(f"readouts_out has room for {readouts_out.shape[0] // sizeof(ReadoutRec)} rows, need {count}")
+    _check_rows(size, offsets, lengths, hits_out, readouts_out)
     if carry < CARRY_ALWAYS or carry > CARRY_NEVER:
         raise ValueError(f"carry={carry} is not a carry mode (0, 1 or 2)")
 
     cdef bytes extra_in = bytes(extra) if extra is not None else None
     cdef const uint8_t* carry_ptr = NULL
     cdef Py_ssize_t carry_len = 0
-    cdef bint has_carry = extra_in is not None
+    cdef uint8_t has_carry = extra_in is not None
     if has_carry:
         carry_len = len(extra_in)
         carry_ptr = <const uint8_t*><char*>extra_in
     cdef const uint8_t* base = &buf[0] if size > 0 else NULL
     cdef HitRec* out = <HitRec*>&hits_out[0] if hits_out.shape[0] > 0 else NULL
     cdef ReadoutRec* rows = <ReadoutRec*>&readouts_out[0] if count > 0 else NULL
-    cdef Py_ssize_t nh = 0
-    cdef Py_ssize_t got, dn, extra_start, dropped
-    cdef const uint8_t* dg
-    cdef int64_t dglen
-    cdef uint32_t rid = 0
-    cdef uint64_t ts = 0
-    cdef int error
-    cdef uint8_t flags
-    cdef ReadoutRec* row
+    cdef Py_ssize_t nh
     with nogil:
-        for k in range(count):
-            row = &rows[k]
-            row.first_hit = <uint64_t>nh
-            dg = base + offsets[k]
-            dglen = lengths[k]
-            error = parse_readout_header(dg, <Py_ssize_t>dglen, &rid, &ts)
-            if error != READOUT_OK:
-                row.malformed = 1
-                row.error = <uint8_t>error
-                # Never carry extra bytes across a datagram we could not read.
-                has_carry = False
-                carry_len = 0
-                last_id = -1
-                continue
-            dn = dglen - READOUT_HEADER_SIZE
-            while dn > 0 and dg[READOUT_HEADER_SIZE + dn - 1] == PAD:
-                dn -= 1
-            if carry == CARRY_NEVER or (
-                    carry == CARRY_CONSECUTIVE and last_id >= 0
-                    and <uint32_t>(last_id + 1) != rid):
-                has_carry = False
-                carry_len = 0
-            got = _walk(dg + READOUT_HEADER_SIZE, dn, carry_ptr, carry_len, has_carry,
-                        rid, ts, out + nh, &flags, &extra_start, &dropped)
-            row.readout_id = rid
-            row.timestamp = ts
-            row.length = <uint32_t>dn
-            row.n_hits = <uint32_t>got
-            row.status = flags
-            row.dropped_bytes = <uint32_t>dropped
-            nh += got
-            if extra_start >= 0:
-                has_carry = True
-                carry_ptr = dg + READOUT_HEADER_SIZE + extra_start
-                carry_len = dn - extra_start
-                row.n_extra = <uint8_t>carry_len
-            else:
-                has_carry = False
-                carry_len = 0
-            last_id = rid
+        nh = _decode_rows(base, &offsets[0] if count > 0 else NULL,
+                          &lengths[0] if count > 0 else NULL, count, NULL,
+                          &carry_ptr, &carry_len, &has_carry, &last_id, carry, out, rows)
     cdef object extra_out = None
     if has_carry:
         extra_out = bytes((<const char*>carry_ptr)[:carry_len]) if carry_len > 0 else b""
     return nh, extra_out, last_id
+
+
+def decode_chains(const uint8_t[::1] buf, const int64_t[::1] offsets,
+                  const int64_t[::1] lengths, const int64_t[::1] chain,
+                  uint8_t[::1] extras, int8_t[::1] extra_lens, int64_t[::1] last_ids,
+                  int carry, uint8_t[::1] hits_out, uint8_t[::1] readouts_out):
+    """Decode serialized readouts of several carry chains (senders) in one
+    pass, rows in arrival order: row ``k`` belongs to chain ``chain[k]``.
+
+    Args:
+        buf, offsets, lengths, carry, hits_out, readouts_out: as
+            :func:`decode_batch`.
+        chain: per row, its chain ``0 <= g < len(last_ids)``.
+        extras: ``8 * len(last_ids)`` bytes, chain ``g``'s extra bytes at
+            ``extras[8 * g:8 * g + extra_lens[g]]``.
+        extra_lens: per chain, the number of its extra bytes (0..8), -1 for
+            none.
+        last_ids: per chain, the readout id of its last readout (-1:
+            unknown).
+
+    ``extras``, ``extra_lens`` and ``last_ids`` are read as the chains'
+    initial state and overwritten with their final state.
+
+    Returns:
+        The number of hits written.
+    """
+    cdef Py_ssize_t count = lengths.shape[0]
+    cdef Py_ssize_t size = buf.shape[0]
+    cdef Py_ssize_t chains = last_ids.shape[0]
+    cdef Py_ssize_t k, g
+    _check_rows(size, offsets, lengths, hits_out, readouts_out)
+    if carry < CARRY_ALWAYS or carry > CARRY_NEVER:
+        raise ValueError(f"carry={carry} is not a carry mode (0, 1 or 2)")
+    if chain.shape[0] != count:
+        raise ValueError(f"chain has {chain.shape[0]} entries but lengths has {count}")
+    if extra_lens.shape[0] != chains or extras.shape[0] != 8 * chains:
+        raise ValueError(f"extras/extra_lens do not describe {chains} chains")
+    for k in range(count):
+        if chain[k] < 0 or chain[k] >= chains:
+            raise ValueError(f"chain[{k}]={chain[k]} is not one of the {chains} chains")
+    for g in range(chains):
+        if extra_lens[g] < -1 or extra_lens[g] > 8:
+            raise ValueError(f"extra_lens[{g}]={extra_lens[g]}; allowed: -1..8")
+    if chains == 0:
+        return 0
+    carry_ptr_a = np.empty(chains, dtype=np.uintp)
+    carry_len_a = np.empty(chains, dtype=np.intp)
+    has_carry_a = np.empty(chains, dtype=np.uint8)
+    cdef size_t[::1] ptr_view = carry_ptr_a
+    cdef Py_ssize_t[::1] len_view = carry_len_a
+    cdef uint8_t[::1] has_view = has_carry_a
+    cdef const uint8_t** carry_ptr = <const uint8_t**>&ptr_view[0]
+    cdef Py_ssize_t* carry_len = &len_view[0]
+    cdef uint8_t* has_carry = &has_view[0]
+    cdef uint8_t* slots = &extras[0]
+    for g in range(chains):
+        has_carry[g] = extra_lens[g] >= 0
+        carry_len[g] = extra_lens[g] if extra_lens[g] > 0 else 0
+        carry_ptr[g] = slots + 8 * g
+    cdef const uint8_t* base = &buf[0] if size > 0 else NULL
+    cdef HitRec* out = <HitRec*>&hits_out[0] if hits_out.shape[0] > 0 else NULL
+    cdef ReadoutRec* rows = <ReadoutRec*>&readouts_out[0] if count > 0 else NULL
+    cdef Py_ssize_t nh
+    with nogil:
+        nh = _decode_rows(base, &offsets[0] if count > 0 else NULL,
+                          &lengths[0] if count > 0 else NULL, count, &chain[0] if count > 0 else NULL,
+                          carry_ptr, carry_len, has_carry, &last_ids[0], carry, out, rows)
+        for g in range(chains):
+            if has_carry[g]:
+                # Extra bytes are at most 7 (a walk keeps fewer than 8) or
+                # the 8 given: they fit the chain's slot.
+                if carry_len[g] > 0 and carry_ptr[g] != slots + 8 * g:
+                    memmove(slots + 8 * g, carry_ptr[g], carry_len[g])
+                extra_lens[g] = <int8_t>carry_len[g]
+            else:
+                extra_lens[g] = -1
+    return nh

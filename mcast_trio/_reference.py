@@ -254,13 +254,31 @@ def decode_batch(datagrams: Sequence, extra: bytes | None = None,
     whose id follows (mod 2**32) the one that left them, when that is known.
 
     Returns ``(hits, readouts, extra_out, last_id)`` where ``extra_out`` is the
-    extra bytes left by the last datagram (None if it left none or was
-    malformed) and ``last_id`` the readout id of the last datagram (-1 if it
-    was malformed).
+    extra bytes the chain carries on (None if none) and ``last_id`` the
+    readout id of its last readout (-1: unknown). A malformed datagram leaves
+    the chain as it was in ``CARRY_CONSECUTIVE`` mode (it is not the next
+    readout; the id check decides) and breaks it in the other modes.
     """
+    hits, readouts, state = decode_chains(datagrams, [0] * len(datagrams), [(extra, last_id)], carry)
+    return hits, readouts, state[0][0], state[0][1]
+
+
+def decode_chains(datagrams: Sequence, chain: Sequence[int], state: Sequence[tuple[bytes | None, int]],
+                  carry: int = CARRY_ALWAYS):
+    """Reference multi-chain decoder: same contract as
+    ``_decode.decode_chains``. Datagram ``k`` belongs to carry chain
+    ``chain[k]``; ``state[g]`` is chain ``g``'s ``(extra, last_id)`` before
+    the first datagram. Rows stay in arrival order.
+
+    Returns ``(hits, readouts, state_out)``: ``state_out[g]`` is chain
+    ``g``'s ``(extra, last_id)`` after the last datagram.
+    """
+    state = list(state)
     readouts = np.zeros(len(datagrams), dtype=READOUT_DTYPE)
     all_words: list[tuple[bytes, int, int, int]] = []
     for k, datagram in enumerate(datagrams):
+        g = chain[k]
+        extra, last_id = state[g]
         datagram = bytes(datagram)
         row = readouts[k]
         error, readout_id, timestamp, _length = parse_fixed(datagram)
@@ -268,8 +286,8 @@ def decode_batch(datagrams: Sequence, extra: bytes | None = None,
         if error:
             row["malformed"] = True
             row["error"] = error
-            extra = None  # never carry across a datagram we could not read
-            last_id = -1
+            if carry != CARRY_CONSECUTIVE:
+                state[g] = (None, -1)
             continue
         data = datagram[HEADER_SIZE:].rstrip(b"\xff")
         if carry == CARRY_NEVER or (
@@ -290,8 +308,8 @@ def decode_batch(datagrams: Sequence, extra: bytes | None = None,
             row["n_extra"] = len(extra)
         else:
             extra = None
-        last_id = readout_id
+        state[g] = (extra, readout_id)
     hits = np.zeros(len(all_words), dtype=HIT_DTYPE)
     for i, (word, readout_id, timestamp, order) in enumerate(all_words):
         _fill(hits, i, word, readout_id, timestamp, order)
-    return hits, readouts, extra, last_id
+    return hits, readouts, state

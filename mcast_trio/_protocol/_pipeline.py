@@ -32,7 +32,7 @@ from typing import Any, Callable, Generator, Mapping
 
 import numpy as np
 
-from .._batch import CARRY_MODES, DecodedBatch, decode_trusted
+from .._batch import CARRY_MODES, DecodedBatch, decode_chains, decode_trusted
 from .._counters import counters_for
 from .._errors import MalformedFrame
 from .._format import readout_id_of
@@ -206,12 +206,14 @@ def _well_formed(decoded: DecodedBatch, keep: np.ndarray) -> DecodedBatch:
 
 class _CarryTable:
     """The decoding carry of each sender: the extra bytes its last readout
-    left and that readout's id (what :func:`decode_trusted` takes and
-    returns), so that a hit split across two readouts of one sender is never
-    completed with the bytes of another. Bounded like the sender table: past
-    ``max_senders`` the sender seen least recently is forgotten (at worst
-    the first hit of its next readout is not completed: the same as a lost
-    readout)."""
+    left and that readout's id, so that a hit split across two readouts of
+    one sender is never completed with the bytes of another. A batch is
+    decoded in one compiled call whatever the number of its senders (rows
+    in arrival order, one carry chain per sender). Only senders with a
+    well-formed readout take a slot (malformed datagrams from a new source
+    take none). Bounded like the sender table: past ``max_senders`` the
+    sender seen least recently is forgotten (at worst the first hit of its
+    next readout is not completed: the same as a lost readout)."""
 
     __slots__ = ("_max", "_state")
 
@@ -222,71 +224,52 @@ class _CarryTable:
     def __len__(self) -> int:
         return len(self._state)
 
-    def decode(self, key, buf, offsets: np.ndarray, lengths: np.ndarray) -> DecodedBatch:
-        """Decode the readouts of sender ``key`` (in its arrival order),
-        carrying on from and into its own state."""
+    def _keep(self, key, extra: bytes | None, last_id: int) -> None:
         state = self._state
-        extra, last_id = state.get(key, (None, -1))
-        decoded = decode_trusted(buf, offsets, lengths, extra, last_id, _CONSECUTIVE)
         if key in state:
             state.move_to_end(key)
         elif len(state) >= self._max:
             state.popitem(last=False)
-        state[key] = (decoded.extra_bytes, decoded.last_id)
+        state[key] = (extra, last_id)
+
+    def decode(self, key, buf, offsets: np.ndarray, lengths: np.ndarray) -> DecodedBatch:
+        """Decode the readouts of sender ``key`` (in its arrival order),
+        carrying on from and into its own state."""
+        extra, last_id = self._state.get(key, (None, -1))
+        decoded = decode_trusted(buf, offsets, lengths, extra, last_id, _CONSECUTIVE)
+        if len(decoded.errors) < len(lengths):  # a well-formed readout
+            self._keep(key, decoded.extra_bytes, decoded.last_id)
         return decoded
 
     def decode_senders(self, buf, offsets: np.ndarray, lengths: np.ndarray, inverse: np.ndarray,
                        keys: list) -> DecodedBatch:
-        """Decode readouts of several senders: row ``k`` came from sender
-        ``keys[inverse[k]]``. One compiled call per sender (its rows in
-        arrival order), then the rows and their hits are put back in arrival
-        order, as one call would have returned them. The result's
+        """Decode readouts of several senders in one compiled call: row
+        ``k`` came from sender ``keys[inverse[k]]`` and carries on its
+        chain; rows stay in arrival order. The result's
         ``extra_bytes``/``last_id`` are None/-1: the carries stay here."""
         if len(keys) == 1:
             return self.decode(keys[0], buf, offsets, lengths)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.zeros(len(keys) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(inverse, minlength=len(keys)), out=bounds[1:])
-        parts = []
-        for g, key in enumerate(keys):
-            rows = order[bounds[g]:bounds[g + 1]]
-            parts.append(self.decode(key, buf, offsets.take(rows), lengths.take(rows)))
-        return _merge(parts, order, bounds)
-
-
-def _merge(parts: list, order: np.ndarray, bounds: np.ndarray) -> DecodedBatch:
-    """One :class:`DecodedBatch` in arrival order from the batches of
-    :meth:`_CarryTable.decode_senders` (part ``g`` holds the rows
-    ``order[bounds[g]:bounds[g + 1]]``)."""
-    # Records are moved as opaque bytes (numpy copies structured records
-    # field by field, several times slower).
-    hit_dtype = parts[0].hits.dtype
-    row_dtype = parts[0].readouts.dtype
-    hit_bytes = np.dtype((np.void, hit_dtype.itemsize))
-    row_bytes = np.dtype((np.void, row_dtype.itemsize))
-    hits = np.concatenate([p.hits.view(np.ndarray).view(hit_bytes) for p in parts])
-    grouped = np.concatenate([p.readouts.view(np.ndarray).view(row_bytes) for p in parts]).view(row_dtype)
-    base = 0
-    for g, p in enumerate(parts):
-        if base:
-            grouped["first_hit"][bounds[g]:bounds[g + 1]] += base
-        base += len(p.hits)
-    raw_rows = np.empty(len(grouped), dtype=row_bytes)
-    raw_rows[order] = grouped.view(row_bytes)
-    rows = raw_rows.view(row_dtype)
-    n_hits = rows["n_hits"].astype(np.int64)
-    first = np.zeros(len(rows), dtype=np.int64)
-    if len(rows) > 1:
-        np.cumsum(n_hits[:-1], out=first[1:])
-    if len(hits):
-        hits = hits.take(np.repeat(rows["first_hit"].astype(np.int64) - first, n_hits)
-                         + np.arange(len(hits), dtype=np.int64))
-    hits = hits.view(hit_dtype)
-    rows["first_hit"] = first
-    errors = tuple(sorted((int(order[bounds[g] + k]), message)
-                          for g, p in enumerate(parts) for k, message in p.errors))
-    return DecodedBatch(hits=hits.view(np.recarray), readouts=rows.view(np.recarray), errors=errors,
-                        extra_bytes=None, last_id=-1, backend=parts[0].backend)
+        get = self._state.get
+        initial = [get(key, (None, -1)) for key in keys]
+        extras = np.frombuffer(b"".join([(e or b"").ljust(8, b"\0")[:8] for e, _l in initial]),
+                               dtype=np.uint8).copy()
+        extra_lens = np.array([-1 if e is None else min(len(e), 8) for e, _l in initial], dtype=np.int8)
+        last_ids = np.array([last for _e, last in initial], dtype=np.int64)
+        chain = inverse.astype(np.int64, copy=False)
+        decoded = decode_chains(buf, offsets, lengths, chain, extras, extra_lens, last_ids, _CONSECUTIVE)
+        if decoded.errors:
+            formed = np.bincount(chain[~decoded.readouts.malformed], minlength=len(keys))
+            senders = np.flatnonzero(formed).tolist()
+        else:
+            senders = range(len(keys))
+        lens = extra_lens.tolist()
+        lasts = last_ids.tolist()
+        raw = extras.tobytes()
+        keep = self._keep
+        for g in senders:
+            n = lens[g]
+            keep(keys[g], None if n < 0 else raw[8 * g:8 * g + n], lasts[g])
+        return decoded
 
 
 def _batch_senders(batch, positions: np.ndarray) -> tuple[np.ndarray, list]:
@@ -528,8 +511,10 @@ class ReceivePipeline:
             good = None
         c.readouts += len(rows) - len(decoded.errors)
         c.hits += len(decoded.hits)
-        self._track_readouts(batch, rows, lengths, good, index, rejected, key,
-                             None if key is not None else (inverse, keys))
+        pending = self._track_readouts(batch, rows, lengths, good, index, rejected, key,
+                                       None if key is not None else (inverse, keys))
+        if pending is not None:
+            yield from pending
         if good is not None:
             # Malformed datagrams are counted, never delivered.
             keep = np.flatnonzero(good)
@@ -548,13 +533,15 @@ class ReceivePipeline:
         return ReadoutChunk(data, lengths.copy(), decoded, self.readout_class, sources, source_index)
 
     def _track_readouts(self, batch, rows, lengths, good, index, rejected=None, key=None,
-                        groups=None) -> None:
+                        groups=None):
         """Loss accounting and volume (hits, bytes) per sender of the decoded
         ``rows`` (``lengths``: their datagram sizes; ``good``: the
         well-formed rows, None: all; ``index``: their positions in the
         batch, None: the same; ``key``: their one sender, if known;
         ``groups``: else ``(inverse, keys)``, row ``k`` came from
-        ``keys[inverse[k]]``)."""
+        ``keys[inverse[k]]``). Returns None, or for several senders a
+        generator to run to its end (it pauses between senders once past
+        :attr:`deadline`)."""
         if good is None:
             ids, hits, sizes = rows.readout_id, rows.n_hits, lengths
             positions = np.arange(len(rows))
@@ -572,19 +559,10 @@ class ReceivePipeline:
         if len(ids) == 0:
             return
         if groups is not None:
-            # Several senders: each sender's readouts in one call, in
-            # arrival order (the trackers are independent).
             inverse, keys = groups
             if good is not None:
                 inverse = inverse[good]
-            tracker = self.senders.tracker
-            for g, sender in enumerate(keys):
-                mine = inverse == g
-                if mine.any():
-                    t = tracker(sender)
-                    t.observe_many(ids[mine])
-                    t.add_volume(int(hits[mine].sum()), int(sizes[mine].sum()))
-            return
+            return self._track_groups(ids, hits, sizes, inverse, keys)
         first = int(positions[0])
         if self._same_source or batch.same_source(positions):
             tracker = self.senders.tracker(key if key is not None else _source(batch, first))
@@ -593,6 +571,33 @@ class ReceivePipeline:
             return
         self._track_pairs(batch, zip(positions.tolist(), ids.tolist()))
         self._add_volume(batch, positions, hits, sizes)
+
+    def _track_groups(self, ids, hits, sizes, inverse, keys):
+        """Loss accounting and volume of rows from several senders (row
+        ``k`` from ``keys[inverse[k]]``): the rows sorted by sender once
+        (stable: each sender's readouts stay in arrival order), then one
+        ``observe_many`` per sender, pausing past the deadline."""
+        order = np.argsort(inverse, kind="stable")
+        counts = np.bincount(inverse, minlength=len(keys))
+        present = np.flatnonzero(counts)
+        bounds = np.zeros(len(present) + 1, dtype=np.int64)
+        np.cumsum(counts[present], out=bounds[1:])
+        starts = bounds[:-1]
+        ids = ids[order]
+        hit_sums = np.add.reduceat(hits[order].astype(np.int64), starts).tolist()
+        byte_sums = np.add.reduceat(sizes[order].astype(np.int64), starts).tolist()
+        senders = [keys[g] for g in present.tolist()]
+        bounds = bounds.tolist()
+        observe_runs = self.senders.observe_runs
+        clock = self.clock
+        step = 128
+        for j in range(0, len(senders), step):
+            if j and clock() >= self.deadline:
+                yield
+            stop = min(j + step, len(senders))
+            observe_runs(senders[j:stop], ids, bounds[j:stop + 1], hit_sums[j:stop],
+                         byte_sums[j:stop])
+        return
 
     def _add_volume(self, batch, positions, hits, sizes) -> None:
         tracker = self.senders.tracker

@@ -446,6 +446,18 @@ class SenderTable(Generic[K]):
         """
         return self.tracker(key).observe(seq)
 
+    def observe_runs(self, keys, seqs, bounds, hits, nbytes) -> None:
+        """Account for the readouts of several senders at once: sender
+        ``keys[j]`` sent ``seqs[bounds[j]:bounds[j + 1]]`` (in its arrival
+        order), ``hits[j]`` hits and ``nbytes[j]`` bytes. One
+        :meth:`SequenceTracker.observe_many` per sender."""
+        tracker = self.tracker
+        for j, key in enumerate(keys):
+            t = tracker(key)
+            t.observe_many(seqs[bounds[j]:bounds[j + 1]])
+            t.hits += hits[j]
+            t.bytes += nbytes[j]
+
     def restart(self, key: K) -> None:
         """Sender ``key`` started over: :meth:`SequenceTracker.restart` on its
         tracker (nothing to do if it is not tracked: its next id starts a
