@@ -37,7 +37,8 @@ class _SingleExceptionUnwrapper:
     opening a socket, comes out as itself so that ``except OSError`` works.
     Only genuinely concurrent failures (two or more exceptions) stay grouped;
     ``trio.Cancelled`` leaves (tasks cancelled with an outer scope) are no
-    second exception.
+    second exception, nor is a ``trio.EndOfChannel`` next to another error
+    (a consumer that was waiting on the channel of the task that failed).
 
     Only the wrappers a nursery added are removed: what the caller's block
     raised is passed on exactly as raised, an ``ExceptionGroup`` of the
@@ -84,6 +85,12 @@ class _SingleExceptionUnwrapper:
         _cancelled, single = exc.split(trio.Cancelled)
         if single is None:
             return False
+        # ``EndOfChannel`` next to another error is its consequence: the
+        # task that failed closed its channel on the way out, so a consumer
+        # waiting on it got the end of the stream. Alone, it stays.
+        _ended, others = single.split(trio.EndOfChannel)
+        if others is not None:
+            single = others
         while isinstance(single, BaseExceptionGroup):
             body = self._as_body(single)
             if body is not None:
