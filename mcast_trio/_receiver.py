@@ -331,8 +331,9 @@ _OPTIONS = frozenset(name for name, p in inspect.signature(_configure).parameter
                      if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-def _configure_public(function: str, group, port, readout_class, options: dict) -> _Config:
-    _validate.check_keywords(function, options, _OPTIONS | {"queue_size", "drop_channel"})
+def _configure_public(function: str, group, port, readout_class, options: dict, own=()) -> _Config:
+    # ``own``: the keywords ``function`` takes itself (never in ``options``).
+    _validate.check_keywords(function, options, _OPTIONS | set(own))
     return _configure(group, port, readout_class, **options)
 
 
@@ -397,7 +398,8 @@ async def serve_receiver(group, port, send_channel=None, readout_class=None, *, 
     the socket closed and the channel closed, so consumers see the end of
     the channel.
     """
-    config = _configure_public("serve_receiver", group, port, readout_class, options)
+    config = _configure_public("serve_receiver", group, port, readout_class, options,
+                               own=("send_channel", "drop_channel", "queue_size", "task_status"))
     if send_channel is not None:
         await _serve(config, send_channel, drop_channel, task_status)
         return
@@ -609,7 +611,7 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
     receive task, leaves the group and closes the socket.
     """
     _validate.check_int("queue_size", queue_size, 1, 1 << 20)
-    config = _configure_public("open_receiver", group, port, readout_class, options)
+    config = _configure_public("open_receiver", group, port, readout_class, options, own=("queue_size",))
     send_channel, receive_channel = trio.open_memory_channel(queue_size)
     drop_channel = receive_channel.clone() if config.overflow in (None, "drop_oldest") else None
     with unwrap_single() as unwrap:

@@ -113,27 +113,28 @@ def _parse_family(family: Any) -> socket.AddressFamily | None:
                      " socket.AF_INET6 (or 6) or None")
 
 
-def parse_address(name: str, value: Any) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address,
-                                                  str | None]:
-    """Parse an address argument (the error names ``name``); returns
-    (address without scope, scope text or None)."""
+def parse_address(name: str, value: Any, *, allowed: str = "an IPv4 or IPv6 address string"
+                  " (an IPv6 one may end in %interface)") -> tuple[
+                      ipaddress.IPv4Address | ipaddress.IPv6Address, str | None]:
+    """Parse an address argument (the error names ``name`` and says what
+    is ``allowed``); returns (address without scope, scope text or None)."""
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         scope = getattr(value, "scope_id", None)
         if isinstance(value, ipaddress.IPv6Address):
             value = ipaddress.IPv6Address(value.packed)
         return value, scope
     if not isinstance(value, str):
-        raise TypeError(f"{name}={value!r} is not an IP address string")
+        raise TypeError(f"{name}={value!r} is not an IP address string; allowed: {allowed}")
     host, scope = split_scope(value.strip())
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an IP address") from None
+        raise ValueError(f"{name}={value!r} is not an IP address; allowed: {allowed}") from None
     if scope is not None and (addr.version == 4 or scope == ""):
         raise ValueError(f"{name}={value!r}: a %scope suffix is only allowed on an IPv6 address"
-                         " and must name an interface")
+                         f" and must name an interface; allowed: {allowed}")
     return addr, scope
 
 

@@ -396,7 +396,9 @@ def _open_sender_stdlib(spec: GroupSpec, sndbuf: int | None, loop: bool,
     loop = _validate.check_bool("loop", loop)
     bind_to: tuple[Any, ...] | None = None
     if local_address is not None:
-        addr, scope = parse_address("local_address", local_address)
+        addr, scope = parse_address("local_address", local_address,
+                                    allowed="a unicast address of this host as a string, e.g. '127.0.0.1'"
+                                    " or '::1', or None")
         if family_of(addr) != spec.family:
             raise ValueError(f"local_address={local_address!r} is not an"
                              f" {family_name(spec.family)} address; allowed: a unicast"

@@ -36,6 +36,7 @@ from .._batch import CARRY_MODES, DecodedBatch, decode_chains, decode_trusted
 from .._counters import counters_for
 from .._errors import MalformedFrame
 from .._format import readout_id_of
+from .._validate import check_int
 from ._filters import make_filter
 from ._framings import Framing, lookup_framing
 from ._message import Message
@@ -358,6 +359,9 @@ class ReceivePipeline:
         self.keep_bytes = True
         self.clock = clock
         self.on_malformed = on_malformed
+        # Named as this class takes them (SenderTable would say window=).
+        max_senders = check_int("max_senders", max_senders, 1, 1 << 20)
+        loss_window = check_int("loss_window", loss_window, 1, 1 << 16)
         self.senders: SenderTable = SenderTable(max_senders=max_senders, window=loss_window)
         timeout, max_messages, max_bytes = reassembly
         self.reassembly_timeout = timeout
