@@ -175,9 +175,11 @@ def test_sender_table_evicts_least_recently_seen():
     table.observe("c", 0)
     assert list(table.snapshot()) == ["a", "c"]
     assert table.evicted == 1
-    # A sender seen again after eviction starts over.
-    assert table.observe("b", 5) == F
+    # A sender seen again after eviction continues its sequence (its last
+    # id was kept in the ghost table): ids 1..4 were lost meanwhile.
+    assert table.observe("b", 5) == N
     assert table.evicted == 2 and "a" not in table
+    assert table.snapshot()["b"].lost == 4 and table.totals()["lost"] == 4
 
 
 def test_sender_table_passes_tracker_arguments():
@@ -297,3 +299,21 @@ def test_sender_table_restart():
         "a": SenderStats(received=4, restarts=1, highest=0),
         "b": SenderStats(received=3, duplicates=1, highest=2),
     }
+
+
+def test_sender_table_ghosts_are_bounded():
+    """Evicted senders' last ids are kept for at most 64 x max_senders
+    senders (the oldest forgotten first): one that comes back within the
+    bound continues its sequence, one forgotten beyond it starts afresh."""
+    table = SenderTable(max_senders=2)
+    for k in range(2 + 128 + 1):  # the first sender's ghost is pushed out
+        table.observe(k, 10)
+    assert table.evicted == 129
+    assert table.observe(0, 20) == F  # forgotten beyond the bound: afresh
+    assert table.observe(5, 20) == N  # within it: 11..19 were lost
+    assert table.totals()["lost"] == 9
+    # restart() of an evicted sender forgets its ghost: it starts afresh.
+    table.observe(200, 1)
+    table.observe(201, 1)
+    table.restart(6)
+    assert table.observe(6, 30) == F

@@ -74,8 +74,11 @@ class ReceiverStatistics:
             not wrap at 2**32): 0 from the start where the OS reports it
             (Linux), None only where it does not.
         lost: sum over every sender seen, including those no longer in
-            ``senders`` (evicted when more than ``max_senders`` were seen):
-            it never goes down.
+            ``senders`` (evicted when more than ``max_senders`` were seen;
+            one that comes back continues its sequence, so what it lost
+            meanwhile is counted). It goes down only when a late arrival
+            inside ``loss_window`` fills a gap counted as lost (the id moves
+            to ``reordered``).
         duplicates: likewise.
         reordered: likewise.
         restarts: likewise.

@@ -317,6 +317,16 @@ class SequenceTracker:
         for seq in seqs.tolist() if hasattr(seqs, "tolist") else seqs:
             self.observe(seq)
 
+    def resume(self, highest: int) -> None:
+        """Continue the stream of a sender whose tracker was forgotten (see
+        :class:`SenderTable`): ``highest`` was the highest id it had seen, so
+        the next id is compared with it (a gap counts as lost) instead of
+        starting afresh. Only on a tracker that has seen nothing yet."""
+        if self._highest is None and 0 <= highest < self._modulus:
+            self._highest = highest
+            self._mask = 1
+            self._span = 1
+
     def restart(self) -> None:
         """The caller knows that the sender started over (its ids no longer
         continue the stream seen so far): count a restart and forget the
@@ -387,7 +397,13 @@ class SenderTable(Generic[K]):
     ``(host, port)``, or ``(address, sender_id)`` for native frames. When a
     new sender would exceed ``max_senders``, the sender seen least recently is
     forgotten and :attr:`evicted` is incremented; what it counted stays in
-    :meth:`totals` (totals never go down).
+    :meth:`totals`. The highest id of an evicted sender is kept in a
+    compact "ghost" table (one int per sender; at most
+    ``min(64 * max_senders, max(65536, max_senders))`` senders, the oldest
+    forgotten first): a sender that comes back continues its sequence, so
+    readouts lost while it was evicted are counted. A sender that comes back
+    after its ghost was forgotten too starts afresh (losses in between are
+    not seen).
 
     Args:
         max_senders: Most senders tracked at once. Allowed: ``1 .. 2**20``.
@@ -417,6 +433,10 @@ class SenderTable(Generic[K]):
         self._trackers: OrderedDict[K, SequenceTracker] = OrderedDict()
         #: Senders forgotten to make room for new ones.
         self.evicted = 0
+        # The highest id of each evicted sender (insertion order: oldest
+        # first; an entry leaves when its sender comes back).
+        self._ghosts: dict[K, int] = {}
+        self._max_ghosts = min(64 * max_senders, max(1 << 16, max_senders))
         # What the senders no longer tracked (evicted or forgotten) counted.
         self._gone = dict.fromkeys(_TOTALS, 0)
 
@@ -431,9 +451,19 @@ class SenderTable(Generic[K]):
         tracker = trackers.get(key)
         if tracker is None:
             if len(trackers) >= self._max_senders:
-                self._keep_counts(trackers.popitem(last=False)[1])
+                old_key, old = trackers.popitem(last=False)
+                self._keep_counts(old)
                 self.evicted += 1
+                if old.highest is not None:
+                    ghosts = self._ghosts
+                    if len(ghosts) >= self._max_ghosts:
+                        del ghosts[next(iter(ghosts))]
+                    ghosts[old_key] = old.highest
             tracker = trackers[key] = self._factory()
+            if self._ghosts:
+                last = self._ghosts.pop(key, None)
+                if last is not None:
+                    tracker.resume(last)
         else:
             trackers.move_to_end(key)
         return tracker
@@ -460,11 +490,13 @@ class SenderTable(Generic[K]):
 
     def restart(self, key: K) -> None:
         """Sender ``key`` started over: :meth:`SequenceTracker.restart` on its
-        tracker (nothing to do if it is not tracked: its next id starts a
-        fresh tracker anyway)."""
+        tracker (if it is not tracked, its evicted last id is forgotten: its
+        next id starts a fresh tracker)."""
         tracker = self._trackers.get(key)
         if tracker is not None:
             tracker.restart()
+        else:
+            self._ghosts.pop(key, None)
 
     def get(self, key: K) -> SequenceTracker | None:
         """Return the tracker of ``key``, or None if it is not tracked."""
