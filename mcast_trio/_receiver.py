@@ -138,6 +138,20 @@ class ReceiverService:
                 self._counters.kernel_drops = drops
         return self.pipeline.statistics()
 
+    def _discard_queued(self, endpoint) -> None:
+        """At close: count what the socket still holds (``datagrams``,
+        ``bytes`` and ``discarded``; not decoded), so that after close too
+        ``datagrams + kernel_drops`` is what reached the socket."""
+        discard = getattr(endpoint, "discard_queued", None)
+        if discard is None:
+            return
+        count, nbytes = discard()
+        if count:
+            c = self._counters
+            c.datagrams += count
+            c.bytes += nbytes
+            c.discarded += count
+
     async def _run(self, endpoint, task_status, started) -> None:
         config = self.config
         self._endpoint = endpoint
@@ -351,6 +365,7 @@ async def _serve(config: _Config, send_channel, drop_channel, task_status=trio.T
         try:
             await service._run(endpoint, task_status, started)
         finally:
+            service._discard_queued(endpoint)
             endpoint.close()
             if drop_channel is not None:
                 drop_channel.close()

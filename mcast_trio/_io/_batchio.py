@@ -280,6 +280,36 @@ def _stdlib_view(sock: Any) -> socket.socket:
     return socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
 
 
+def discard_queued(sock: Any, limit: int) -> tuple[int, int]:
+    """Take at most ``limit`` datagrams out of ``sock``'s queue without
+    copying them (``MSG_TRUNC``: the kernel reports each one's size), until
+    the queue is empty; never blocks, never raises.
+
+    Returns:
+        ``(count, nbytes)``: the datagrams taken and their sizes.
+    """
+    count = nbytes = 0
+    scratch = bytearray(1)
+    flags = socket.MSG_DONTWAIT | getattr(socket, "MSG_TRUNC", 0)
+    try:
+        s = _stdlib_view(sock)
+    except OSError:
+        return 0, 0
+    try:
+        while count < limit:
+            try:
+                size = s.recv_into(scratch, 1, flags)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            count += 1
+            nbytes += size
+    finally:
+        s.detach()
+    return count, nbytes
+
+
 def _receive_batch_fallback(sock: Any, batch: ReceiveBatch) -> int:
     """Pure-Python :func:`receive_batch`: same results, one syscall per datagram."""
     s = _stdlib_view(sock)

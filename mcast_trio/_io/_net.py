@@ -25,7 +25,10 @@ A network has two methods:
   the receive loop asks so when it goes idle, the receiver whenever its
   statistics are taken; after ``close()``, the last count),
   ``async wait_readable()`` and ``close()`` (never raises, never blocks;
-  leaves the group);
+  leaves the group); optionally ``discard_queued() -> (count, nbytes)``
+  (the receiver calls it at close: takes the datagrams still queued out of
+  the socket without reading them, at most as many as its buffer can hold,
+  so that they are counted);
 * ``open_sender(spec, *, sndbuf, loop, local_address)`` -> a sender endpoint
   with ``send_batch(datagrams) -> int`` (non-blocking; how many left, 0 when
   the buffer is full), ``send_one(datagram)`` (non-blocking, one datagram;
@@ -79,6 +82,15 @@ class _SocketReceiver:
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)
+
+    def discard_queued(self) -> tuple[int, int]:
+        if self._closed:
+            return 0, 0
+        # The queue cannot hold more datagrams than its buffer has room for
+        # at the kernel's smallest cost per datagram (its data plus a
+        # buffer head of a few hundred bytes): a sender still sending cannot
+        # keep the close going.
+        return _batchio.discard_queued(self.sock, max(self.granted_rcvbuf, 1 << 16) // 256 + 1)
 
     def close(self) -> None:
         if not self._closed:

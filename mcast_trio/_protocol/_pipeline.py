@@ -66,6 +66,10 @@ class ReceiverStatistics:
         dropped: datagrams (readout mode) or messages dropped because the
             consumer's channel was full (overflow policy).
         dropped_chunks: channel items dropped.
+        discarded: datagrams still queued in the socket when the receiver
+            closed: taken out unread (counted in ``datagrams`` and
+            ``bytes``, never decoded), so that after close
+            ``datagrams + kernel_drops`` is what reached the socket.
         kernel_drops: datagrams the kernel dropped for lack of buffer space
             since the socket was opened (the socket's drop counter, as
             ``SO_RXQ_OVFL`` and ``SO_MEMINFO`` report it, read when the
@@ -103,6 +107,7 @@ class ReceiverStatistics:
     filtered: int = 0
     dropped: int = 0
     dropped_chunks: int = 0
+    discarded: int = 0
     kernel_drops: int | None = None
     lost: int = 0
     duplicates: int = 0
