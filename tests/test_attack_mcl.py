@@ -1,0 +1,193 @@
+"""Attacks on the MCL bounds of issue 13 (points 4 and 14), by a tester who
+did not write them. Each test asserts what the promise says should hold and
+fails today. Real sockets only, in a private network namespace
+(``tools/netns-run``)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import struct
+import time
+
+import pytest
+import trio
+
+msgpack = pytest.importorskip("msgpack", reason="framing='mcl' needs the optional msgpack package")
+
+from mcast_trio import open_receiver  # noqa: E402
+from mcast_trio.testing import isolation_problem  # noqa: E402
+
+_PROBLEM = isolation_problem()
+pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
+
+_serial = itertools.count()
+_BASE_PORT = 51000 + os.getpid() % 1000 * 3
+MiB = 1 << 20
+#: Python hashes an int modulo this Mersenne prime.
+_HASH_MODULUS = (1 << 61) - 1
+
+
+@pytest.fixture
+def ep() -> tuple[str, int]:
+    n = next(_serial)
+    return f"239.255.74.{n % 250 + 1}", _BASE_PORT + n
+
+
+def plain_sender() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class _Ticker:
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.gaps: list[float] = []
+        self.start = self.end = 0.0
+
+    async def run(self) -> None:
+        self.start = last = time.perf_counter()
+        try:
+            while True:
+                await trio.sleep(0.1)
+                now = time.perf_counter()
+                self.ticks += 1
+                self.gaps.append(now - last)
+                last = now
+        finally:
+            self.end = time.perf_counter()
+
+    def kept(self) -> float:
+        return self.ticks / ((self.end - self.start) / 0.1)
+
+
+async def _wait_until(predicate, what: str, timeout: float) -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+        return
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _send_paced(sock, datagrams, address, per_second: float) -> None:
+    start = time.perf_counter()
+    for k, data in enumerate(datagrams):
+        sock.sendto(data, address)
+        delay = start + (k + 1) / per_second - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+# ---------------------------------------------------------------------------
+# Hash flooding: a map whose keys all have the same Python hash
+# ---------------------------------------------------------------------------
+
+def _colliding_timestamp(k: int) -> bytes:
+    """A msgpack timestamp 96 (ext -1, 15 bytes) that the decoder turns into
+    the int ``k * (2**61 - 1)`` nanoseconds: every such int hashes to 0."""
+    sec, ns = divmod(k * _HASH_MODULUS, 10**9)
+    return b"\xc7\x0c\xff" + struct.pack(">Iq", ns, sec)
+
+
+def _colliding_map(n: int, first: int = 1) -> bytes:
+    """A msgpack map of ``n`` entries (16 bytes each), every key a distinct
+    int with hash 0, every value nil: building the dict costs n**2 / 2
+    key comparisons. No container but the map itself."""
+    return (b"\xdf" + struct.pack(">I", n)
+            + b"".join(_colliding_timestamp(k) + b"\xc0" for k in range(first, first + n)))
+
+
+def test_hash_flood_map_costs_no_more_than_the_densest_accepted_datagram():
+    """Unit level (no socket): one 64 kB datagram ``[nil, {4000 colliding
+    int keys: nil}]`` holds a single container, so the density bound lets it
+    through; building its dict costs 8 million int comparisons. The densest
+    datagram the bound accepts costs ~1 ms; this one must not cost 10x that."""
+    from mcast_trio import MclDecoder
+
+    datagram = b"\x92\xc0" + _colliding_map(4000)
+    assert len(datagram) <= 65000
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        try:
+            MclDecoder().feed(datagram, ("127.0.0.1", 1), 0.0)
+        except Exception:
+            pass  # refusing it is fine
+        best = min(best, time.perf_counter() - t)
+    assert best < 0.02, f"one 64 kB datagram took {best * 1000:.0f} ms to decode"
+
+
+async def test_hash_flood_datagrams_starve_the_loop(ep):
+    """Ten 64 kB datagrams ``[nil, {4000 colliding keys}]`` at 10 a second,
+    interleaved with legitimate messages: a 100 ms ticker must keep >= 80 %
+    of its ticks (the densest array bombs at 150/s do)."""
+    group, port = ep
+    hostile = [b"\x92\xc0" + _colliding_map(4000)] * 10
+    legit = [msgpack.packb([b"imu", b"message %d" % k]) for k in range(10)]
+    datagrams = [d for pair in zip(hostile, legit) for d in pair]
+    got: list[bytes] = []
+    ticker = _Ticker()
+    sock = plain_sender()
+    try:
+        async with open_receiver(group, port, framing="mcl") as rx:
+            async def consume():
+                async for message in rx:
+                    if type(message.payload) is bytes:
+                        got.append(message.payload)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                nursery.start_soon(ticker.run)
+                await trio.sleep(0.2)
+                await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port), 20)
+                await _wait_until(lambda: len(got) >= 10 or (rx.statistics().kernel_drops or 0) > 0,
+                                  "the legitimate messages", 30)
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+    assert got == [b"message %d" % k for k in range(10)]
+    assert ticker.kept() >= 0.8, (
+        f"the 100 ms ticker kept {ticker.kept():.0%} of its ticks, worst gap {max(ticker.gaps):.2f} s")
+
+
+async def test_hash_flood_chunked_message_stalls_the_loop_between_slices(ep):
+    """One 256 kB chunked message (5 valid chunks) whose payload is a map of
+    16,000 colliding keys: unpacked in 64 KiB slices, but each slice adds
+    4,000 keys to a dict already holding every earlier key, so the slices
+    grow slower and slower (the work is quadratic in the message). The loop
+    must not stall more than 0.3 s at a time (as for the chunked array bomb)."""
+    group, port = ep
+    payload = _colliding_map(16000)
+    chunks = [payload[i:i + 60000] for i in range(0, len(payload), 60000)]
+    frames = [msgpack.packb([b"topic", i + 1, len(chunks), c], use_bin_type=False)
+              for i, c in enumerate(chunks)]
+    after = msgpack.packb([b"imu", b"after"])
+    got: list = []
+    ticker = _Ticker()
+    sock = plain_sender()
+    try:
+        async with open_receiver(group, port, framing="mcl") as rx:
+            async def consume():
+                async for message in rx:
+                    got.append(message.payload)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                nursery.start_soon(ticker.run)
+                await trio.sleep(0.2)
+                await trio.to_thread.run_sync(_send_paced, sock, frames + [after], (group, port), 50)
+                await _wait_until(lambda: b"after" in got or (rx.statistics().kernel_drops or 0) > 0,
+                                  "the message after", 30)
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+    assert got[-1] == b"after"
+    assert max(ticker.gaps) < 0.3, (
+        f"worst ticker gap {max(ticker.gaps):.2f} s, kept {ticker.kept():.0%}")
