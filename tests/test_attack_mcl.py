@@ -191,3 +191,73 @@ async def test_hash_flood_chunked_message_stalls_the_loop_between_slices(ep):
     assert got[-1] == b"after"
     assert max(ticker.gaps) < 0.3, (
         f"worst ticker gap {max(ticker.gaps):.2f} s, kept {ticker.kept():.0%}")
+
+
+# ---------------------------------------------------------------------------
+# max_queue_bytes: the estimate of an MCL object payload's memory
+# ---------------------------------------------------------------------------
+
+def _deep_size(obj) -> int:
+    """Memory of ``obj`` and everything it holds (sys.getsizeof, without the
+    garbage collector's headers or allocator rounding: an underestimate)."""
+    import sys
+
+    seen: set[int] = set()
+    stack = [obj]
+    total = 0
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if type(o) is list:
+            stack.extend(o)
+        elif type(o) is dict:
+            stack.extend(o.keys())
+            stack.extend(o.values())
+    return total
+
+
+def _small_dicts_datagram(k: int) -> bytes:
+    """``[nil, [pad, {b"XYa": -1000 - i} for i in range(8000)]]``: 8 bytes of
+    msgpack per one-entry dict, within the density bound (one container per
+    8 bytes), about 37 bytes of memory per byte."""
+    items = [b"\xbf" + b"p" * 31] + [
+        b"\x81\xa3" + struct.pack(">H", (i + k) % 65536) + b"a" + b"\xd1" + struct.pack(">h", -1000 - i)
+        for i in range(8000)]
+    return b"\x92\xc0\xdc" + struct.pack(">H", len(items)) + b"".join(items)
+
+
+async def test_a_stalled_consumer_holds_no_more_than_max_queue_bytes_of_small_dicts(ep):
+    """The consumer stalls while 30 datagrams of one-entry dicts (64 kB each,
+    accepted) arrive, ``max_queue_bytes`` 4 MiB, ``drop_newest``. What it
+    then finds queued must hold at most 4 MiB plus one item (an item alone
+    is never refused); the decoder's estimate (16 bytes per byte) undercounts
+    these payloads 2.3x, so the channel holds over twice the bound."""
+    group, port = ep
+    bound = 4 * MiB
+    datagrams = [_small_dicts_datagram(k) for k in range(30)]
+    assert all(len(d) <= 65000 for d in datagrams)
+    sock = plain_sender()
+    items: list[list] = []
+    try:
+        async with open_receiver(group, port, framing="mcl", overflow="drop_newest",
+                                 max_queue_bytes=bound, batch_size=1) as rx:
+            await trio.sleep(0.1)
+            await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port), 200)
+            await _wait_until(lambda: rx.statistics().datagrams + (rx.statistics().kernel_drops or 0)
+                              >= len(datagrams), "every datagram", 10)
+            stats = rx.statistics()
+            with trio.move_on_after(0.5):
+                async for message in rx:
+                    items.append(message.payload)
+    finally:
+        sock.close()
+    assert stats.malformed == 0 and stats.kernel_drops == 0, stats
+    assert len(items) + stats.dropped == len(datagrams), (len(items), stats)
+    sizes = [_deep_size(p) for p in items]
+    held = sum(sizes)
+    assert held <= bound + max(sizes), (
+        f"the stalled consumer's channel held {held / MiB:.1f} MiB of payloads "
+        f"({len(items)} messages of {max(sizes) / MiB:.2f} MiB) under max_queue_bytes={bound / MiB:.0f} MiB")
