@@ -261,3 +261,51 @@ async def test_a_stalled_consumer_holds_no_more_than_max_queue_bytes_of_small_di
     assert held <= bound + max(sizes), (
         f"the stalled consumer's channel held {held / MiB:.1f} MiB of payloads "
         f"({len(items)} messages of {max(sizes) / MiB:.2f} MiB) under max_queue_bytes={bound / MiB:.0f} MiB")
+
+
+# ---------------------------------------------------------------------------
+# The tools under the hash flood
+# ---------------------------------------------------------------------------
+
+def test_listen_mcl_answers_sigint_promptly_while_a_colliding_map_is_unpacked(ep):
+    """``mcast-trio listen --messages --framing mcl`` receives one 640 kB
+    chunked message (11 valid chunks) whose payload is a map of 40,000
+    colliding int keys. SIGINT 1.5 s later must end it (exit 0) within a
+    second: it took 2.8 s, the slice being unpacked when the signal came
+    (each slice is slower than the one before; with a 32 MiB message a slice
+    takes tens of seconds)."""
+    import signal
+    import subprocess
+    import sys
+
+    group, port = ep
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "listen", "--messages", "--framing", "mcl",
+                             "-g", group, "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 10
+        line = proc.stderr.readline()  # "listen: ... joined on lo"
+        assert "joined" in line, line
+        payload = _colliding_map(40000)
+        chunks = [payload[i:i + 60000] for i in range(0, len(payload), 60000)]
+        frames = [msgpack.packb([b"t", i + 1, len(chunks), c], use_bin_type=False)
+                  for i, c in enumerate(chunks)]
+        sock = plain_sender()
+        try:
+            _send_paced(sock, frames, (group, port), 200)
+        finally:
+            sock.close()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        proc.wait(timeout=60)
+        took = time.monotonic() - sent
+        assert time.monotonic() < deadline + 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err
+    assert took < 1.0, f"listen took {took:.2f} s to exit after SIGINT; stderr: {err[-300:]}"
