@@ -309,3 +309,87 @@ def test_listen_mcl_answers_sigint_promptly_while_a_colliding_map_is_unpacked(ep
     err = proc.stderr.read()
     assert proc.returncode == 0, err
     assert took < 1.0, f"listen took {took:.2f} s to exit after SIGINT; stderr: {err[-300:]}"
+
+
+# ---------------------------------------------------------------------------
+# Reassembly shared by every sender
+# ---------------------------------------------------------------------------
+
+def _chunks(topic: bytes, payload: bytes, size: int = 60000) -> list[bytes]:
+    parts = [payload[i:i + size] for i in range(0, len(payload), size)]
+    return [msgpack.packb([topic, i + 1, len(parts), p], use_bin_type=False) for i, p in enumerate(parts)]
+
+
+async def _legit_and_hostile(ep, hostile_between, legit_messages=5, **options):
+    """A legitimate MCL sender sends ``legit_messages`` 3-chunk messages, its
+    chunks 20 ms apart (well within the 2 s reassembly timeout); between two
+    of its chunks a second sender (another port) sends
+    ``hostile_between()``. Returns the payloads received from the legitimate
+    sender and the statistics."""
+    group, port = ep
+    legit_sock, hostile_sock = plain_sender(), plain_sender()
+    legit_addr = legit_sock.getsockname()
+    payloads = [bytes([65 + k]) * 150000 for k in range(legit_messages)]
+    got: list[bytes] = []
+    try:
+        async with open_receiver(group, port, framing="mcl", **options) as rx:
+            async def consume():
+                async for message in rx:
+                    if tuple(message.address)[:2] == legit_addr:
+                        got.append(message.payload)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                await trio.sleep(0.1)
+
+                def send():
+                    for payload in payloads:
+                        for frame in _chunks(b"legit", msgpack.packb(payload)):
+                            legit_sock.sendto(frame, (group, port))
+                            time.sleep(0.01)
+                            for d in hostile_between():
+                                hostile_sock.sendto(d, (group, port))
+                            time.sleep(0.01)
+
+                await trio.to_thread.run_sync(send)
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+            stats = rx.statistics()
+    finally:
+        legit_sock.close()
+        hostile_sock.close()
+    return payloads, got, stats
+
+
+async def test_a_hostile_sender_of_many_incomplete_messages_evicts_legitimate_ones(ep):
+    """Between two chunks of each legitimate message, a hostile sender sends
+    the first chunk of 300 two-chunk messages (distinct topics): the pending
+    bound (256 messages) is shared by all senders, so the oldest, the
+    legitimate message, is evicted. A legitimate sender's messages must all
+    arrive whatever another sender does."""
+    counter = itertools.count()
+
+    def hostile():
+        return [msgpack.packb([b"h%d" % next(counter), 1, 2, b"x"], use_bin_type=False) for _ in range(300)]
+
+    payloads, got, stats = await _legit_and_hostile(ep, hostile)
+    assert (stats.kernel_drops or 0) == 0, stats
+    assert got == payloads, (
+        f"{len(got)} of {len(payloads)} legitimate messages arrived; reassembly {stats.reassembly}")
+
+
+async def test_a_hostile_sender_of_large_incomplete_messages_evicts_legitimate_ones(ep):
+    """The same with bytes: between two legitimate chunks, a hostile sender
+    sends the first 60 kB chunk of 40 large messages (2.4 MB) under
+    ``max_reassembly_bytes`` of 2 MiB: the byte bound is shared by all
+    senders, so the legitimate message is evicted."""
+    counter = itertools.count()
+    chunk = b"y" * 60000
+
+    def hostile():
+        return [msgpack.packb([b"h%d" % next(counter), 1, 100, chunk], use_bin_type=False) for _ in range(40)]
+
+    payloads, got, stats = await _legit_and_hostile(ep, hostile, max_reassembly_bytes=2 * MiB)
+    assert (stats.kernel_drops or 0) == 0, stats
+    assert got == payloads, (
+        f"{len(got)} of {len(payloads)} legitimate messages arrived; reassembly {stats.reassembly}")
