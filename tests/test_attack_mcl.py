@@ -393,3 +393,88 @@ async def test_a_hostile_sender_of_large_incomplete_messages_evicts_legitimate_o
     assert (stats.kernel_drops or 0) == 0, stats
     assert got == payloads, (
         f"{len(got)} of {len(payloads)} legitimate messages arrived; reassembly {stats.reassembly}")
+
+
+# ---------------------------------------------------------------------------
+# Accepted dense datagrams: one receive batch is one item
+# ---------------------------------------------------------------------------
+
+def _rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+async def _scenario_string_flood(group: str, port: int) -> dict:
+    """2,000 datagrams ``[nil, [21,660 two-byte strings]]`` (64,987 bytes,
+    no container but the list: accepted) at the fastest rate the loopback
+    takes, ``max_queue_bytes`` 8 MiB, a consumer that throws each message
+    away at once."""
+    import json  # noqa: F401
+
+    items = [b"\xa2" + struct.pack(">H", i) for i in range(21660)]
+    datagram = b"\x92\xc0\xdd" + struct.pack(">I", len(items)) + b"".join(items)
+    sent = 2000
+    got = [0]
+    ticker = _Ticker()
+    sock = plain_sender()
+    try:
+        async with open_receiver(group, port, framing="mcl", max_queue_bytes=8 * MiB) as rx:
+            async def consume():
+                async for _ in rx:
+                    got[0] += 1
+
+            base = _rss_kib()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consume)
+                nursery.start_soon(ticker.run)
+                await trio.to_thread.run_sync(_send_paced, sock, [datagram] * sent, (group, port), 2000)
+                await _wait_until(lambda: rx.statistics().datagrams + (rx.statistics().kernel_drops or 0)
+                                  >= sent, "every datagram", 30)
+                await _wait_until(lambda: rx.statistics().messages >= rx.statistics().datagrams,
+                                  "every datagram decoded", 10)
+                await _wait_until(lambda: got[0] >= rx.statistics().messages, "the consumer", 10)
+                nursery.cancel_scope.cancel()
+            stats = rx.statistics()
+    finally:
+        sock.close()
+    return dict(base_kib=base, peak_kib=_rss_kib("VmHWM"), kept=ticker.kept(), worst_gap=max(ticker.gaps),
+                datagrams=stats.datagrams, messages=stats.messages, got=got[0], dropped=stats.dropped,
+                malformed=stats.malformed, kernel_drops=stats.kernel_drops)
+
+
+def test_a_flood_of_accepted_dense_datagrams_stays_near_max_queue_bytes(ep):
+    """Peak RSS of the receiving process (a child, VmHWM) while it takes a
+    flood of accepted 64 kB datagrams of two-byte strings (about 0.9 MB of
+    objects each, the estimate right), ``max_queue_bytes`` 8 MiB, consumer
+    keeping up: it grew 460 MiB. An item is one receive batch of up to
+    ``batch_size`` (256) datagrams, decoded whole and never refused for its
+    size when the channel is empty: 256 x 0.9 MB per item, whatever
+    ``max_queue_bytes`` says. Growth must stay within the bound plus the
+    100 MiB test_mcl_bombs allows for a flood."""
+    import json
+    import subprocess
+    import sys
+
+    group, port = ep
+    done = subprocess.run([sys.executable, __file__, "string_flood", group, str(port)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    # Everything accounted for.
+    assert r["messages"] == r["datagrams"] == r["got"] and r["malformed"] == 0, r
+    assert r["datagrams"] + (r["kernel_drops"] or 0) == 2000, r
+    growth_mib = (r["peak_kib"] - r["base_kib"]) / 1024
+    assert growth_mib < 8 + 100, f"peak RSS grew {growth_mib:.0f} MiB under max_queue_bytes=8 MiB: {r}"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    scenario = {"string_flood": _scenario_string_flood}[sys.argv[1]]
+    print(json.dumps(trio.run(scenario, sys.argv[2], int(sys.argv[3]))))
