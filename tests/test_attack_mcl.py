@@ -472,6 +472,69 @@ def test_a_flood_of_accepted_dense_datagrams_stays_near_max_queue_bytes(ep):
     assert growth_mib < 8 + 100, f"peak RSS grew {growth_mib:.0f} MiB under max_queue_bytes=8 MiB: {r}"
 
 
+
+# ---------------------------------------------------------------------------
+# A user-supplied send_channel shared by two receivers
+# ---------------------------------------------------------------------------
+
+async def test_a_shared_send_channel_does_not_drop_when_it_holds_far_less_than_max_queue_bytes(ep):
+    """Two receivers (two groups) send into one channel, clones of a
+    user-supplied ``send_channel`` (the usual way to merge sources),
+    ``max_queue_bytes`` 4 MiB, ``drop_newest``. Receiver A delivers three
+    1.2 MB messages, which the consumer takes; receiver B delivers ten small
+    messages, which the consumer leaves queued; A receives one more 1.2 MB
+    message. The channel then holds ten small messages (about 1 kB): A's
+    message must go in, not be dropped. (A forgets the cost of an item only
+    when the channel holds fewer items than it sent, counting B's items as
+    its own: it believes its three taken messages still queued.)"""
+    import functools
+
+    from mcast_trio import serve_receiver
+
+    group_a, port = ep
+    group_b = group_a.rsplit(".", 1)[0] + ".251"
+    big = [bytes([66 + k]) * 1_200_000 for k in range(4)]
+    sock = plain_sender()
+    got: list = []
+    try:
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel(256)
+            options = dict(framing="mcl", overflow="drop_newest", max_queue_bytes=4 * MiB)
+            a = await nursery.start(functools.partial(serve_receiver, group_a, port, send.clone(), **options))
+            b = await nursery.start(functools.partial(serve_receiver, group_b, port, send.clone(), **options))
+            send.close()
+
+            def send_big(k):
+                for frame in _chunks(b"big", msgpack.packb(big[k])):
+                    sock.sendto(frame, (group_a, port))
+                    time.sleep(0.001)
+
+            async def take(n):
+                while sum(len(item) for item in got) < n:
+                    with trio.fail_after(5):
+                        got.append(await receive.receive())
+
+            for k in range(3):
+                await trio.to_thread.run_sync(send_big, k)
+            await take(3)
+            for k in range(10):
+                sock.sendto(msgpack.packb([b"small", b"%d" % k]), (group_b, port))
+                await trio.sleep(0.01)
+            await _wait_until(lambda: b.statistics().messages >= 10, "B's messages", 5)
+            await trio.to_thread.run_sync(send_big, 3)
+            await _wait_until(lambda: a.statistics().messages >= 4, "A's last message", 5)
+            await trio.sleep(0.1)
+            stats_a = a.statistics()
+            queued = receive.statistics().current_buffer_used
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+    assert stats_a.kernel_drops == 0 and stats_a.malformed == 0, stats_a
+    assert stats_a.dropped == 0, (
+        f"A dropped {stats_a.dropped} message(s) while the channel held {queued} small items "
+        f"(about 1 kB) under max_queue_bytes=4 MiB")
+
+
 if __name__ == "__main__":
     import json
     import sys
