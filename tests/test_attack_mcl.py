@@ -535,6 +535,52 @@ async def test_a_shared_send_channel_does_not_drop_when_it_holds_far_less_than_m
         f"(about 1 kB) under max_queue_bytes=4 MiB")
 
 
+
+# ---------------------------------------------------------------------------
+# mcast-trio listen --json with MCL object payloads
+# ---------------------------------------------------------------------------
+
+def test_listen_json_mcl_survives_object_payloads(ep):
+    """``mcast-trio listen --messages --framing mcl --json`` receives MCL
+    messages whose payloads are objects: a record ``{"temperature": 21.5}``
+    (what MCL sends; msgpack's raw family gives its keys as bytes), a list,
+    a map with an int key, an ext object, a float; then ``b"after"``. Each
+    must come out as a JSON line (or be counted and skipped); the tool must
+    not die: it exited 1 on the record ("keys must be str, int, float, bool
+    or None, not bytes"), printing nothing after it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    group, port = ep
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "listen", "--messages", "--framing", "mcl",
+                             "--json", "-g", group, "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "joined" in proc.stderr.readline()
+        sock = plain_sender()
+        try:
+            for payload in [{"temperature": 21.5}, [1, 2, 3], {1: b"x"}, msgpack.ExtType(5, b"ab"), 1.5,
+                            b"after"]:
+                sock.sendto(msgpack.packb([b"imu", payload], use_bin_type=False), (group, port))
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    last = json.dumps(lines[-1]) if lines else ""
+    assert "after" in last or b"after".hex() in last, out
+
+
 if __name__ == "__main__":
     import json
     import sys
