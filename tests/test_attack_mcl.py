@@ -581,6 +581,45 @@ def test_listen_json_mcl_survives_object_payloads(ep):
     assert "after" in last or b"after".hex() in last, out
 
 
+
+def test_record_messages_mcl_survives_an_object_payload(ep, tmp_path):
+    """``mcast-trio record OUT --messages --framing mcl`` receives an MCL
+    record ``{"temperature": 21.5}`` then ``b"after"``: it must keep
+    recording and exit 0 on SIGINT with its summary (or count the record as
+    one it could not store). It exited 1 at once ("keys must be str, int,
+    float, bool or None, not bytes"), no summary, the recording ended by one
+    datagram any sender can send."""
+    import signal
+    import subprocess
+    import sys
+
+    group, port = ep
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "record", str(tmp_path / "run.apx"),
+                             "--messages", "--framing", "mcl", "-g", group, "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "recording" in proc.stderr.readline()
+        time.sleep(0.2)
+        sock = plain_sender()
+        try:
+            for payload in [{"temperature": 21.5}, b"after"]:
+                sock.sendto(msgpack.packb([b"imu", payload], use_bin_type=False), (group, port))
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        time.sleep(0.3)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert alive and proc.returncode == 0, f"exit {proc.returncode}: {err[-500:]}"
+    assert "recorded" in err, err
+
+
 if __name__ == "__main__":
     import json
     import sys
