@@ -620,6 +620,55 @@ def test_record_messages_mcl_survives_an_object_payload(ep, tmp_path):
     assert "recorded" in err, err
 
 
+
+#: ``[b"imu", [[[...1020 levels...[nil]...]]], 9000 bytes]]``: 9,040 bytes,
+#: 1,021 containers (the density bound allows 1,130): accepted by the MCL
+#: decoder, yet deeper than Python's repr() and json.dumps() can go.
+DEEP = b"\x92\xa3imu\x92" + b"\x91" * 1020 + b"\xc0" + b"\xc5" + (9000).to_bytes(2, "big") + b"p" * 9000
+
+
+@pytest.mark.parametrize("command", [["listen", "--messages"], ["listen", "--messages", "--json"],
+                                     ["record", "OUT", "--messages"]])
+def test_mcl_tools_survive_a_deeply_nested_payload(ep, tmp_path, command):
+    """One 9 kB datagram whose payload nests 1,020 lists (within the density
+    bound) ends ``listen --messages --framing mcl`` (text and --json) and
+    ``record --messages --framing mcl`` with a RecursionError traceback,
+    exit 1. The tools must survive it (refuse it as malformed, or print what
+    they can) and deliver the next message; SIGINT exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    group, port = ep
+    command = [str(tmp_path / "run.apx") if arg == "OUT" else arg for arg in command]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", *command, "--framing", "mcl",
+                             "-g", group, "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        proc.stderr.readline()  # joined / recording
+        time.sleep(0.2)
+        sock = plain_sender()
+        try:
+            for datagram in [DEEP, msgpack.packb([b"imu", b"after"])]:
+                sock.sendto(datagram, (group, port))
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        time.sleep(0.3)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert alive and proc.returncode == 0, f"exit {proc.returncode}: {err[-400:]}"
+    assert "Traceback" not in err, err[-400:]
+    if command[0] == "listen":
+        assert "after" in out or b"after".hex() in out, out[-300:]
+
+
 if __name__ == "__main__":
     import json
     import sys
