@@ -669,6 +669,41 @@ def test_mcl_tools_survive_a_deeply_nested_payload(ep, tmp_path, command):
         assert "after" in out or b"after".hex() in out, out[-300:]
 
 
+
+async def test_max_queue_bytes_charges_the_topic_of_queued_messages(ep):
+    """MCL messages with 60 kB topics and 1-byte payloads, ``max_queue_bytes``
+    4 MiB, ``drop_newest``, a stalled consumer: the topic is charged to the
+    reassembly bound now, but not to the channel's: each queued message is
+    charged about 225 bytes for 60 kB held, so the channel took 260 of
+    300 (15.6 MB, stopped by queue_size=256 items, not by bytes; with the
+    default batch_size an item may hold 256 such messages). What the stalled consumer finds queued must hold at most the
+    bound plus one item."""
+    group, port = ep
+    bound = 4 * MiB
+    datagrams = [msgpack.packb([b"%05d" % k + b"T" * 59995, b"x"], use_bin_type=False) for k in range(300)]
+    sock = plain_sender()
+    got: list = []
+    try:
+        async with open_receiver(group, port, framing="mcl", overflow="drop_newest",
+                                 max_queue_bytes=bound, batch_size=8) as rx:
+            await trio.sleep(0.1)
+            await trio.to_thread.run_sync(_send_paced, sock, datagrams, (group, port), 1000)
+            await _wait_until(lambda: rx.statistics().datagrams + (rx.statistics().kernel_drops or 0)
+                              >= len(datagrams), "every datagram", 10)
+            stats = rx.statistics()
+            with trio.move_on_after(0.5):
+                async for message in rx:
+                    got.append(message)
+    finally:
+        sock.close()
+    assert stats.kernel_drops == 0 and stats.malformed == 0, stats
+    assert len(got) + stats.dropped == len(datagrams), (len(got), stats)
+    held = sum(len(m.topic) + len(m.payload) for m in got)
+    assert held <= bound + 8 * 65000, (
+        f"the stalled consumer's channel held {len(got)} messages, {held / MiB:.1f} MiB of topics, "
+        f"under max_queue_bytes={bound / MiB:.0f} MiB")
+
+
 if __name__ == "__main__":
     import json
     import sys
