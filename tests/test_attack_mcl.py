@@ -704,6 +704,39 @@ async def test_max_queue_bytes_charges_the_topic_of_queued_messages(ep):
         f"under max_queue_bytes={bound / MiB:.0f} MiB")
 
 
+
+async def test_a_receiver_blocked_on_max_queue_bytes_does_not_spin(ep):
+    """``overflow="block"``, ``max_queue_bytes`` 100 kB, a consumer that
+    stalls: two 50 kB messages fill the bound and the receive task waits
+    for room in bytes by polling every millisecond: the process burns 15 %
+    of a core for as long as the consumer stalls (waiting for room in items
+    costs nothing). Blocked, it must stay under 5 %; everything is delivered
+    once the consumer resumes."""
+    import resource
+
+    group, port = ep
+    sock = plain_sender()
+    got = 0
+    try:
+        async with open_receiver(group, port, framing="mcl", overflow="block", max_queue_bytes=100_000,
+                                 queue_size=1000, batch_size=1) as rx:
+            for _ in range(20):
+                sock.sendto(msgpack.packb([b"t", b"x" * 50000]), (group, port))
+            await trio.sleep(0.3)
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            await trio.sleep(1.5)
+            r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            with trio.move_on_after(1):
+                async for _ in rx:
+                    got += 1
+            stats = rx.statistics()
+    finally:
+        sock.close()
+    cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (t1 - t0)
+    assert got == 20 and stats.dropped == 0 and stats.kernel_drops == 0, (got, stats)
+    assert cpu < 0.05, f"the blocked receiver used {cpu:.0%} of a core while its consumer stalled"
+
+
 if __name__ == "__main__":
     import json
     import sys
