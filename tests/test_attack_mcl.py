@@ -737,9 +737,77 @@ async def test_a_receiver_blocked_on_max_queue_bytes_does_not_spin(ep):
     assert cpu < 0.05, f"the blocked receiver used {cpu:.0%} of a core while its consumer stalled"
 
 
+
+async def _scenario_unbuffered_drop_oldest(group: str, port: int) -> dict:
+    """serve_receiver into a user-supplied unbuffered channel
+    (``trio.open_memory_channel(0)``), ``drop_channel`` its receive side's
+    clone, ``overflow="drop_oldest"``, a consumer that takes one message
+    every 200 ms; five small messages arrive."""
+    import functools
+
+    from mcast_trio import serve_receiver
+
+    sock = plain_sender()
+    got = []
+    try:
+        with trio.move_on_after(3):
+            async with trio.open_nursery() as nursery:
+                send, receive = trio.open_memory_channel(0)
+                try:
+                    service = await nursery.start(functools.partial(
+                        serve_receiver, group, port, send, drop_channel=receive.clone(), framing="mcl",
+                        overflow="drop_oldest"))
+                except (ValueError, TypeError) as exc:  # refusing it is fine
+                    return dict(refused=str(exc))
+
+                async def consume():
+                    async for item in receive:
+                        got.extend(item)
+                        await trio.sleep(0.2)
+
+                nursery.start_soon(consume)
+                for k in range(5):
+                    sock.sendto(msgpack.packb([b"t", b"%d" % k]), (group, port))
+                    await trio.sleep(0.01)
+                await trio.sleep(1.5)
+                stats = service.statistics()
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+    return dict(got=len(got), dropped=stats.dropped, messages=stats.messages)
+
+
+def test_drop_oldest_into_an_unbuffered_user_channel_does_not_hang(ep):
+    """``overflow="drop_oldest"`` with a user-supplied unbuffered channel:
+    when a message arrives while the consumer is not waiting, the receive
+    task loops forever between ``send_nowait`` (WouldBlock: nobody waiting)
+    and ``drop_channel.receive_nowait`` (WouldBlock: nothing buffered)
+    without a checkpoint: the whole trio loop freezes, cancellation
+    included (the child is killed after 8 s). It must either refuse
+    the channel before starting or account for every message
+    (got + dropped == messages) and finish."""
+    import json
+    import subprocess
+    import sys
+
+    group, port = ep
+    try:
+        done = subprocess.run([sys.executable, __file__, "unbuffered_drop_oldest", group, str(port)],
+                              capture_output=True, text=True, timeout=8,
+                              env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                                  os.path.abspath(__file__)))))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the receiving process hung (event loop frozen) for 8 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    if "refused" not in r:
+        assert r["messages"] == 5 and r["got"] + r["dropped"] == 5, r
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    scenario = {"string_flood": _scenario_string_flood}[sys.argv[1]]
+    scenario = {"string_flood": _scenario_string_flood,
+                "unbuffered_drop_oldest": _scenario_unbuffered_drop_oldest}[sys.argv[1]]
     print(json.dumps(trio.run(scenario, sys.argv[2], int(sys.argv[3]))))
