@@ -738,6 +738,53 @@ async def test_a_receiver_blocked_on_max_queue_bytes_does_not_spin(ep):
 
 
 
+def test_listen_json_mcl_emits_strict_json_for_nan_and_infinity(ep):
+    """``listen --messages --framing mcl --json`` given MCL payloads ``nan``
+    and ``[inf, 1.5]`` (any sender can send them) printed ``"payload":NaN``
+    and ``[Infinity,1.5]``: not JSON (RFC 8259), refused by strict parsers
+    (the same fault as issue 13.13 for ``info --json``). Every line must
+    parse strictly."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    group, port = ep
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "listen", "--messages", "--framing", "mcl",
+                             "--json", "-g", group, "-p", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "joined" in proc.stderr.readline()
+        sock = plain_sender()
+        try:
+            for payload in [float("nan"), [float("inf"), 1.5], b"after"]:
+                sock.sendto(msgpack.packb([b"imu", payload], use_bin_type=False), (group, port))
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = out.splitlines()
+    assert len(lines) == 3, out
+    for line in lines:
+        try:
+            json.loads(line, parse_constant=strict)
+        except ValueError as exc:
+            pytest.fail(f"not strict JSON ({exc}): {line}")
+
+
+
 async def _scenario_unbuffered_drop_oldest(group: str, port: int) -> dict:
     """serve_receiver into a user-supplied unbuffered channel
     (``trio.open_memory_channel(0)``), ``drop_channel`` its receive side's
