@@ -646,7 +646,8 @@ class ReceivePipeline:
         # payloads itself; other payloads hold their bytes.
         estimated = hasattr(decoder, "built_bytes")
         split = None if readout_mode else self.max_item_bytes
-        item_start = self.built_bytes
+        own = self._built_own  # added up locally, stored before each item
+        item_start = decoder.built_bytes if estimated else own
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
@@ -697,22 +698,25 @@ class ReceivePipeline:
                         self.on_malformed(bytes(datagram), source)
                     continue
             if not estimated:
-                self._built_own += len(message.payload) + (len(message.topic) if message.topic else 0)
+                own += len(message.payload) + (len(message.topic) if message.topic else 0)
             if not self._accept_all and not self._accept(message.topic, message.payload, source):
                 c.filtered += 1
                 continue
             out.append(message)
             if split is not None:
-                if self.built_bytes - item_start > split:
+                built = decoder.built_bytes if estimated else own
+                if built - item_start > split:
                     # One batch must not become an unbounded item: hand out
                     # what this one built so far before decoding the rest.
                     c.messages += len(out)
+                    self._built_own = own
                     resumed = yield out
                     out = []
-                    item_start = self.built_bytes
+                    item_start = decoder.built_bytes if estimated else own
                     deadline = self.deadline
                     if resumed is not None:
                         now = resumed
+        self._built_own = own
         if not out:
             return None
         c.messages += len(out)
