@@ -42,7 +42,7 @@ async def receive_loop(endpoint, pipeline, deliver: Callable[[Any], Awaitable[No
             from every batch, and from the socket's own counter when the
             loop goes idle (drops after the last queued datagram).
         deliver: ``await deliver(item)`` for every non-empty result of the
-            pipeline; it should not block for long (it may checkpoint; it
+            pipeline and every item it hands out while it decodes a batch; it should not block for long (it may checkpoint; it
             then sets ``pipeline.deadline`` itself if it wants a new budget).
         batch_size: datagrams per batched receive.
         max_datagram_size: receive slot size (longer datagrams are counted as
@@ -78,12 +78,17 @@ async def receive_loop(endpoint, pipeline, deliver: Callable[[Any], Awaitable[No
                 counters.kernel_drops = drops
             work = feed(batch, n, current_time())
             try:
-                work.send(None)
+                part = work.send(None)
                 while True:
-                    # The pipeline ran out of time between two datagrams.
-                    await checkpoint()
-                    pipeline.deadline = clock() + max_busy
-                    work.send(current_time())
+                    if part is None:
+                        # The pipeline ran out of time between two datagrams.
+                        await checkpoint()
+                        pipeline.deadline = clock() + max_busy
+                    else:
+                        # What the batch built so far reached the pipeline's
+                        # max_item_bytes: delivered before the rest is decoded.
+                        await deliver(part)
+                    part = work.send(current_time())
             except StopIteration as done:
                 item = done.value
             if item is not None:

@@ -18,6 +18,7 @@ for ``async for`` and ``receive()``, or hands the decoded batches to
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,9 +58,66 @@ DEFAULT_MAX_QUEUE_BYTES = 64 << 20
 #: message's tuple and list slot, a chunk's objects.
 _MESSAGE_COST = 96
 _CHUNK_COST = 512
-#: How often a receive task with ``overflow="block"`` looks whether the
-#: consumer has freed enough bytes (it waits for items in the channel itself).
+#: A receive task with ``overflow="block"`` waiting for the consumer to free
+#: enough bytes (it waits for items in the channel itself) looks again after
+#: this many seconds, doubling up to ``_BLOCK_POLL_MAX``: quick when the
+#: consumer is only slow, nearly free when it stalls.
 _BLOCK_POLL = 0.001
+_BLOCK_POLL_MAX = 0.05
+#: One receive batch is handed out as several items when its messages hold
+#: more than this fraction of ``max_queue_bytes``.
+_ITEM_SHARE = 4
+
+
+class _Ledger:
+    """The byte bound's account of one memory channel: the cost of every
+    item the receive tasks sending into it put in and that was not yet
+    taken out, oldest first. The channel is first in, first out, so when it
+    holds ``used`` items, the first ``len(costs) - used`` of these were
+    taken (by a consumer or by drop_oldest). Shared by every receive task
+    sending into the same channel (clones of one ``send_channel``), so that
+    none takes another's items for its own; items that other code sends
+    into the channel are not counted (they only make the account forget a
+    cost later, never sooner)."""
+
+    __slots__ = ("costs", "total", "__weakref__")
+
+    def __init__(self) -> None:
+        self.costs: deque[int] = deque()
+        self.total = 0
+
+    def settle(self, used: int) -> None:
+        costs = self.costs
+        while len(costs) > used:
+            self.total -= costs.popleft()
+
+    def add(self, cost: int) -> None:
+        self.costs.append(cost)
+        self.total += cost
+
+
+#: id(channel state) -> (weak reference to it, its ledger).
+_LEDGERS: dict[int, tuple[Any, _Ledger]] = {}
+
+
+def _ledger_for(channel) -> _Ledger:
+    """The ledger of the channel ``channel`` sends into (shared by its
+    clones: trio's memory channels keep their common state in ``_state``;
+    a channel without one gets a ledger of its own)."""
+    state = getattr(channel, "_state", None)
+    if state is None:
+        return _Ledger()
+    key = id(state)
+    entry = _LEDGERS.get(key)
+    if entry is not None and entry[0]() is state:
+        return entry[1]
+    ledger = _Ledger()
+    try:
+        ref = weakref.ref(state, lambda _ref, key=key: _LEDGERS.pop(key, None))
+    except TypeError:
+        return ledger
+    _LEDGERS[key] = (ref, ledger)
+    return ledger
 
 
 class ReceiverService:
@@ -78,7 +136,8 @@ class ReceiverService:
             ``counters`` are the live counters).
         queued_bytes: what the items in the channel hold, in bytes, as
             counted against ``max_queue_bytes`` (updated when the task
-            delivers).
+            delivers; the items of every receive task sending into the
+            channel).
     """
 
     def __init__(self, config: "_Config", send_channel, drop_channel=None) -> None:
@@ -95,24 +154,25 @@ class ReceiverService:
                              "send_channel); or use overflow='drop_newest'")
         self._send = send_channel
         self._drop = drop_channel
-        # The byte bound: the cost of every item sent and not yet taken out,
-        # oldest first. The channel is first in, first out, so when it holds
-        # ``used`` items, the first ``len(costs) - used`` of these were taken
-        # (by the consumer or by drop_oldest): see _settle().
+        # The byte bound, shared with the other receive tasks sending into
+        # the same channel: see _Ledger.
         self._max_bytes = config.max_queue_bytes
-        self._costs: deque[int] = deque()
-        self.queued_bytes = 0
+        self._ledger = _ledger_for(send_channel)
         self.pipeline = ReceivePipeline(
             readout_class=config.readout_class, framing=config.framing, topics=config.topics,
             filter=config.filter, max_senders=config.max_senders, loss_window=config.loss_window,
             reassembly=config.reassembly, on_malformed=config.on_malformed)
+        # A receive batch hands out its messages as several items rather
+        # than one that the byte bound could not refuse.
+        self.pipeline.max_item_bytes = max(1, config.max_queue_bytes // _ITEM_SHARE)
         self._counters = self.pipeline.counters
         self._endpoint = None
-        # MCL message payloads are objects; the decoder estimates their size.
-        decoder = self.pipeline._decoder
-        self._built = decoder if hasattr(decoder, "built_bytes") else None
         self._built_seen = 0
         self.joined = trio.Event()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._ledger.total
 
     @property
     def keep_bytes(self) -> bool:
@@ -172,31 +232,28 @@ class ReceiverService:
             batch = item.batch
             size = batch.hits.nbytes + batch.readouts.nbytes + item.lengths.nbytes + _CHUNK_COST
             return size if item.data is None else size + len(item.data)
-        if self._built is not None:
-            # Everything the MCL decoder built since the last item (what a
-            # filter rejected in between too: an overestimate, never less).
-            built = self._built.built_bytes
-            size = built - self._built_seen
-            self._built_seen = built
-            return size + _MESSAGE_COST * len(item)
-        return sum([len(m.payload) for m in item]) + _MESSAGE_COST * len(item)
+        # Everything the pipeline built since the last item (topics and
+        # payloads; an MCL object payload: an upper bound; what a filter
+        # rejected in between too: an overestimate, never less).
+        built = self.pipeline.built_bytes
+        size = built - self._built_seen
+        self._built_seen = built
+        return size + _MESSAGE_COST * len(item)
 
     def _settle(self):
         """Forget the costs of the items taken out of the channel since;
         return the channel's statistics."""
-        costs = self._costs
         state = self._send.statistics()
-        while len(costs) > state.current_buffer_used:
-            self.queued_bytes -= costs.popleft()
+        self._ledger.settle(state.current_buffer_used)
         return state
 
     def _fits(self, cost: int) -> bool:
         # An item larger than the bound still goes into an empty channel.
-        return not self._costs or self.queued_bytes + cost <= self._max_bytes
+        ledger = self._ledger
+        return not ledger.costs or ledger.total + cost <= self._max_bytes
 
     def _queued(self, cost: int) -> None:
-        self._costs.append(cost)
-        self.queued_bytes += cost
+        self._ledger.add(cost)
         self._settle()
 
     async def _deliver(self, item) -> None:
@@ -213,14 +270,18 @@ class ReceiverService:
                 self._count_dropped(item)
                 return
             else:
-                self._costs.append(cost)
-                self.queued_bytes += cost
+                self._ledger.add(cost)
                 if ((state.current_buffer_used + 1) * 2 > state.max_buffer_size
                         or self.queued_bytes * 2 > self._max_bytes):
                     # The consumer is falling behind while the socket keeps
                     # delivering: let it run now rather than after
                     # max_per_wake datagrams, or the overflow policy drops
-                    # what it could have handled.
+                    # what it could have handled. Twice: trio runs the tasks
+                    # woken together in random order, and after one
+                    # checkpoint this task may resume (and deliver more)
+                    # before the consumer it just woke; after two, the
+                    # consumer has run.
+                    await trio.lowlevel.checkpoint()
                     await trio.lowlevel.checkpoint()
                     self.pipeline.deadline = self.pipeline.clock() + self.config.max_busy
                 return
@@ -228,9 +289,12 @@ class ReceiverService:
         policy = self.overflow
         if policy == "block":
             try:
+                delay = _BLOCK_POLL
                 while not self._fits(cost):
-                    # The channel waits for room for items, not for bytes.
-                    await trio.sleep(_BLOCK_POLL)
+                    # The channel waits for room for items, not for bytes:
+                    # look again, less and less often (no busy polling).
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, _BLOCK_POLL_MAX)
                     self._settle()
                 await send.send(item)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -256,7 +320,11 @@ class ReceiverService:
                 try:
                     oldest = self._drop.receive_nowait()
                 except trio.WouldBlock:
-                    pass
+                    # Nothing to take out (an unbuffered channel whose
+                    # consumer is not waiting): the new item is dropped,
+                    # rather than trying forever without a checkpoint.
+                    self._count_dropped(item)
+                    return
                 else:
                     self._count_dropped(oldest)
                 self._settle()
@@ -550,14 +618,19 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
             drops any).
         max_queue_bytes: bound of the same channel in bytes (1..2**40,
             default 64 MiB): what its items hold (a readout chunk: its
-            serialized readouts and decoded arrays; a message: its payload;
-            an MCL object payload: an estimate, 16 bytes per byte of its
-            msgpack). An item that would go beyond it is treated as if the
-            channel were full (the overflow policy applies and counts what it
-            drops in ``dropped``/``dropped_chunks``), except that an item
-            alone in the channel is never refused for its size (an item is
-            one receive batch: up to ``batch_size`` datagrams, or the
-            messages they complete).
+            serialized readouts and decoded arrays; a message: its topic
+            and payload; an MCL object payload: an upper bound, 48 bytes
+            per byte of its msgpack and 256 per container). An item that
+            would go beyond it is treated as if the channel were full (the
+            overflow policy applies and counts what it drops in
+            ``dropped``/``dropped_chunks``), except that an item alone in
+            the channel is never refused for its size. An item is one
+            receive batch (up to ``batch_size`` datagrams, or the messages
+            they complete), or part of one: the messages of a batch are
+            handed out as several items when they hold more than a quarter
+            of the bound. Receivers sending into clones of one
+            ``send_channel`` (:func:`serve_receiver`) share the bound's
+            account of that channel.
         interface: name, index or address of the interface to join on; the
             default is the loopback interface.
         source: receive only from this source (source-specific multicast).
@@ -570,7 +643,10 @@ async def open_receiver(group, port, readout_class=None, *, queue_size: int = 25
         filter: a callable ``(payload, address) -> bool`` or a regular
             expression searched in the payload.
         overflow: ``"drop_oldest"`` (default), ``"drop_newest"`` or
-            ``"block"`` (stalls the socket; for tests).
+            ``"block"`` (stalls the socket; for tests). With
+            ``"drop_oldest"``, when nothing can be taken out of the channel
+            (an unbuffered user channel whose consumer is not waiting), the
+            new item is dropped.
         batch_size: datagrams per ``recvmmsg`` call (1..1024, default 256).
         max_datagram_size: receive slot size; larger datagrams are counted as
             truncated and skipped.

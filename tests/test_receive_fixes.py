@@ -382,7 +382,10 @@ async def test_mcl_array_bombs_do_not_starve_other_tasks(ep):
     gc.freeze()
     sock = plain_sender()
     try:
-        async with open_receiver(group, port, framing="mcl") as rx:
+        # 110 delivered bombs hold ~110 MB (the receiver charges each ~5 MB,
+        # an upper bound): more than the default max_queue_bytes, which is
+        # not what this test is about.
+        async with open_receiver(group, port, framing="mcl", max_queue_bytes=1 << 30) as rx:
             async def consume():
                 # Drain as it arrives: the delivered bombs (4 MB each) are not
                 # kept, so the garbage collector's passes stay short.

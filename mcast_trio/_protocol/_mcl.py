@@ -98,10 +98,17 @@ _EXT_WEIGHT = 8
 #: the density bound holds for every slice's end: after ``k`` bytes, at
 #: most ``max(512, k // 8)`` containers.
 MCL_UNPACK_SLICE = 1 << 16
-#: Bytes a message's payload is taken to hold in memory, per byte of its
-#: msgpack (an object payload: dicts, lists, numbers; a byte string holds
-#: its length): what :attr:`MclDecoder.built_bytes` adds up.
-_OBJECT_BYTES_PER_BYTE = 16
+#: An upper bound of the memory an object payload holds (dicts, lists,
+#: numbers), in bytes: this much per byte of its msgpack (the costliest
+#: scalar, a negative fixint, is 1 byte of msgpack and a 32-byte int object
+#: in an 8-byte list slot: 40) plus this much per container built (an empty
+#: dict is 1 byte and 80 bytes of memory; a one-entry dict about 200),
+#: measured with tracemalloc on CPython 3.11 for the densest shapes the
+#: bounds accept: what :attr:`MclDecoder.built_bytes` adds up. A byte string
+#: holds its length plus :data:`_BYTES_OBJECT`.
+_OBJECT_BYTES_PER_BYTE = 48
+_CONTAINER_BYTES = 256
+_BYTES_OBJECT = 40
 
 #: First bytes of a msgpack str or bin (fixstr, str8/16/32, bin8/16/32):
 #: such a payload builds one bytes object, a copy, whatever its size.
@@ -124,9 +131,11 @@ def _too_dense(what: str, limit: int, n: int, total: int | None = None) -> _TooD
     )
 
 
-def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: str = "datagram") -> Any:
+def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview,
+                    what: str = "datagram") -> tuple[Any, int]:
     """Unpack ``data`` (exactly one msgpack object) building no more than
-    its ``n`` bytes could legitimately hold.
+    its ``n`` bytes could legitimately hold; return the object and the
+    number of containers built (ext objects weighted).
 
     * An element, a map entry's key and value, a string's byte take at least
       1 byte each, so no array of more than ``n`` elements, no map of more
@@ -146,6 +155,12 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
     * A msgpack timestamp (ext type -1) comes out as an int, nanoseconds
       since the epoch (msgpack's ``timestamp=2``: built in C, no Python
       ``Timestamp`` object per 6 bytes).
+    * Map keys must be byte strings (msgpack's ``strict_map_key``; MCL's
+      messages are Python 2 dicts with str keys): the hash of an int key is
+      the int modulo ``2**61 - 1``, so a map of timestamps ``k * (2**61 -
+      1)`` ns would cost a quadratic number of key comparisons (a "hash
+      flood": 4,000 keys, 200 ms); bytes hashes are randomized per
+      process. A map with another key is refused at that key.
     * For inputs of 4 KiB or more the cyclic garbage collector is paused
       while the objects are built: tens of thousands of containers otherwise
       trigger a collection every 700 of them, each older-generation one
@@ -153,15 +168,10 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
 
     Raises:
         _TooDense: too many containers (its message says the bound).
-        Exception: whatever msgpack raises for bad bytes.
+        Exception: whatever msgpack raises for bad bytes (and for a map key
+            that is not a byte string).
     """
     n = len(data)
-    unpackb = msgpack.unpackb
-    if n <= MCL_MIN_CONTAINERS:
-        # Cannot hold more containers than bytes: no counting needed.
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
-                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
-                       max_ext_len=n)
     limit = _container_limit(n)
     built = 0
 
@@ -185,18 +195,19 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview, what: st
     if enabled:
         _gc.disable()
     try:
-        return unpackb(data, raw=True, use_list=True, strict_map_key=False, timestamp=2,
-                       max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
-                       max_ext_len=n, list_hook=count, object_hook=count, ext_hook=ext)
+        obj = msgpack.unpackb(data, raw=True, use_list=True, strict_map_key=True, timestamp=2,
+                              max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                              max_ext_len=n, list_hook=count, object_hook=count, ext_hook=ext)
     finally:
         if enabled:
             _gc.enable()
+    return obj, built
 
 
 def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
     """Unpack ``data`` (exactly one msgpack object, longer than
     :data:`MCL_UNPACK_SLICE`) in slices of that size, yielding between two
-    slices; return the object.
+    slices; return the object and the number of containers built.
 
     msgpack's streaming ``Unpacker`` keeps its parse state between two
     ``feed`` calls, so each slice costs what its own bytes build (at most
@@ -235,7 +246,7 @@ def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
         return ext_type(code, payload)
 
     unpacker = msgpack.Unpacker(
-        raw=True, use_list=True, strict_map_key=False, timestamp=2, max_buffer_size=n, max_str_len=n,
+        raw=True, use_list=True, strict_map_key=True, timestamp=2, max_buffer_size=n, max_str_len=n,
         max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
         list_hook=count, object_hook=count, ext_hook=ext)
     view = memoryview(data)
@@ -260,7 +271,7 @@ def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
         if obj is not unpacker:
             if fed != n or unpacker.tell() != n:
                 raise ValueError(f"extra bytes after the msgpack object, at offset {unpacker.tell()}")
-            return obj
+            return obj, built
         yield
 
 
@@ -391,7 +402,10 @@ class MclDecoder:
     it over: a byte string (MCL's Python 2 ``str``, or bin) as ``bytes``,
     and any other object (dict, list, int, float, nil, ...) as the
     corresponding Python object; strings inside it are ``bytes`` too (the
-    raw family carries no encoding). Map keys may be any hashable value.
+    raw family carries no encoding). Map keys must be byte strings (MCL's
+    records are Python 2 dicts with str keys): a map with another key (an
+    int, a float, nil, a timestamp) is malformed, as ints and floats hash
+    predictably and a map of colliding keys costs quadratic time.
 
     MCL chunks carry no message id. Chunks are keyed by ``(address, topic,
     n)`` (MCL itself uses ``(host, n, topic)``), and since a sender emits the
@@ -445,11 +459,12 @@ class MclDecoder:
 
     Attributes:
         filtered: Datagrams dropped because of their topic.
-        built_bytes: Estimated memory, in bytes, of the payloads of every
-            message returned so far (a byte string: its length; any other
-            object: 16 bytes per byte of its msgpack, an estimate; 64 bytes
-            more per message): a receiver charges it to its queue's byte
-            bound.
+        built_bytes: An upper bound of the memory, in bytes, of the topics
+            and payloads of every message returned so far (a byte string:
+            its length and 40; any other object: 48 bytes per byte of its
+            msgpack and 256 per container built, which the densest shapes
+            the bounds accept stay under, measured): a receiver charges it
+            to its queue's byte bound (``max_queue_bytes``).
 
     Raises:
         ImportError: msgpack is not installed (``pip install mcast_trio[mcl]``).
@@ -523,7 +538,7 @@ class MclDecoder:
                 f"at most {MCL_MAX_DATAGRAM}"
             )
         try:
-            frame = _unpack_bounded(self._msgpack, datagram)
+            frame, built = _unpack_bounded(self._msgpack, datagram)
         except _TooDense as exc:
             raise MalformedFrame(str(exc)) from None
         except Exception as exc:  # msgpack raises several types for bad bytes
@@ -541,10 +556,7 @@ class MclDecoder:
             if topics is not None and topic not in topics:
                 self.filtered += 1
                 return None
-            payload = frame[1]
-            self.built_bytes += (len(payload) if type(payload) is bytes
-                                 else _OBJECT_BYTES_PER_BYTE * n) + 64
-            return Message(topic, payload, address)
+            return self._message(topic, frame[1], n, built, address)
         _, index, count, chunk = frame
         if type(index) is not int or type(count) is not int or not 1 <= index <= count:
             raise MalformedFrame(f"chunk index {index!r} / count {count!r}: expected 1 <= i <= n")
@@ -559,26 +571,26 @@ class MclDecoder:
         if len(joined) > MCL_UNPACK_SLICE and joined[0] not in _BYTES_STARTS:
             return self._finish(topic, joined, address, _unpack_sliced(self._msgpack, joined))
         try:
-            payload = _unpack_bounded(self._msgpack, joined, "message")
+            payload, built = _unpack_bounded(self._msgpack, joined, "message")
         except _TooDense as exc:
             self._store.counts.completed -= 1
             raise MalformedFrame(str(exc)) from None
         except Exception:
             self._refused()
             return None
-        return self._message(topic, payload, len(joined), address)
+        return self._message(topic, payload, len(joined), built, address)
 
     def _finish(self, topic: Any, joined: bytes, address: Any,
                 steps: Generator[None, Any, Any]) -> Generator[None, Any, Message | None]:
         try:
-            payload = yield from steps
+            payload, built = yield from steps
         except _TooDense as exc:
             self._store.counts.completed -= 1
             raise MalformedFrame(str(exc)) from None
         except Exception:
             self._refused()
             return None
-        return self._message(topic, payload, len(joined), address)
+        return self._message(topic, payload, len(joined), built, address)
 
     def _refused(self) -> None:
         # Reassembled bytes that do not unpack to exactly one object.
@@ -586,7 +598,9 @@ class MclDecoder:
         counts.completed -= 1
         counts.inconsistent += 1
 
-    def _message(self, topic: Any, payload: Any, size: int, address: Any) -> Message:
-        self.built_bytes += (len(payload) if type(payload) is bytes
-                             else _OBJECT_BYTES_PER_BYTE * size) + 64
+    def _message(self, topic: Any, payload: Any, size: int, containers: int, address: Any) -> Message:
+        # An upper bound of what the message holds (see built_bytes).
+        self.built_bytes += ((len(payload) + _BYTES_OBJECT if type(payload) is bytes
+                              else _OBJECT_BYTES_PER_BYTE * size + _CONTAINER_BYTES * containers)
+                             + (len(topic) + _BYTES_OBJECT if topic is not None else 0))
         return Message(topic, payload, address)

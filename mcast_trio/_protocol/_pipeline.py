@@ -350,6 +350,15 @@ class ReceivePipeline:
         keep_bytes: whether readout chunks carry the serialized readouts
             (consumers of single readouts need them; consumers of decoded
             batches do not, and save a copy per batch).
+        built_bytes: an upper bound of the memory of the topics and
+            payloads of every message built so far (message mode; an MCL
+            object payload as :attr:`~mcast_trio.MclDecoder.built_bytes`
+            bounds it): what a receiver charges to its byte bound.
+        max_item_bytes: None (one item per batch), or the bytes
+            (:attr:`built_bytes`) past which the messages of one batch
+            built so far are handed out as an item of their own before the
+            rest of the batch is decoded (message mode), so that one
+            receive batch never becomes an unbounded item.
     """
 
     def __init__(self, *, readout_class=None, framing: Framing | str = "auto", topics=None, filter=None,
@@ -370,6 +379,8 @@ class ReceivePipeline:
         # Named as this class takes them (SenderTable would say window=).
         max_senders = check_int("max_senders", max_senders, 1, 1 << 20)
         loss_window = check_int("loss_window", loss_window, 1, 1 << 16)
+        self._built_own = 0  # built_bytes of messages the decoder does not count
+        self.max_item_bytes: int | None = None
         self.senders: SenderTable = SenderTable(max_senders=max_senders, window=loss_window)
         timeout, max_messages, max_bytes = reassembly
         self.reassembly_timeout = timeout
@@ -399,6 +410,11 @@ class ReceivePipeline:
     # -- what the driver asks ----------------------------------------------
 
     @property
+    def built_bytes(self) -> int:
+        decoder = self._decoder
+        return self._built_own + (decoder.built_bytes if hasattr(decoder, "built_bytes") else 0)
+
+    @property
     def pending(self) -> bool:
         """Whether incomplete messages are held (the driver must come back
         to :meth:`expire` them even if nothing arrives)."""
@@ -423,22 +439,30 @@ class ReceivePipeline:
 
     def run(self, batch, n: int, now: float):
         """:meth:`feed` to completion, without pausing; return what to
-        deliver (or None)."""
+        deliver (or None): the items it hands out on the way (message mode,
+        :attr:`max_item_bytes`) joined into one list."""
         work = self.feed(batch, n, now)
+        parts: list = []
         try:
             while True:
-                work.send(None)
+                part = work.send(None)
+                if part is not None:
+                    parts.extend(part)
         except StopIteration as stop:
-            return stop.value
+            if not parts:
+                return stop.value
+            return parts + (stop.value or [])
 
     def feed(self, batch, n: int, now: float) -> Generator[None, float | None, Any]:
         """Handle the first ``n`` datagrams of ``batch`` received at ``now``.
 
-        A generator: it yields when ``clock()`` passed :attr:`deadline`
-        between two datagrams handled in Python; resume it with ``send(t)``
-        (the current time, or None to keep ``now``). Its return value is
-        what to deliver: a :class:`ReadoutChunk`, a list of messages, or
-        None when nothing is left to deliver.
+        A generator: it yields None when ``clock()`` passed :attr:`deadline`
+        between two datagrams handled in Python, and, in message mode, a
+        list of messages to deliver at once when those built since the last
+        item hold more than :attr:`max_item_bytes`; resume it with
+        ``send(t)`` (the current time, or None to keep ``now``). Its return
+        value is what to deliver: a :class:`ReadoutChunk`, a list of
+        messages, or None when nothing is left to deliver.
         """
         self._account(batch, n)
         if self._raw_readouts:
@@ -637,6 +661,12 @@ class ReceivePipeline:
         # MCL's feed_paced hands a large message back as a generator that
         # unpacks it in slices, yielding between them.
         feed = None if decoder is None else getattr(decoder, "feed_paced", decoder.feed)
+        # What the messages built hold: the MCL decoder bounds its object
+        # payloads itself; other payloads hold their bytes.
+        estimated = hasattr(decoder, "built_bytes")
+        split = None if readout_mode else self.max_item_bytes
+        own = self._built_own  # added up locally, stored before each item
+        item_start = decoder.built_bytes if estimated else own
         out: list[Message] = []
         for i in range(n):
             if truncated[i]:
@@ -686,10 +716,26 @@ class ReceivePipeline:
                     if self.on_malformed is not None:
                         self.on_malformed(bytes(datagram), source)
                     continue
+            if not estimated:
+                own += len(message.payload) + (len(message.topic) if message.topic else 0)
             if not self._accept_all and not self._accept(message.topic, message.payload, source):
                 c.filtered += 1
                 continue
             out.append(message)
+            if split is not None:
+                built = decoder.built_bytes if estimated else own
+                if built - item_start > split:
+                    # One batch must not become an unbounded item: hand out
+                    # what this one built so far before decoding the rest.
+                    c.messages += len(out)
+                    self._built_own = own
+                    resumed = yield out
+                    out = []
+                    item_start = decoder.built_bytes if estimated else own
+                    deadline = self.deadline
+                    if resumed is not None:
+                        now = resumed
+        self._built_own = own
         if not out:
             return None
         c.messages += len(out)

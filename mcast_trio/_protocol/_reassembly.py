@@ -78,7 +78,8 @@ class ReassemblyStats:
             counted).
         expired: Incomplete messages dropped after ``timeout``.
         evicted: Incomplete messages dropped to respect ``max_messages`` or
-            ``max_bytes`` (oldest first).
+            ``max_bytes`` (the oldest of the source address holding the
+            most, so that a flooding source evicts its own).
         superseded: MCL only: incomplete messages dropped because a chunk of a
             newer message with the same key arrived (MCL chunks carry no
             message id).
@@ -138,13 +139,33 @@ class _Pending:
         self.top = -1  # highest index received
 
 
+class _Owner:
+    """The incomplete messages of one source address, oldest first, and the
+    bytes they are charged."""
+
+    __slots__ = ("keys", "nbytes")
+
+    def __init__(self) -> None:
+        self.keys: dict[Hashable, None] = {}
+        self.nbytes = 0
+
+
 class FragmentStore:
     """Bounded, expiring buffer of incomplete messages (shared by the native
     and the MCL reassembly). Keys are tuples whose first items identify the
     sender (``sender_len`` of them); insertion order is age order.
     ``bytes_buffered`` counts fragment bytes plus the per-fragment and
     per-message overheads and each incomplete message's topic, so
-    ``max_bytes`` bounds the memory held."""
+    ``max_bytes`` bounds the memory held.
+
+    The bounds are shared by every source, fairly: the first item of a key
+    is the source address, and a new message or fragment that needs room
+    evicts the oldest incomplete message of the source holding the most
+    (messages for ``max_messages``, bytes for ``max_bytes``; among equals,
+    the source seen first). A source that floods incomplete messages thus
+    evicts its own, not those of a source holding fewer. The limit: a
+    hostile host that spreads its messages over many source ports holds as
+    many shares as ports."""
 
     def __init__(
         self, max_messages: int, max_bytes: int, timeout: float, recent: int, sender_len: int = 0
@@ -160,6 +181,8 @@ class FragmentStore:
         self.timeout, self.max_messages, self.max_bytes = check_reassembly_limits(
             timeout, max_messages, max_bytes)
         self.pending: OrderedDict[Hashable, _Pending] = OrderedDict()
+        # What each source address (the key's first item) holds.
+        self._owners: dict[Hashable, _Owner] = {}
         # Recently completed messages, oldest first, to recognise late
         # duplicate fragments: key -> (count, total, CRC-32 of each of the
         # first _FINGERPRINTED fragments). A fragment whose bytes differ is
@@ -180,19 +203,36 @@ class FragmentStore:
             key, entry = next(iter(pending.items()))
             if entry.deadline > now:
                 break
-            del pending[key]
-            self.counts.bytes_buffered -= entry.nbytes
+            self._drop(key)
             dropped += 1
         self.counts.expired += dropped
         return dropped
 
-    def _drop(self, key: Hashable) -> None:
+    def _drop(self, key: Hashable) -> _Pending:
         entry = self.pending.pop(key)
         self.counts.bytes_buffered -= entry.nbytes
+        owners = self._owners
+        owner = owners[key[0]]
+        del owner.keys[key]
+        owner.nbytes -= entry.nbytes
+        if not owner.keys:
+            del owners[key[0]]
+        return entry
 
-    def _evict_oldest(self) -> None:
-        key = next(iter(self.pending))
-        self._drop(key)
+    def _charge(self, key: Hashable, entry: _Pending, size: int) -> None:
+        entry.nbytes += size
+        self.counts.bytes_buffered += size
+        self._owners[key[0]].nbytes += size
+
+    def _evict(self, by_bytes: bool) -> None:
+        """Evict the oldest incomplete message of the source holding the
+        most bytes (``by_bytes``) or messages."""
+        owners = self._owners
+        if by_bytes:
+            victim = max(owners.values(), key=lambda owner: owner.nbytes)
+        else:
+            victim = max(owners.values(), key=lambda owner: len(owner.keys))
+        self._drop(next(iter(victim.keys)))
         self.counts.evicted += 1
 
     def forget_sender(self, sender: tuple) -> None:
@@ -281,24 +321,26 @@ class FragmentStore:
             return None
         if entry is None:
             if len(pending) >= self.max_messages:
-                self._evict_oldest()
+                self._evict(by_bytes=False)
         while self.counts.bytes_buffered + size > max_bytes:
-            self._evict_oldest()
+            self._evict(by_bytes=True)
             if entry is not None and key not in pending:
-                # The message this fragment belongs to was the oldest: it is
+                # The message this fragment belongs to was evicted: it is
                 # gone, and this fragment alone could never complete it.
                 return None
         if entry is None:
             entry = pending[key] = _Pending(now + self.timeout, count, total, chunk, topic)
+            owner = self._owners.get(key[0])
+            if owner is None:
+                owner = self._owners[key[0]] = _Owner()
+            owner.keys[key] = None
         entry.parts[index] = fragment
-        entry.nbytes += size
-        self.counts.bytes_buffered += size
+        self._charge(key, entry, size)
         if index > entry.top:
             entry.top = index
         if len(entry.parts) < count:
             return None
-        del pending[key]
-        self.counts.bytes_buffered -= entry.nbytes
+        self._drop(key)
         self.counts.completed += 1
         parts = entry.parts
         if self._recent_max:
@@ -360,11 +402,12 @@ class Reassembler:
     completed messages are kept (to recognise late duplicate fragments).
 
     Args:
-        max_messages: Most incomplete messages held at once (oldest evicted).
-            Allowed: ``1 .. 2**20``.
-        max_bytes: Most bytes held at once, overheads included (oldest
-            incomplete messages evicted; a message that could not fit is
-            dropped as oversized). Allowed: ``1 .. 2**40``.
+        max_messages: Most incomplete messages held at once (the oldest of
+            the source address holding the most is evicted, see
+            :class:`FragmentStore`). Allowed: ``1 .. 2**20``.
+        max_bytes: Most bytes held at once, overheads included (likewise
+            evicted; a message that could not fit is dropped as
+            oversized). Allowed: ``1 .. 2**40``.
         timeout: Seconds after its first fragment an incomplete message is
             dropped. Allowed: finite and > 0.
         on_restart: None, or a callable ``(address, sender_id)`` called

@@ -50,6 +50,8 @@ __all__ = [
     "run",
     "stop_on_signals",
     "emit_json",
+    "strict_json",
+    "TOO_DEEP",
     "fail",
     "said_once",
 ]
@@ -513,6 +515,30 @@ def emit_json(record: dict) -> None:
     """Print one JSON line and flush (for pipes)."""
     sys.stdout.write(json.dumps(record, separators=(",", ":"), default=_jsonable) + "\n")
     sys.stdout.flush()
+
+
+#: What the tools print in place of a value nested too deeply for Python's
+#: ``repr()`` and ``json`` (a :exc:`RecursionError`): an MCL payload the
+#: decoder accepts may nest about a thousand lists.
+TOO_DEEP = "<nested too deeply to print>"
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every float that is not finite (NaN, infinities, as a
+    JSON header or an MCL payload may hold) replaced by None, so that the
+    JSON printed is strict (RFC 8259: no ``NaN``/``Infinity``).
+
+    Raises:
+        RecursionError: ``value`` nests too deeply (the callers print
+            :data:`TOO_DEEP` instead).
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import math
 import os
 import pathlib
 import secrets
@@ -37,7 +36,7 @@ from .. import (
     MalformedReadout,
     decode_readouts,
 )
-from ._common import emit_json, fail, said_once
+from ._common import emit_json, fail, said_once, strict_json
 from ._common import Number, OutputFile  # the option types
 
 __all__ = ["COMMANDS", "decode", "info", "check", "plot"]
@@ -384,19 +383,6 @@ def _summary(file: pathlib.Path, progress: bool | None) -> dict:
     }
 
 
-def _strict_json(value):
-    """``value`` with every float that is not finite (NaN, infinities, as a
-    JSON header may hold) replaced by None, so that the JSON printed is
-    strict (RFC 8259: no ``NaN``/``Infinity``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(item) for item in value]
-    return value
-
-
 def _ts(ns: int | None) -> str:
     if ns is None:
         return "-"
@@ -430,7 +416,7 @@ def info(file: pathlib.Path, as_json: bool, progress: bool | None) -> None:
     with said_once("info", truncation="are counted"):
         s = _summary(file, progress)
     if as_json:
-        emit_json(_strict_json(s))
+        emit_json(strict_json(s))
         return
     meta = {k: v for k, v in s["header"].items() if k != "readout_uid"}
     lines = [
@@ -510,7 +496,7 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         "repaired": str(repair) if repair is not None else None,
     }
     if as_json:
-        emit_json(_strict_json(result))
+        emit_json(strict_json(result))
     else:
         if not damaged:
             click.echo(f"{file}: clean, {stats.records} records")

@@ -14,7 +14,7 @@ import click
 import trio
 
 from .. import HIT_DTYPE, AstroPix4Readout, MalformedDatagram, open_receiver
-from ._common import COUNT_OR_UNLIMITED, network_options, run, stop_on_signals
+from ._common import COUNT_OR_UNLIMITED, TOO_DEEP, network_options, run, stop_on_signals, strict_json
 from ._output import is_reader_gone, json_line, open_stdout, reader_gone
 
 __all__ = ["COMMANDS"]
@@ -134,7 +134,20 @@ def _payload_text(payload) -> str:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         data = bytes(payload)
         return repr(data[:200]) + ("..." if len(data) > 200 else "")
-    return repr(payload)
+    try:
+        return repr(payload)
+    except RecursionError:
+        return TOO_DEEP
+
+
+def _message_json(record: dict, payload) -> str:
+    """The JSON line of a message whose payload is an object (strict JSON:
+    null for a float that is not finite; :data:`TOO_DEEP` for a payload
+    nested too deeply to print)."""
+    try:
+        return json_line(strict_json({**record, "payload": payload}))
+    except RecursionError:
+        return json_line({**record, "payload": TOO_DEEP})
 
 
 async def _messages(network, framing, topics, pattern, as_json, count, counts, out) -> None:
@@ -155,9 +168,9 @@ async def _messages(network, framing, topics, pattern, as_json, count, counts, o
                 if isinstance(payload, (bytes, bytearray, memoryview)):
                     record["payload_hex"] = bytes(payload).hex()
                     record["size"] = len(payload)
+                    out.offer(json_line(record))
                 else:
-                    record["payload"] = payload
-                out.offer(json_line(record))
+                    out.offer(_message_json(record, payload))
             else:
                 size = f" ({len(message.payload)} bytes)" if isinstance(message.payload, bytes) else ""
                 out.offer(f"{_address(message.address)} topic {topic!r}{size}: "

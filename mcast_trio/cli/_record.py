@@ -83,7 +83,7 @@ from .. import (
 )
 from .._format import parse_readout_header
 from .._sinks import open_sink
-from ._common import emit_json, fail, network_options, run, stop_on_signals
+from ._common import TOO_DEEP, emit_json, fail, network_options, run, stop_on_signals, strict_json
 from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, Number, OutputFile, parse_size  # option types
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
@@ -416,7 +416,10 @@ async def _status(every: float, service, segments: _Recorder, disk, capture) -> 
 def _payload_bytes(payload) -> bytes:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
-    return json.dumps(payload, default=repr).encode()
+    try:
+        return json.dumps(strict_json(payload), default=repr).encode()
+    except RecursionError:
+        return json.dumps(TOO_DEEP).encode()
 
 
 #: Malformed datagrams (and their bytes) waiting for the capture file; beyond,
