@@ -67,3 +67,69 @@ def test_stdout_on_a_full_device_is_one_line_naming_stdout(mcast_trio_cli, comma
     assert "Traceback" not in text, text
     assert process.returncode == 1, text
     assert "stdout" in text.lower() or "standard output" in text.lower(), text
+
+
+# -- record: per-sender file names ------------------------------------------------
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+
+import trio  # noqa: E402
+
+from mcast_trio import open_sender  # noqa: E402
+
+_ports = itertools.count(31300 + os.getpid() % 500)
+
+
+async def _record_two_senders(cli, out, *, garbage: bool, extra=()):
+    group, port = "239.255.78.9", next(_ports)
+    process = subprocess.Popen([*cli, "record", str(out), "-g", f"{group}:{port}", "--json", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = await trio.to_thread.run_sync(process.stderr.readline)  # "recording ... to ...": joined
+        assert first.startswith(b"recording"), first
+        await trio.sleep(0.2)
+        streams = [DaqSimulator(seed=seed).generate(50).datagrams() for seed in (7, 8)]
+        for stream in streams:
+            async with open_sender(group, port, framing="raw") as sender:
+                await sender.send_many(stream + ([b"\xfe\xdc junk"] if garbage else []))
+            await trio.sleep(0.2)
+        await trio.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = await trio.to_thread.run_sync(process.communicate, None, 20)
+    finally:
+        process.kill()
+    return process.returncode, stdout.decode(), first.decode() + stderr.decode()
+
+
+async def test_record_a_stale_file_of_a_later_sender_does_not_end_the_recording(mcast_trio_cli, tmp_path):
+    """``run-sender2.apx`` left from an earlier run (record refused only
+    ``run.apx`` at start): when a second DAQ appears, the recording of every
+    sender stops with exit 1. Rotation takes the next free name when one is
+    taken; the per-sender name should too (or record should refuse at
+    start), never end the first DAQ's recording mid-run."""
+    out = tmp_path / "run.apx"
+    stale = tmp_path / "run-sender2.apx"
+    stale.write_bytes(b"earlier run")
+    code, stdout, stderr = await _record_two_senders(mcast_trio_cli, out, garbage=False)
+    assert stale.read_bytes() == b"earlier run"  # never replaced
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["readouts_written"] == 100, json.dumps(summary) + stderr
+
+
+async def test_record_out_named_capture_keeps_its_capture_file_apart(mcast_trio_cli, tmp_path):
+    """``record run.capture``: the .apx stream goes to run.capture and the
+    capture file for malformed datagrams is also run.capture; the first
+    malformed datagram ends the recording (FileExistsError, exit 1). The
+    two must never share a name (refuse such an OUT as a usage error, or
+    name the capture file apart)."""
+    out = tmp_path / "run.capture"
+    code, stdout, stderr = await _record_two_senders(mcast_trio_cli, out, garbage=True)
+    if code == 2:  # refused as a usage error naming OUT: fine
+        assert "Traceback" not in stderr
+        return
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["captured"] == summary["malformed"] == 2, summary
+    assert summary["readouts_written"] == 100, json.dumps(summary) + stderr
