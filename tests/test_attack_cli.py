@@ -133,3 +133,33 @@ async def test_record_out_named_capture_keeps_its_capture_file_apart(mcast_trio_
     summary = json.loads(stdout)
     assert summary["captured"] == summary["malformed"] == 2, summary
     assert summary["readouts_written"] == 100, json.dumps(summary) + stderr
+
+
+# -- signals: a second one while the command ends --------------------------------
+
+
+@pytest.mark.parametrize("command, summary", [
+    (["listen", "-g", "239.255.78.10:31150"], "listen: 0 readouts"),
+    (["record", "{out}", "-g", "239.255.78.11:31151"], "recorded 0 readouts"),
+    (["monitor", "--headless", "-g", "239.255.78.12:31152"], "listening"),
+])
+def test_repeated_sigterm_while_ending_still_exits_0(mcast_trio_cli, command, summary, tmp_path):
+    """An impatient operator (or a supervisor) sends SIGTERM, then SIGTERM
+    again while the command ends: the summary is printed, and then the
+    process is killed by the second signal (exit -15), because Python's
+    finalization restores the default handlers while the process is still
+    alive. "Signals at any moment end the command cleanly, exit 0"."""
+    argv = [arg.format(out=tmp_path / "run.apx") for arg in command]
+    process = subprocess.Popen([*mcast_trio_cli, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = process.stderr.readline()  # started: joined / recording / listening
+    assert first, "no start line"
+    time.sleep(0.3)
+    deadline = time.monotonic() + 15
+    while process.poll() is None and time.monotonic() < deadline:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+    code = process.wait(5)
+    text = first.decode() + process.stderr.read().decode()
+    assert "Traceback" not in text, text
+    assert summary in text, text
+    assert code == 0, text
