@@ -32,6 +32,8 @@ def _close_stdout() -> None:
     ["info", "--json", "{apx}"],
     ["listen", "-g", "239.255.78.2:31101"],
     ["monitor", "--headless", "--json", "--interval", "0.2", "-g", "239.255.78.3:31102"],
+    ["demo", "--headless", "--seconds", "1", "-g", "239.255.78.5:31104"],
+    ["replay", "{apx}", "--fast", "--json", "-g", "239.255.78.6:31105"],
 ])
 def test_stdout_closed_before_start_is_a_reader_gone_not_a_traceback(mcast_trio_cli, command, tmp_path):
     """``mcast-trio ... >&-``: nobody can read what it prints; like a reader
@@ -212,3 +214,27 @@ def test_record_status_lines_to_a_stalled_stderr_never_blind_the_receiver(mcast_
     summary = json.loads(stdout)
     assert summary["readouts"] + summary["kernel_drops"] == 20000, summary  # every readout accounted for
     assert summary["readouts"] >= 19000, summary  # the receiver was not blinded by stderr
+
+
+def _close_stderr() -> None:
+    os.close(2)
+
+
+@pytest.mark.parametrize("command, expected", [
+    (["info", "{apx}"], "500"),
+    (["decode", "{apx}", "-o", "{out}"], None),
+])
+def test_file_commands_with_stderr_closed_still_do_their_work(mcast_trio_cli, command, expected, tmp_path):
+    """``mcast-trio info run.apx 2>&-`` prints nothing and exits 1: the
+    progress bar asks ``sys.stderr.isatty()`` and sys.stderr is None (the
+    AttributeError is not even visible). A closed stderr must not stop a
+    command whose output is stdout or a file."""
+    apx = _apx(tmp_path / "run.apx")
+    out = tmp_path / "hits.csv"
+    process = subprocess.run([*mcast_trio_cli, *(a.format(apx=apx, out=out) for a in command)],
+                             stdout=subprocess.PIPE, preexec_fn=_close_stderr, timeout=60)
+    assert process.returncode == 0, process.stdout
+    if expected is not None:
+        assert expected in process.stdout.decode()
+    else:
+        assert out.exists() and out.stat().st_size > 0
