@@ -238,3 +238,22 @@ def test_file_commands_with_stderr_closed_still_do_their_work(mcast_trio_cli, co
         assert expected in process.stdout.decode()
     else:
         assert out.exists() and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", [
+    ["record", "{long}", "-g", "239.255.78.14:31170"],
+    ["decode", "{apx}", "-o", "{long}"],
+    ["check", "{apx}", "--repair", "{long}"],
+])
+def test_an_output_name_too_long_is_one_line_not_a_traceback(mcast_trio_cli, command, tmp_path):
+    """An output path whose name is longer than the file system allows
+    (ENAMETOOLONG): ``OSError: [Errno 36] File name too long`` with a
+    traceback; the output-path checks should say it in one line (usage
+    error naming the argument, or ``Error: ...`` exit 1)."""
+    apx = _apx(tmp_path / "run.apx")
+    long = str(tmp_path / ("a" * 300 + ".apx"))
+    process = subprocess.run([*mcast_trio_cli, *(a.format(apx=apx, long=long) for a in command)],
+                             capture_output=True, timeout=60)
+    text = process.stderr.decode()
+    assert "Traceback" not in text, text
+    assert process.returncode in (1, 2), text
