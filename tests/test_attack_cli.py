@@ -257,3 +257,34 @@ def test_an_output_name_too_long_is_one_line_not_a_traceback(mcast_trio_cli, com
     text = process.stderr.decode()
     assert "Traceback" not in text, text
     assert process.returncode in (1, 2), text
+
+
+# -- numeric options accepted by their range, then failing -------------------------
+
+
+@pytest.mark.parametrize("mean_hits", ["0", "1000000"])
+def test_bench_mean_hits_in_its_range_never_gives_a_traceback(mcast_trio_cli, mean_hits):
+    """``bench --mean-hits 0`` (ZeroDivisionError in the ratio table) and
+    ``--mean-hits 1e6`` (numpy ArrayMemoryError: 30.5 GiB) are accepted by
+    the option's range and end in a traceback. Either run, or refuse the
+    value as a usage error (exit 2) naming --mean-hits."""
+    process = subprocess.run([*mcast_trio_cli, "bench", "--datagrams", "1", "--readouts", "1", "--repeats", "1",
+                              "--mean-hits", mean_hits, "-g", "239.255.78.15"],
+                             capture_output=True, timeout=120)
+    text = process.stderr.decode()
+    assert "Traceback" not in text, text
+    assert process.returncode == 0 or (process.returncode == 2 and "--mean-hits" in text), text
+
+
+def test_simulate_mean_hits_no_datagram_can_carry_is_a_usage_error(mcast_trio_cli):
+    """``simulate --mean-hits 1000000`` passes the range check (0..1e6),
+    then builds ~9 MB readouts for 13 s at 3 GB RSS before failing with
+    exit 1 ("payload is 9046349 bytes; raw framing allows at most 65507").
+    A mean no raw datagram can carry should be refused up front: exit 2
+    naming --mean-hits, at once."""
+    start = time.monotonic()
+    process = subprocess.run([*mcast_trio_cli, "simulate", "--mean-hits", "1000000", "--seconds", "0.2",
+                              "-g", "239.255.78.16:31180"], capture_output=True, timeout=120)
+    text = process.stderr.decode()
+    assert process.returncode == 2 and "--mean-hits" in text, text
+    assert time.monotonic() - start < 5
