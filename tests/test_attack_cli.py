@@ -276,15 +276,17 @@ def test_bench_mean_hits_in_its_range_never_gives_a_traceback(mcast_trio_cli, me
     assert process.returncode == 0 or (process.returncode == 2 and "--mean-hits" in text), text
 
 
-def test_simulate_mean_hits_no_datagram_can_carry_is_a_usage_error(mcast_trio_cli):
+@pytest.mark.parametrize("mean_hits", ["20000", "1000000"])
+def test_simulate_mean_hits_no_datagram_can_carry_is_a_usage_error(mcast_trio_cli, mean_hits):
     """``simulate --mean-hits 1000000`` passes the range check (0..1e6),
     then builds ~9 MB readouts for 13 s at 3 GB RSS before failing with
     exit 1 ("payload is 9046349 bytes; raw framing allows at most 65507").
     A mean no raw datagram can carry should be refused up front: exit 2
     naming --mean-hits, at once."""
     start = time.monotonic()
-    process = subprocess.run([*mcast_trio_cli, "simulate", "--mean-hits", "1000000", "--seconds", "0.2",
+    process = subprocess.run([*mcast_trio_cli, "simulate", "--mean-hits", mean_hits, "--seconds", "0.2",
                               "-g", "239.255.78.16:31180"], capture_output=True, timeout=120)
     text = process.stderr.decode()
     assert process.returncode == 2 and "--mean-hits" in text, text
     assert time.monotonic() - start < 5
+    # (20000: 181,513-byte payloads, exit 1 after 2 s; 1e6: 9 MB payloads, 13 s, 3 GB RSS, exit 1)
