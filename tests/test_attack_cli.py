@@ -290,3 +290,39 @@ def test_simulate_mean_hits_no_datagram_can_carry_is_a_usage_error(mcast_trio_cl
     assert process.returncode == 2 and "--mean-hits" in text, text
     assert time.monotonic() - start < 5
     # (20000: 181,513-byte payloads, exit 1 after 2 s; 1e6: 9 MB payloads, 13 s, 3 GB RSS, exit 1)
+
+
+# -- record on a full disk: what is left there -----------------------------------------
+
+
+def test_record_on_a_full_disk_leaves_only_readable_files(mcast_trio_cli, tmp_path):
+    """``record --rotate-size`` onto a disk that fills up: the file opened
+    when the disk is full is left behind empty (0 bytes; ``info``: "not an
+    .apx file: it starts with b''"), so ``check``/``decode`` of the run's
+    files fail on it. A file record could not even write the header of
+    should be removed (or never left), and every file left is one the
+    summary lists."""
+    import shlex
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root (tools/netns-run) to mount a tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    group, port = "239.255.78.17", 31190
+    record = [*mcast_trio_cli, "record", str(mnt / "run.apx"), "--rotate-size", "1", "--json",
+              "-g", f"{group}:{port}"]
+    listing = ["sh", "-c", f"cd {shlex.quote(str(mnt))} && for f in *.apx; do echo $f $(stat -c %s $f); done"]
+    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(mnt))} && {{ {shlex.join(record)} & pid=$!; "
+              f"sleep 2; {shlex.join([*mcast_trio_cli, 'simulate', '-g', f'{group}:{port}', '--rate', '500', '--seconds', '0.4'])} "
+              f">/dev/null 2>&1; sleep 0.5; kill -INT $pid 2>/dev/null; wait $pid; echo rc=$? >&2; }}; "
+              f"echo ---; {shlex.join(listing)}")
+    process = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                             capture_output=True, timeout=60)
+    text = process.stderr.decode()
+    summary_text, _, files_text = process.stdout.decode().partition("---\n")
+    assert "No space left on device" in text, text
+    summary = json.loads(summary_text)
+    left = dict(line.split() for line in files_text.splitlines())
+    empty = [name for name, size in left.items() if int(size) == 0]
+    assert not empty, (empty, text)
+    assert sorted(left) == sorted(os.path.basename(f) for f in summary["files"]), (left, summary["files"])
