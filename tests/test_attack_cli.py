@@ -326,3 +326,36 @@ def test_record_on_a_full_disk_leaves_only_readable_files(mcast_trio_cli, tmp_pa
     empty = [name for name, size in left.items() if int(size) == 0]
     assert not empty, (empty, text)
     assert sorted(left) == sorted(os.path.basename(f) for f in summary["files"]), (left, summary["files"])
+
+
+def test_record_keeps_recording_when_its_stderr_reader_goes_away(mcast_trio_cli, tmp_path):
+    """``record --status 1 --json 2>&1 | logger`` (or a log pipe) whose
+    reader goes away: the next status line meets a broken pipe and the
+    recorder exits 0 at once, silently, without its JSON summary on stdout;
+    everything sent afterwards is never recorded, and nobody is told. The
+    file is record's output, stderr only its log: it should keep recording
+    (and print its summary on stdout at the end)."""
+    group, port = "239.255.78.18", 31195
+    r, w = os.pipe()
+    process = subprocess.Popen([*mcast_trio_cli, "record", str(tmp_path / "run.apx"), "--status", "0.1", "--json",
+                                "-g", f"{group}:{port}"], stdout=subprocess.PIPE, stderr=w)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 15
+        seen = b""
+        while b"recording" not in seen and time.monotonic() < deadline:
+            seen += os.read(r, 4096)
+        os.close(r)  # the log reader goes away
+        time.sleep(0.5)
+        sent = subprocess.run([*mcast_trio_cli, "simulate", "-g", f"{group}:{port}", "--rate", "2000",
+                               "--seconds", "0.5", "--json"], capture_output=True, timeout=30)
+        assert json.loads(sent.stdout)["readouts"] == 1000
+        time.sleep(0.5)
+        still_running = process.poll() is None
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert still_running, "record ended when its stderr reader went away"
+    summary = json.loads(stdout)
+    assert summary["readouts_written"] == 1000, summary
