@@ -34,13 +34,17 @@ def _close_stdout() -> None:
     ["monitor", "--headless", "--json", "--interval", "0.2", "-g", "239.255.78.3:31102"],
     ["demo", "--headless", "--seconds", "1", "-g", "239.255.78.5:31104"],
     ["replay", "{apx}", "--fast", "--json", "-g", "239.255.78.6:31105"],
+    ["record", "{rec}", "--json", "-g", "239.255.78.7:31106"],
+    ["probe", "239.255.78.8:31107", "--seconds", "0.3", "--json"],
+    ["check", "--json", "{apx}"],
 ])
 def test_stdout_closed_before_start_is_a_reader_gone_not_a_traceback(mcast_trio_cli, command, tmp_path):
     """``mcast-trio ... >&-``: nobody can read what it prints; like a reader
     that went away it ends quietly (exit 0), never an AttributeError
     traceback from ``sys.stdout`` being None."""
     apx = _apx(tmp_path / "run.apx")
-    process = subprocess.Popen([*mcast_trio_cli, *(arg.format(apx=apx) for arg in command)],
+    rec = tmp_path / "rec.apx"
+    process = subprocess.Popen([*mcast_trio_cli, *(arg.format(apx=apx, rec=rec) for arg in command)],
                                stderr=subprocess.PIPE, preexec_fn=_close_stdout)
     try:
         process.wait(4)
