@@ -36,6 +36,7 @@ from .. import GroupSpec, MalformedDatagram, TruncatedRecordWarning, resolve_gro
 from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER
 from .._validate import check_int, check_number
 from . import _signals
+from ._stdio import StdoutError
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -375,8 +376,8 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         raise SystemExit(0) from None
-    except (click.ClickException, BrokenPipeError):
-        raise  # a broken pipe: the reader went away (the click group ends quietly)
+    except (click.ClickException, BrokenPipeError, StdoutError):
+        raise  # a broken pipe: the reader went away (the click group ends quietly); stdout: said by the group
     except (OSError, MalformedDatagram, ValueError, TypeError) as exc:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
