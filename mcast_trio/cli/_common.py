@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -227,9 +228,26 @@ class ByteSize(click.ParamType):
             self.fail(message, param, ctx)
 
 
+#: Characters a command may add to an output file's name for the files it
+#: writes: a temporary name (``decode``: ``.NAME.xxxxxxxx.part``), a
+#: rotation number and a sender (``record``: ``STEM-sender64-0001.capture``).
+NAME_ROOM = 24
+
+
+def _name_max(path: pathlib.Path) -> int:
+    """The longest file name (bytes) the file system of ``path`` takes."""
+    for parent in (path.parent, *path.parent.parents):
+        try:
+            return os.pathconf(parent if str(parent) else ".", "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
 class OutputFile(click.ParamType):
     """The path of a file to write: not empty, naming a file (not ``.``,
-    ``..``, ``/`` or a name ending in ``/``), not an existing directory.
+    ``..``, ``/`` or a name ending in ``/``), not an existing directory, a
+    name the file system takes (with :data:`NAME_ROOM` characters to spare).
     Whether it may exist is the command's business."""
 
     name = "path"
@@ -242,6 +260,10 @@ class OutputFile(click.ParamType):
             why = "is empty; give a file name"
         elif text.endswith(("/", "/.", "/..")) or path.name in ("", ".", ".."):
             why = "names a directory, not a file"
+        elif any(len(os.fsencode(part)) > 255 for part in path.parent.parts) or \
+                len(os.fsencode(path.name)) + NAME_ROOM > _name_max(path):
+            why = (f"is too long: a file name takes at most {_name_max(path) - NAME_ROOM} bytes here "
+                   f"(the file system's {_name_max(path)}, less {NAME_ROOM} for the names derived from it)")
         elif path.is_dir():
             why = "is a directory; give a file name"
         if why is not None:

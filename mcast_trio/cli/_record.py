@@ -658,6 +658,9 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
       mcast-trio record run.apx -g 127.0.0.1:5007 --seconds 60 --json
       mcast-trio record run.apx --messages --framing native  # framed messages
     """
+    if str(out) == "-" or (out.exists() and not out.is_file()):  # not OUT.apx beside it (-.apx, /dev/null.apx)
+        raise click.BadParameter(f"{str(out)!r} is not a file to write; record writes .apx files",
+                                 param_hint="'OUT.apx'")
     out = out if out.suffix else out.with_suffix(".apx")
     if rotate_size is None and rotate_time is None and out.exists():
         raise fail(f"{out}: exists; record never replaces a file")
