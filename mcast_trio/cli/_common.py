@@ -34,7 +34,8 @@ import click
 import trio
 
 from .. import GroupSpec, MalformedDatagram, TruncatedRecordWarning, resolve_group
-from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER
+from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER, HEADER_SIZE, HIT_SIZE
+from .._protocol._message import MAX_UDP_PAYLOAD
 from .._validate import check_int, check_number
 from . import _signals
 from ._stdio import StdoutError
@@ -169,6 +170,23 @@ FRACTION = Number(0.0, 1.0)
 #: Mean number of hits per simulated readout: the simulator's own range
 #: (:class:`mcast_trio.sim.DaqSimulator` ``mean_hits``).
 MEAN_HITS = Number(0.0, 1e6)
+
+
+def _max_sent_mean_hits() -> float:
+    """The largest mean number of hits per simulated readout whose
+    readouts one raw datagram carries: 65,507 bytes of UDP payload, less the
+    readout header and the simulator's leading and trailing IDLE bytes, at
+    most 10 bytes a hit (8, and up to 2 IDLE bytes after it), with room for
+    six standard deviations of the Poisson spread: ``m + 6 sqrt(m) <= hits``."""
+    hits = (MAX_UDP_PAYLOAD - HEADER_SIZE - 2 - 6) // (HIT_SIZE + 2)
+    return float(math.floor((math.sqrt(9 + hits) - 3) ** 2))
+
+
+#: Mean number of hits per readout that is sent (simulate, bench): within
+#: the simulator's range, and no more than one raw datagram carries
+#: (:func:`_max_sent_mean_hits`: 6080), so that a mean whose readouts
+#: cannot be sent is a usage error at once, not a failure seconds later.
+SENT_MEAN_HITS = Number(0.0, _max_sent_mean_hits())
 #: A seed of numpy's generator (non-negative; 64 bits are plenty).
 SEED = Number(0, 2**64 - 1, integer=True)
 #: A UDP port, and a multicast TTL: the library's ranges (``resolve_group``).
