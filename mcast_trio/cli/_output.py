@@ -21,7 +21,7 @@ from .. import open_sink
 from ._common import _jsonable
 from ._stdio import StdoutError, stdout_error
 
-__all__ = ["json_line", "open_stdout", "reader_gone", "is_reader_gone", "is_stdout_error"]
+__all__ = ["json_line", "open_stdout", "open_stderr", "reader_gone", "is_reader_gone", "is_stdout_error"]
 
 #: Seconds the writer gets, at exit, to write what is still queued.
 CLOSE_TIMEOUT = 2.0
@@ -50,6 +50,28 @@ async def open_stdout(capacity: int, *, overflow: str = "drop_newest", close_tim
     """A sink writing text to standard output; ``offer(text, weight)``."""
     sys.stdout.flush()
     async with open_sink(_write_fd(sys.stdout.fileno()), capacity=capacity, name="stdout", overflow=overflow,
+                         close_timeout=close_timeout) as sink:
+        yield sink
+
+
+def _write_raw(fd: int):
+    def write(text: str) -> None:
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+@asynccontextmanager
+async def open_stderr(capacity: int, *, close_timeout: float = CLOSE_TIMEOUT):
+    """A sink writing text to standard error (status lines, notes);
+    ``offer(text)``. Standard error is a command's log, not its output: a
+    stalled reader never stops the task that offers (the lines it cannot
+    take are dropped and counted), and a failed one (a reader that went
+    away) only ends the sink: every later line is dropped and counted
+    (``statistics().dropped``), the command goes on."""
+    sys.stderr.flush()
+    async with open_sink(_write_raw(sys.stderr.fileno()), capacity=capacity, name="stderr",
                          close_timeout=close_timeout) as sink:
         yield sink
 
