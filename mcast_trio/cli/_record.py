@@ -476,6 +476,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     started = time.monotonic()
     service = None
     taken = 0  # readouts (messages) handed to the .apx writer
+    past_count = 0  # readouts received after --count was reached (the receiver stops a batch or so later)
     try:
         # The writers are threads behind bounded queues: the receive task and
         # this task never wait for the disk; a full queue drops and counts.
@@ -510,7 +511,10 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                 async with receive:
                     async for item in receive:
                         if count is not None and taken >= count:
-                            continue  # drained and discarded: --count readouts are taken
+                            # drained and discarded: --count readouts are taken
+                            past_count += len(item.lengths) if isinstance(item, ReadoutChunk) else \
+                                sum(1 for message in item if _is_readout(message.payload))
+                            continue
                         if isinstance(item, ReadoutChunk):
                             senders = item.by_source()
                             lengths = item.lengths
@@ -524,6 +528,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                            for source, index in senders]
                                 senders = [g for g in senders if g[1] is None or len(g[1])] if len(senders) > 1 \
                                     else senders
+                            past_count += len(item.lengths) - len(lengths)
                             disk.offer((data, lengths, senders), weight=len(lengths))
                             taken += len(lengths)
                         else:
@@ -546,7 +551,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     disk_stats, capture_stats, log_stats = disk.statistics(), capture.statistics(), log.statistics()
     segments.say = lambda text: click.echo(text, err=True)
     _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json,
-             log_stats.dropped + log_stats.discarded)
+             log_stats.dropped + log_stats.discarded, past_count)
     error = disk.error or capture.error
     if error is not None:
         if isinstance(error, OSError):
@@ -570,7 +575,8 @@ def _status_line(stats, segments: _Recorder, disk, capture) -> str:
             f"malformed {stats.malformed}, dropped {stats.dropped}")
 
 
-def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool, log_dropped: int = 0) -> None:
+def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool, log_dropped: int = 0,
+             past_count: int = 0) -> None:
     totals = segments.totals
     summary = {
         "readouts_written": totals.readouts,
@@ -601,6 +607,7 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
         "capture_dropped": capture.dropped,
         "capture_discarded": capture.discarded,
         "log_dropped": log_dropped,
+        "past_count": past_count,
         "write_error": disk.error or capture.error,
         "last_error": stats.last_error,
     }
@@ -620,6 +627,8 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
             click.echo(f"  {name}" + (f" (sender {seg.sender})" if several else ""), err=True)
     for name in segments.captures:
         click.echo(f"  {name}", err=True)
+    if past_count:
+        click.echo(f"  {past_count} readouts received after --count was reached, not recorded", err=True)
     if log_dropped:
         click.echo(f"  {log_dropped} status lines or notes not printed (standard error did not take them)",
                    err=True)
@@ -649,9 +658,10 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
                    "waits for the disk waits in the writer's queue, --queue-size).")
 @click.option("--queue-size", type=Number(1, 1 << 24, integer=True), default=16384, show_default=True,
               metavar="N",
-              help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
-                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts, plus the 4 "
-                   "receive batches (of at most 256) being handed over.")
+              help="Readouts waiting for the disk at most (one receive batch, up to 256, when N is "
+                   "smaller); beyond, they are dropped and counted (queue dropped). A killed recorder "
+                   "(SIGKILL) loses at most these, plus the 4 receive batches (of at most 256) being "
+                   "handed over.")
 @click.option("--status", "status_every", type=SECONDS_OR_NEVER, default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
