@@ -30,7 +30,15 @@ created once its sender is known names it in its header (``recorder`` ->
 ``sender``, ``"host:port"``; the first file is created before any readout
 arrives, so its first segment's header says ``null``); the summary maps
 each sender to its files (``senders``). At most 64 senders get files;
-readouts of more are counted (``unrecorded``).
+readouts of more are counted (``unrecorded``). A further sender's name
+taken by a file of an earlier run is skipped (``OUT-sender2-0001.apx``,
+..., said on stderr), never replaced, and never ends the recording.
+
+Status lines (``--status``) and notes go to standard error through a sink
+of their own (:func:`._output.open_stderr`): a stalled or vanished stderr
+neither stops the receiver nor ends the recording; the lines it did not
+take are counted (``log_dropped``). Readouts received after ``--count``
+was reached are counted (``past_count``).
 
 A write error (a full or read-only disk) ends the recording: the receiver
 stops, the summary is printed, then one line naming the file, exit 1.
