@@ -23,9 +23,11 @@ def main() -> int:
     """Run ``mcast-trio`` with the process arguments; return the exit code."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _record)
-    from mcast_trio.cli import main as cli_main
+    from mcast_trio.cli import _signals, main as cli_main
 
-    return cli_main(signals_before=_received)
+    code = cli_main(signals_before=_received)
+    _signals.exiting()  # a stop signal while the process exits: ignored, exit code kept
+    return code
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def test_the_issues_cases_are_usage_errors(mcast_trio_cli, tmp_path, argv):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.apx"]  # record wrote nothing
 
 
-@pytest.mark.parametrize("out", ["", ".", "/", "..", "{tmp}/", "{tmp}"])
+@pytest.mark.parametrize("out", ["", ".", "/", "..", "{tmp}/", "{tmp}", "/dev/null"])
 def test_record_output_that_is_no_file_is_a_usage_error(mcast_trio_cli, tmp_path, out):
     result = _run(mcast_trio_cli, "record", out.format(tmp=tmp_path), "--seconds", "0.1", timeout=30)
     assert result.returncode == 2, result.stderr
@@ -436,3 +436,82 @@ def test_warnings_come_out_in_the_commands_words_once(capsys):
         warnings.warn("something else", UserWarning)
     err = capsys.readouterr().err.splitlines()
     assert err == ["replay: warning: overflow encountered in multiply", "replay: warning: something else"]
+
+
+# -- a second stop signal while the command ends; output names; --mean-hits (the attack after issue 13) --
+
+
+@pytest.mark.parametrize("command, summary", [
+    (["listen", "-g", "239.255.78.10:31150"], "listen: 0 readouts"),
+    (["record", "{out}", "-g", "239.255.78.11:31151"], "recorded 0 readouts"),
+    (["monitor", "--headless", "-g", "239.255.78.12:31152"], "listening"),
+])
+def test_repeated_sigterm_while_ending_still_exits_0(mcast_trio_cli, command, summary, tmp_path):
+    """An impatient operator (or a supervisor) sends SIGTERM, then SIGTERM
+    again while the command ends: the summary is printed, and then the
+    process is killed by the second signal (exit -15), because Python's
+    finalization restores the default handlers while the process is still
+    alive. "Signals at any moment end the command cleanly, exit 0"."""
+    argv = [arg.format(out=tmp_path / "run.apx") for arg in command]
+    process = subprocess.Popen([*mcast_trio_cli, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = process.stderr.readline()  # started: joined / recording / listening
+    assert first, "no start line"
+    time.sleep(0.3)
+    deadline = time.monotonic() + 15
+    while process.poll() is None and time.monotonic() < deadline:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+    code = process.wait(5)
+    text = first.decode() + process.stderr.read().decode()
+    assert "Traceback" not in text, text
+    assert summary in text, text
+    assert code == 0, text
+
+
+@pytest.mark.parametrize("command", [
+    ["record", "{long}", "-g", "239.255.78.14:31170"],
+    ["decode", "{apx}", "-o", "{long}"],
+    ["check", "{apx}", "--repair", "{long}"],
+])
+def test_an_output_name_too_long_is_one_line_not_a_traceback(mcast_trio_cli, command, tmp_path):
+    """An output path whose name is longer than the file system allows
+    (ENAMETOOLONG): ``OSError: [Errno 36] File name too long`` with a
+    traceback; the output-path checks should say it in one line (usage
+    error naming the argument, or ``Error: ...`` exit 1)."""
+    apx = str(_apx_file(tmp_path / "run.apx"))
+    long = str(tmp_path / ("a" * 300 + ".apx"))
+    process = subprocess.run([*mcast_trio_cli, *(a.format(apx=apx, long=long) for a in command)],
+                             capture_output=True, timeout=60)
+    text = process.stderr.decode()
+    assert "Traceback" not in text, text
+    assert process.returncode in (1, 2), text
+
+
+@pytest.mark.parametrize("mean_hits", ["0", "1000000"])
+def test_bench_mean_hits_in_its_range_never_gives_a_traceback(mcast_trio_cli, mean_hits):
+    """``bench --mean-hits 0`` (ZeroDivisionError in the ratio table) and
+    ``--mean-hits 1e6`` (numpy ArrayMemoryError: 30.5 GiB) are accepted by
+    the option's range and end in a traceback. Either run, or refuse the
+    value as a usage error (exit 2) naming --mean-hits."""
+    process = subprocess.run([*mcast_trio_cli, "bench", "--datagrams", "1", "--readouts", "1", "--repeats", "1",
+                              "--mean-hits", mean_hits, "-g", "239.255.78.15"],
+                             capture_output=True, timeout=120)
+    text = process.stderr.decode()
+    assert "Traceback" not in text, text
+    assert process.returncode == 0 or (process.returncode == 2 and "--mean-hits" in text), text
+
+
+@pytest.mark.parametrize("mean_hits", ["20000"])  # 1e6 fails the same way after 13 s at 3 GB
+def test_simulate_mean_hits_no_datagram_can_carry_is_a_usage_error(mcast_trio_cli, mean_hits):
+    """``simulate --mean-hits 1000000`` passes the range check (0..1e6),
+    then builds ~9 MB readouts for 13 s at 3 GB RSS before failing with
+    exit 1 ("payload is 9046349 bytes; raw framing allows at most 65507").
+    A mean no raw datagram can carry should be refused up front: exit 2
+    naming --mean-hits, at once."""
+    start = time.monotonic()
+    process = subprocess.run([*mcast_trio_cli, "simulate", "--mean-hits", mean_hits, "--seconds", "0.2",
+                              "-g", "239.255.78.16:31180"], capture_output=True, timeout=120)
+    text = process.stderr.decode()
+    assert process.returncode == 2 and "--mean-hits" in text, text
+    assert time.monotonic() - start < 5
+    # (20000: 181,513-byte payloads, exit 1 after 2 s; 1e6: 9 MB payloads, 13 s, 3 GB RSS, exit 1)

@@ -24,13 +24,15 @@ def main(argv: list[str] | None = None, *, signals_before: list[int] | None = No
     return the exit code.
 
     It installs the process's SIGINT and SIGTERM handlers first (module
-    ``_signals``), before the heavy imports. ``signals_before``: the stop
+    ``_signals``), and makes a closed standard output or error usable
+    (module ``_stdio``), before the heavy imports. ``signals_before``: the stop
     signals the console script (``_mcast_trio_launch``, which takes them over
     before the ``mcast_trio`` package is imported) received until now.
     """
-    from . import _signals
+    from . import _signals, _stdio
 
     _signals.install(signals_before)
+    _stdio.install()
     try:
         import click  # noqa: F401
         import rich  # noqa: F401

@@ -1,5 +1,7 @@
 """``python -m mcast_trio.cli``: the same as the ``mcast-trio`` command."""
 
-from . import main
+from . import _signals, main
 
-raise SystemExit(main())
+_code = main()
+_signals.exiting()  # a stop signal while the process exits: ignored, exit code kept
+raise SystemExit(_code)

@@ -26,7 +26,9 @@ STOPPED_BY_SIGNALS = frozenset({"simulate", "replay", "listen", "record", "monit
 class _Group(click.Group):
     """The group: the subcommands not in :data:`STOPPED_BY_SIGNALS` are
     interrupted by signals; a reader of standard output that goes away (``| head``)
-    ends any subcommand quietly, exit 0 (click's own handling says exit 1)."""
+    ends any subcommand quietly, exit 0 (click's own handling says exit 1);
+    standard output that cannot be written (a full disk) ends it with one
+    line naming standard output, exit 1."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
@@ -35,11 +37,16 @@ class _Group(click.Group):
         return name, command, rest
 
     def invoke(self, ctx: click.Context):
-        from ._output import is_reader_gone, reader_gone
+        from ._output import is_reader_gone, is_stdout_error, reader_gone
 
         try:
             return super().invoke(ctx)
-        except (BrokenPipeError, BaseExceptionGroup) as exc:
+        except (OSError, BaseExceptionGroup) as exc:
+            error = is_stdout_error(exc)
+            if error is not None:  # a full disk: one line naming standard output, exit 1
+                reader_gone()  # (and the flush at exit goes nowhere)
+                click.echo(f"Error: {error.strerror}", err=True)
+                raise SystemExit(1) from None
             if not is_reader_gone(exc):
                 raise
             reader_gone()

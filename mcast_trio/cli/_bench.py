@@ -17,7 +17,7 @@ import trio
 import mcast_trio
 from .. import AstroPix4Readout, decode_readouts, decoder_backend, open_receiver, open_sender, resolve_group
 from ..sim import DaqSimulator
-from ._common import MEAN_HITS, PORT, Number, emit_json, fail, run
+from ._common import SENT_MEAN_HITS, PORT, Number, emit_json, fail, run
 
 __all__ = ["COMMANDS"]
 
@@ -277,8 +277,9 @@ def _benchmarks_dir() -> pathlib.Path | None:
               help="Datagrams per transport/send run.")
 @click.option("--readouts", type=Number(1, 10**8, integer=True), default=20_000, show_default=True,
               help="Simulated readouts for the decode benchmark.")
-@click.option("--mean-hits", type=MEAN_HITS, default=12.0, show_default=True,
-              help="Mean hits per simulated readout.")
+@click.option("--mean-hits", type=Number(0.0, SENT_MEAN_HITS.high, low_open=True), default=12.0,
+              show_default=True, help="Mean hits per simulated readout (hits per second need hits; "
+                                      "readouts one datagram carries).")
 @click.option("--repeats", type=Number(1, 1000, integer=True), default=3, show_default=True,
               help="Decode runs per case; the best is kept.")
 @click.option("--group", "-g", default=BENCH_GROUP, show_default=True,

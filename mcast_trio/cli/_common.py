@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -33,9 +34,11 @@ import click
 import trio
 
 from .. import GroupSpec, MalformedDatagram, TruncatedRecordWarning, resolve_group
-from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER
+from .._format import CLOCK_CYCLES_PER_US, CLOCK_ROLLOVER, HEADER_SIZE, HIT_SIZE
+from .._protocol._message import MAX_UDP_PAYLOAD
 from .._validate import check_int, check_number
 from . import _signals
+from ._stdio import StdoutError
 
 __all__ = [
     "DEFAULT_GROUP",
@@ -169,6 +172,23 @@ FRACTION = Number(0.0, 1.0)
 #: Mean number of hits per simulated readout: the simulator's own range
 #: (:class:`mcast_trio.sim.DaqSimulator` ``mean_hits``).
 MEAN_HITS = Number(0.0, 1e6)
+
+
+def _max_sent_mean_hits() -> float:
+    """The largest mean number of hits per simulated readout whose
+    readouts one raw datagram carries: 65,507 bytes of UDP payload, less the
+    readout header and the simulator's leading and trailing IDLE bytes, at
+    most 10 bytes a hit (8, and up to 2 IDLE bytes after it), with room for
+    six standard deviations of the Poisson spread: ``m + 6 sqrt(m) <= hits``."""
+    hits = (MAX_UDP_PAYLOAD - HEADER_SIZE - 2 - 6) // (HIT_SIZE + 2)
+    return float(math.floor((math.sqrt(9 + hits) - 3) ** 2))
+
+
+#: Mean number of hits per readout that is sent (simulate, bench): within
+#: the simulator's range, and no more than one raw datagram carries
+#: (:func:`_max_sent_mean_hits`: 6080), so that a mean whose readouts
+#: cannot be sent is a usage error at once, not a failure seconds later.
+SENT_MEAN_HITS = Number(0.0, _max_sent_mean_hits())
 #: A seed of numpy's generator (non-negative; 64 bits are plenty).
 SEED = Number(0, 2**64 - 1, integer=True)
 #: A UDP port, and a multicast TTL: the library's ranges (``resolve_group``).
@@ -228,9 +248,26 @@ class ByteSize(click.ParamType):
             self.fail(message, param, ctx)
 
 
+#: Characters a command may add to an output file's name for the files it
+#: writes: a temporary name (``decode``: ``.NAME.xxxxxxxx.part``), a
+#: rotation number and a sender (``record``: ``STEM-sender64-0001.capture``).
+NAME_ROOM = 24
+
+
+def _name_max(path: pathlib.Path) -> int:
+    """The longest file name (bytes) the file system of ``path`` takes."""
+    for parent in (path.parent, *path.parent.parents):
+        try:
+            return os.pathconf(parent if str(parent) else ".", "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
 class OutputFile(click.ParamType):
     """The path of a file to write: not empty, naming a file (not ``.``,
-    ``..``, ``/`` or a name ending in ``/``), not an existing directory.
+    ``..``, ``/`` or a name ending in ``/``), not an existing directory, a
+    name the file system takes (with :data:`NAME_ROOM` characters to spare).
     Whether it may exist is the command's business."""
 
     name = "path"
@@ -243,6 +280,10 @@ class OutputFile(click.ParamType):
             why = "is empty; give a file name"
         elif text.endswith(("/", "/.", "/..")) or path.name in ("", ".", ".."):
             why = "names a directory, not a file"
+        elif any(len(os.fsencode(part)) > 255 for part in path.parent.parts) or \
+                len(os.fsencode(path.name)) + NAME_ROOM > _name_max(path):
+            why = (f"is too long: a file name takes at most {_name_max(path) - NAME_ROOM} bytes here "
+                   f"(the file system's {_name_max(path)}, less {NAME_ROOM} for the names derived from it)")
         elif path.is_dir():
             why = "is a directory; give a file name"
         if why is not None:
@@ -377,8 +418,8 @@ def run(async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         raise SystemExit(0) from None
-    except (click.ClickException, BrokenPipeError):
-        raise  # a broken pipe: the reader went away (the click group ends quietly)
+    except (click.ClickException, BrokenPipeError, StdoutError):
+        raise  # a broken pipe: the reader went away (the click group ends quietly); stdout: said by the group
     except (OSError, MalformedDatagram, ValueError, TypeError) as exc:
         text = str(exc) or type(exc).__name__
         if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:

@@ -19,8 +19,9 @@ from contextlib import asynccontextmanager
 
 from .. import open_sink
 from ._common import _jsonable
+from ._stdio import StdoutError, stdout_error
 
-__all__ = ["json_line", "open_stdout", "reader_gone", "is_reader_gone"]
+__all__ = ["json_line", "open_stdout", "open_stderr", "reader_gone", "is_reader_gone", "is_stdout_error"]
 
 #: Seconds the writer gets, at exit, to write what is still queued.
 CLOSE_TIMEOUT = 2.0
@@ -34,8 +35,13 @@ def json_line(record: dict) -> str:
 def _write_fd(fd: int):
     def write(text: str) -> None:
         view = memoryview(text.encode("utf-8", "backslashreplace"))
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk, an I/O error: say it is standard output's
+            raise stdout_error(exc) from None
     return write
 
 
@@ -48,6 +54,28 @@ async def open_stdout(capacity: int, *, overflow: str = "drop_newest", close_tim
         yield sink
 
 
+def _write_raw(fd: int):
+    def write(text: str) -> None:
+        view = memoryview(text.encode("utf-8", "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+@asynccontextmanager
+async def open_stderr(capacity: int, *, close_timeout: float = CLOSE_TIMEOUT):
+    """A sink writing text to standard error (status lines, notes);
+    ``offer(text)``. Standard error is a command's log, not its output: a
+    stalled reader never stops the task that offers (the lines it cannot
+    take are dropped and counted), and a failed one (a reader that went
+    away) only ends the sink: every later line is dropped and counted
+    (``statistics().dropped``), the command goes on."""
+    sys.stderr.flush()
+    async with open_sink(_write_raw(sys.stderr.fileno()), capacity=capacity, name="stderr",
+                         close_timeout=close_timeout) as sink:
+        yield sink
+
+
 def is_reader_gone(exc: BaseException | None) -> bool:
     """Whether ``exc`` is (or groups only) a broken pipe."""
     if isinstance(exc, BrokenPipeError):
@@ -55,6 +83,18 @@ def is_reader_gone(exc: BaseException | None) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(is_reader_gone(e) for e in exc.exceptions)
     return False
+
+
+def is_stdout_error(exc: BaseException | None) -> StdoutError | None:
+    """The :class:`~._stdio.StdoutError` that ``exc`` is (or groups, with
+    nothing but broken pipes beside it), else None."""
+    if isinstance(exc, StdoutError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [is_stdout_error(e) for e in exc.exceptions]
+        if all(f is not None or is_reader_gone(e) for f, e in zip(found, exc.exceptions)):
+            return next((f for f in found if f is not None), None)
+    return None
 
 
 def reader_gone() -> None:

@@ -30,7 +30,15 @@ created once its sender is known names it in its header (``recorder`` ->
 ``sender``, ``"host:port"``; the first file is created before any readout
 arrives, so its first segment's header says ``null``); the summary maps
 each sender to its files (``senders``). At most 64 senders get files;
-readouts of more are counted (``unrecorded``).
+readouts of more are counted (``unrecorded``). A further sender's name
+taken by a file of an earlier run is skipped (``OUT-sender2-0001.apx``,
+..., said on stderr), never replaced, and never ends the recording.
+
+Status lines (``--status``) and notes go to standard error through a sink
+of their own (:func:`._output.open_stderr`): a stalled or vanished stderr
+neither stops the receiver nor ends the recording; the lines it did not
+take are counted (``log_dropped``). Readouts received after ``--count``
+was reached are counted (``past_count``).
 
 A write error (a full or read-only disk) ends the recording: the receiver
 stops, the summary is printed, then one line naming the file, exit 1.
@@ -45,7 +53,8 @@ only; the writers then write every chunk the receiver had already delivered
 ``queue_discarded``), flush and close the files; the summary is printed and
 the exit code is 0.
 
-Capture file (``STEM.capture``, created at the first non-readout payload):
+Capture file (``STEM.capture``, created at the first non-readout payload;
+``OUT.capture`` when OUT itself is named ``STEM.capture``):
 the 8 bytes ``MCTCAP01``, then per datagram a 30-byte little-endian header
 ``<QIH16s``: arrival time (u64 ns since the epoch, taken when the recorder
 handled it), payload length (u32), source port (u16), source address (16
@@ -84,6 +93,7 @@ from .. import (
 from .._format import parse_readout_header
 from .._sinks import open_sink
 from ._common import TOO_DEEP, emit_json, fail, network_options, run, stop_on_signals, strict_json
+from ._output import open_stderr
 from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, Number, OutputFile, parse_size  # option types
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
@@ -141,6 +151,7 @@ class _Recorder:
         self.lock = threading.Lock()
         self.totals = _Totals()
         self.unrecorded = 0  # readouts of senders past MAX_SENDERS
+        self.say = lambda text: click.echo(text, err=True)  # a note on stderr (record: its stderr sink)
 
     def ensure_open(self) -> None:
         """Open the first file unless open (the capture writer may come
@@ -181,9 +192,12 @@ class _Recorder:
             stem = self.first.stem
             out = stem.with_name(f"{stem.name}-sender{len(self.streams) + 1}{self.first.suffix}")
             seg = _Segments(out, self.header, **self.options)
+            seg.take_free_name = True  # a stale file of an earlier run never ends this one
         seg.sender = _sender_text(source)
         if seg.number == 0:
             seg.open_next()
+            if seg.numbered and seg.files:
+                self.say(f"record: {out} exists; sender {seg.sender} is recorded to {seg.files[0]}")
         self.streams[source] = seg
         return seg
 
@@ -283,9 +297,13 @@ class _Segments:
         self.opened_at = 0.0
         self.failed = False
         self.sender: str | None = None  # "host:port", once known (in the headers opened after)
+        #: A taken name is skipped (numbered like rotation) instead of failing
+        #: (a further sender's files: a stale file must not end the recording).
+        self.take_free_name = False
+        self.numbered = False
 
     def _base(self) -> str:
-        return f"{self.stem}-{self.number:04d}" if self.rotating else str(self.stem)
+        return f"{self.stem}-{self.number:04d}" if self.rotating or self.numbered else str(self.stem)
 
     def open_next(self) -> None:
         self.close()
@@ -297,17 +315,30 @@ class _Segments:
                                       segment_start=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                                       sender=self.sender)
             capture = pathlib.Path(self._base() + ".capture")
+            if capture == path:  # OUT named STEM.capture: its capture file is STEM.capture.capture
+                capture = pathlib.Path(self._base() + self.suffix + ".capture")
             try:
                 if capture.exists():  # created later, at the first non-readout payload
                     raise FileExistsError(capture)
                 self.writer = self._named(ApxWriter, path, path, header, flush="batch", fsync=self.fsync,
                                           mode="xb", buffer_size=1 << 20)
             except FileExistsError as exc:
-                if exc.args and exc.args[0] == capture and not self.rotating:
+                if not self.rotating and not self.numbered and self.take_free_name:
+                    self.numbered, self.number = True, 0  # the next free name: STEM-0001.apx, ...
+                    continue
+                if exc.args and exc.args[0] == capture and not self.rotating and not self.numbered:
                     raise fail(f"{capture}: exists; record never replaces a file") from None
-                if not self.rotating:
+                if not self.rotating and not self.numbered:
                     raise fail(f"{path}: exists; record never replaces a file") from None
                 continue  # a name taken (by another recorder?): the next number
+            except OSError:
+                # The header could not be written (a full disk): no file that
+                # holds not even a header is left (O_EXCL: this one is ours).
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+                raise
             break
         self.files.append(str(path))
         self.capture_path = capture
@@ -405,12 +436,12 @@ async def _timer(seconds: float, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _status(every: float, service, segments: _Recorder, disk, capture) -> None:
-    """A status line on stderr every ``every`` seconds, data or not."""
+async def _status(every: float, service, segments: _Recorder, disk, capture, log) -> None:
+    """A status line on stderr (the ``log`` sink) every ``every`` seconds,
+    data or not."""
     while True:
         await trio.sleep(every)
-        click.echo(_status_line(service.statistics(), segments, disk.statistics(), capture.statistics()),
-                   err=True)
+        log.offer(_status_line(service.statistics(), segments, disk.statistics(), capture.statistics()) + "\n")
 
 
 def _payload_bytes(payload) -> bytes:
@@ -432,6 +463,9 @@ HANDOVER_BATCHES = 4
 #: Seconds the writers get at exit to write what is queued (a disk that
 #: takes longer: the rest is counted as discarded).
 CLOSE_TIMEOUT = 30.0
+#: Lines (status lines, notes) waiting for standard error; beyond, dropped
+#: and counted (``log_dropped``): a stalled stderr never stops the receiver.
+LOG_QUEUE = 64
 
 
 async def _record(network, out, framing, messages, rotate_size, rotate_time, count, seconds, fsync, as_json,
@@ -453,6 +487,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     started = time.monotonic()
     service = None
     taken = 0  # readouts (messages) handed to the .apx writer
+    past_count = 0  # readouts received after --count was reached (the receiver stops a batch or so later)
     try:
         # The writers are threads behind bounded queues: the receive task and
         # this task never wait for the disk; a full queue drops and counts.
@@ -461,7 +496,11 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                              on_error=lambda exc: rx_scope.cancel()) as disk, \
                 open_sink(segments.capture_item, capacity=CAPTURE_QUEUE, max_bytes=CAPTURE_QUEUE_BYTES,
                           flush=segments.flush_capture, name="record capture", close_timeout=CLOSE_TIMEOUT,
-                          on_error=lambda exc: rx_scope.cancel()) as capture:
+                          on_error=lambda exc: rx_scope.cancel()) as capture, \
+                open_stderr(LOG_QUEUE) as log:
+            # Status lines and notes: stderr is the log, not the output (a
+            # stalled or vanished reader neither stops nor ends the recording).
+            segments.say = lambda text: log.offer(text + "\n")
 
             def on_malformed(payload, source) -> None:
                 capture.offer((payload, source, time.time_ns()), size=len(payload))
@@ -479,11 +518,14 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                 if seconds is not None:
                     nursery.start_soon(_timer, seconds, rx_scope)
                 if status_every:
-                    nursery.start_soon(_status, status_every, service, segments, disk, capture)
+                    nursery.start_soon(_status, status_every, service, segments, disk, capture, log)
                 async with receive:
                     async for item in receive:
                         if count is not None and taken >= count:
-                            continue  # drained and discarded: --count readouts are taken
+                            # drained and discarded: --count readouts are taken
+                            past_count += len(item.lengths) if isinstance(item, ReadoutChunk) else \
+                                sum(1 for message in item if _is_readout(message.payload))
+                            continue
                         if isinstance(item, ReadoutChunk):
                             senders = item.by_source()
                             lengths = item.lengths
@@ -497,6 +539,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                                            for source, index in senders]
                                 senders = [g for g in senders if g[1] is None or len(g[1])] if len(senders) > 1 \
                                     else senders
+                            past_count += len(item.lengths) - len(lengths)
                             disk.offer((data, lengths, senders), weight=len(lengths))
                             taken += len(lengths)
                         else:
@@ -516,8 +559,10 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
         if service is None:
             segments.close_all()
     elapsed = time.monotonic() - started
-    disk_stats, capture_stats = disk.statistics(), capture.statistics()
-    _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json)
+    disk_stats, capture_stats, log_stats = disk.statistics(), capture.statistics(), log.statistics()
+    segments.say = lambda text: click.echo(text, err=True)
+    _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json,
+             log_stats.dropped + log_stats.discarded, past_count)
     error = disk.error or capture.error
     if error is not None:
         if isinstance(error, OSError):
@@ -541,7 +586,8 @@ def _status_line(stats, segments: _Recorder, disk, capture) -> str:
             f"malformed {stats.malformed}, dropped {stats.dropped}")
 
 
-def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool) -> None:
+def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json: bool, log_dropped: int = 0,
+             past_count: int = 0) -> None:
     totals = segments.totals
     summary = {
         "readouts_written": totals.readouts,
@@ -571,6 +617,8 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
         "queue_peak": disk.peak,
         "capture_dropped": capture.dropped,
         "capture_discarded": capture.discarded,
+        "log_dropped": log_dropped,
+        "past_count": past_count,
         "write_error": disk.error or capture.error,
         "last_error": stats.last_error,
     }
@@ -590,6 +638,11 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
             click.echo(f"  {name}" + (f" (sender {seg.sender})" if several else ""), err=True)
     for name in segments.captures:
         click.echo(f"  {name}", err=True)
+    if past_count:
+        click.echo(f"  {past_count} readouts received after --count was reached, not recorded", err=True)
+    if log_dropped:
+        click.echo(f"  {log_dropped} status lines or notes not printed (standard error did not take them)",
+                   err=True)
     if segments.unrecorded:
         click.echo(f"  {segments.unrecorded} readouts of senders past the first {MAX_SENDERS} not recorded",
                    err=True)
@@ -616,9 +669,10 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
                    "waits for the disk waits in the writer's queue, --queue-size).")
 @click.option("--queue-size", type=Number(1, 1 << 24, integer=True), default=16384, show_default=True,
               metavar="N",
-              help="Readouts waiting for the disk at most; beyond, they are dropped and counted (queue "
-                   "dropped). A killed recorder (SIGKILL) loses at most these N readouts, plus the 4 "
-                   "receive batches (of at most 256) being handed over.")
+              help="Readouts waiting for the disk at most (one receive batch, up to 256, when N is "
+                   "smaller); beyond, they are dropped and counted (queue dropped). A killed recorder "
+                   "(SIGKILL) loses at most these, plus the 4 receive batches (of at most 256) being "
+                   "handed over.")
 @click.option("--status", "status_every", type=SECONDS_OR_NEVER, default=0, metavar="SECONDS",
               help="Print a status line on stderr every SECONDS (0: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON line on stdout.")
@@ -661,6 +715,9 @@ def record(network, out, framing, messages, rotate_size, rotate_time, count, sec
       mcast-trio record run.apx -g 127.0.0.1:5007 --seconds 60 --json
       mcast-trio record run.apx --messages --framing native  # framed messages
     """
+    if str(out) == "-" or (out.exists() and not out.is_file()):  # not OUT.apx beside it (-.apx, /dev/null.apx)
+        raise click.BadParameter(f"{str(out)!r} is not a file to write; record writes .apx files",
+                                 param_hint="'OUT.apx'")
     out = out if out.suffix else out.with_suffix(".apx")
     if rotate_size is None and rotate_time is None and out.exists():
         raise fail(f"{out}: exists; record never replaces a file")

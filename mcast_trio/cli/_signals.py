@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["STOP_SIGNALS", "install", "interruptible", "raising", "received"]
+__all__ = ["STOP_SIGNALS", "exiting", "install", "interruptible", "raising", "received"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -65,3 +65,19 @@ def interruptible() -> None:
 def raising() -> bool:
     """Whether a stop signal raises ``KeyboardInterrupt`` (see :func:`interruptible`)."""
     return _raise
+
+
+def exiting() -> None:
+    """The command has ended (its summary printed, its files closed), the
+    process is about to exit: ignore SIGINT and SIGTERM from now on.
+    Python's finalization restores the default handlers of the signals it
+    handled, so a second SIGTERM a moment after the first would otherwise
+    kill the process (exit -15) after it did everything right; an ignored
+    signal stays ignored. Only for a process that ends now (``python -m
+    mcast_trio.cli``, the console script), never for :func:`main` called
+    in a program that goes on."""
+    for signum in STOP_SIGNALS:
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            return

@@ -9,7 +9,7 @@ import trio
 
 from .. import open_sender
 from ..demo import MEAN_HITS as DEFAULT_MEAN_HITS, simulate
-from ._common import (EVERY_OR_NEVER, MEAN_HITS, RATE, SECONDS, SEED, emit_json, network_options, run,
+from ._common import (EVERY_OR_NEVER, SENT_MEAN_HITS, RATE, SECONDS, SEED, emit_json, network_options, run,
                       stop_on_signals)
 
 __all__ = ["COMMANDS"]
@@ -60,7 +60,7 @@ async def _main(network, rate, seconds, seed, mean_hits, garbage_every, as_json)
 @click.option("--seconds", type=SECONDS, default=None,
               help="How long to send [default: until Ctrl-C or SIGTERM].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Simulator seed (same seed, same bytes).")
-@click.option("--mean-hits", type=MEAN_HITS, default=DEFAULT_MEAN_HITS, show_default=True,
+@click.option("--mean-hits", type=SENT_MEAN_HITS, default=DEFAULT_MEAN_HITS, show_default=True,
               help="Mean number of hits per readout (Poisson).")
 @click.option("--garbage-every", type=EVERY_OR_NEVER, default=0, show_default=True, metavar="N",
               help="Add one malformed datagram after every N readouts (0: never).")
