@@ -250,3 +250,33 @@ def test_a_file_of_near_headers_is_read_in_time_comparable_to_a_clean_file():
     base = min(_read_time(apx(clean)) for _ in range(2))
     took = _read_time(apx(hostile))
     assert took < max(10 * base, 0.1), f"{took:.2f} s, clean file of the same size {base:.3f} s"
+
+
+# -- tools agree on what is damaged ----------------------------------------------------------------
+
+
+def test_plot_of_a_damaged_file_says_the_damage(mcast_trio_cli, tmp_path):
+    """A file with one damaged record header in the middle (record 20 of
+    50): ``check`` reports it (exit 1), ``decode`` and ``replay`` stop on it
+    with its offset; ``plot`` reads with recover=True, draws the 49 other
+    records and says nothing at all (exit 0), so the plots pass for the
+    whole run. What should hold: plot says the damaged region (its offset)
+    in its own words, as info does."""
+    pytest.importorskip("matplotlib")
+    from mcast_trio import open_apx
+    from mcast_trio.sim import DaqSimulator
+
+    records = DaqSimulator(3, start_ns=1_700_000_000_000_000_000).datagrams(50)
+    buf = io.BytesIO()
+    with open_apx(buf, "wb") as out:
+        out.write_many(records)
+    data = bytearray(buf.getvalue())
+    at = len(data) - sum(map(len, records)) + sum(map(len, records[:20]))
+    data[at + 1] ^= 4
+    path = tmp_path / "damaged.apx"
+    path.write_bytes(bytes(data))
+    check = run(mcast_trio_cli, "check", str(path))
+    assert check.returncode == 1 and f"offset {at}" in check.stdout + check.stderr
+    result = run(mcast_trio_cli, "plot", str(path), "-o", str(tmp_path / "plots"))
+    assert "Traceback" not in result.stderr
+    assert f"offset {at}" in result.stderr, (result.returncode, result.stderr)
