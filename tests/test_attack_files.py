@@ -280,3 +280,58 @@ def test_plot_of_a_damaged_file_says_the_damage(mcast_trio_cli, tmp_path):
     result = run(mcast_trio_cli, "plot", str(path), "-o", str(tmp_path / "plots"))
     assert "Traceback" not in result.stderr
     assert f"offset {at}" in result.stderr, (result.returncode, result.stderr)
+
+
+# -- decode's output ------------------------------------------------------------------------------
+
+
+def _needs_unshare():
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private mount namespace")
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_decode_to_dev_stdout_redirected_to_a_file(mcast_trio_cli, astropix_data, tmp_path, force):
+    """``decode run.apx -o /dev/stdout > run.csv``: the help says an output
+    that is a device or a pipe (``-o /dev/stdout``) is written in place; with
+    stdout redirected to a regular file, /dev/stdout resolves to that file,
+    so decode takes the rename path. Found: without --force "Error:
+    /dev/stdout: exists (use --force to replace it)"; with --force it
+    writes ``/dev/.stdout.XXXX.part`` and renames it onto ``/dev/stdout``,
+    replacing the system's symlink with a regular file holding the CSV,
+    leaves run.csv empty and says "-> /dev/stdout", exit 0. (Run in a
+    private mount namespace with a tmpfs on /dev, so no real /dev is
+    touched.) What should hold: the CSV goes to run.csv, /dev/stdout is
+    left alone."""
+    _needs_unshare()
+    src = tmp_path / "run.apx"
+    shutil.copyfile(astropix_data / "20250723_092534_data.apx", src)
+    golden = (astropix_data / "20250723_092534_data.csv").read_text()
+    csv = tmp_path / "run.csv"
+    argv = " ".join(f"'{a}'" for a in mcast_trio_cli)
+    script = (
+        "mount -t tmpfs tmpfs /dev && ln -s /proc/self/fd/1 /dev/stdout && ln -s /proc/self/fd/2 /dev/stderr && "
+        f"{{ {argv} decode '{src}' -o /dev/stdout {'--force' if force else ''} > '{csv}'; echo \"rc=$?\" >&2; }}; "
+        "if [ -L /dev/stdout ]; then echo link >&2; else echo clobbered >&2; fi"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert "rc=0" in result.stderr, result.stderr
+    assert "link" in result.stderr.split(), result.stderr
+    assert csv.stat().st_size > 0, result.stderr
+    assert len(csv.read_text().splitlines()) >= len(golden.splitlines()) - 1
+
+
+def test_decode_to_a_pipe_whose_reader_goes_away_exits_quietly(mcast_trio_cli, astropix_data, tmp_path):
+    """``decode run.apx --to npz -o /dev/stdout | head -c 10``: issue 13
+    point 9 says a reader that goes away ends any printing subcommand
+    quietly with exit 0 (listen, monitor do). Found: "Error: /dev/stdout:
+    Broken pipe", exit 1."""
+    src = tmp_path / "run.apx"
+    shutil.copyfile(astropix_data / "20250723_092534_data.apx", src)
+    proc = subprocess.Popen([*mcast_trio_cli, "decode", str(src), "--to", "npz", "-o", "/dev/stdout"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err
