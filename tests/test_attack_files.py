@@ -335,3 +335,30 @@ def test_decode_to_a_pipe_whose_reader_goes_away_exits_quietly(mcast_trio_cli, a
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_a_huge_length_read_from_a_pipe_does_not_buffer_the_stream(tmp_path):
+    """``cat run.apx | mcast-trio info /dev/stdin`` where the second record's
+    length field says 0xFFFFFF00 and 24 MiB of random bytes follow: the
+    reader cannot seek, so it buffers everything up to the claimed end of
+    the record (the whole stream). Found: peak RSS +2 bytes per byte of the
+    stream (50 MiB: 147 MB against 48 MB for the same file by path); a
+    4 GB stream would need 8 GB. What should hold: memory bounded (here:
+    within 16 MB of reading the same file by path)."""
+    import sys
+
+    body = rec(0, b"\xe0" * 8) + HEADER + bytes(12) + struct.pack("<I", 0xFFFFFF00) + os.urandom(24 << 20)
+    path = tmp_path / "huge.apx"
+    path.write_bytes(apx(body))
+    by_path = _peak_kb(sys.executable, "info", str(path))
+    with open(path, "rb") as f:
+        cat = subprocess.Popen(["cat"], stdin=f, stdout=subprocess.PIPE)
+        result = subprocess.run([sys.executable, "-c", _HWM, "info", "/dev/stdin"], stdin=cat.stdout,
+                                capture_output=True, text=True, timeout=60)
+        cat.stdout.close()
+        cat.wait()
+    line = [x for x in result.stderr.splitlines() if x.startswith("HWM ")]
+    assert line, result.stderr[-2000:]
+    by_pipe = int(line[-1].split()[1])
+    assert "truncated" in result.stdout + result.stderr
+    assert by_pipe - by_path < 16 * 1024, f"pipe {by_pipe} kB, path {by_path} kB"
