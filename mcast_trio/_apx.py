@@ -50,6 +50,7 @@ from ._validate import check_bool, check_choice, check_int
 __all__ = [
     "APX_MAGIC",
     "FLUSH_POLICIES",
+    "MAX_DAMAGED_REGIONS",
     "ApxReader",
     "ApxStatistics",
     "ApxWriter",
@@ -74,6 +75,16 @@ _MAX_READ = 64 << 20
 _MAX_HEADER = 16 << 20
 # Records checked at once by the reader's fast path.
 _RUN = 256
+# id (u32) and timestamp (u64) of a record, after its 3 header bytes.
+_ID_TS = struct.Struct("<IQ")
+_ID = struct.Struct("<I")
+# Damaged regions an ApxReader keeps (ApxStatistics.damaged); the rest are
+# counted (ApxStatistics.damaged_count, bytes_skipped), so that memory does
+# not grow with the number of damaged regions of a hostile file.
+MAX_DAMAGED_REGIONS = 1000
+# How far past a record's claimed end the reader looks for where the record
+# would end if one bit of its length field were flipped (bytes).
+_LOOKAHEAD = 1 << 16
 
 
 class TruncatedRecordWarning(UserWarning):
@@ -254,8 +265,12 @@ class ApxStatistics:
     Attributes:
         records: complete records yielded.
         record_bytes: their bytes.
-        damaged: the damaged regions met, in file order (at most one, with
+        damaged: the first damaged regions met, in file order: at most
+            :data:`MAX_DAMAGED_REGIONS` (1000) of them, so that memory does
+            not grow with the damage of a hostile file (at most one, with
             ``size`` None, without ``recover``).
+        damaged_count: how many damaged regions were met (all of them,
+            also those beyond the ones kept in ``damaged``).
         bytes_skipped: bytes of the damaged regions skipped (``recover=True``;
             always 0 without it).
         truncated: the incomplete record at the end of the file, or None.
@@ -268,6 +283,7 @@ class ApxStatistics:
     record_bytes: int = 0
     damaged: tuple[DamagedRegion, ...] = ()
     bytes_skipped: int = 0
+    damaged_count: int = 0
     truncated: TruncatedRecord | None = None
     finished: bool = False
 
@@ -441,9 +457,11 @@ class ApxReader:
         self.records_read = 0
         self._record_bytes = 0
         self._damaged: list[DamagedRegion] = []
+        self._damaged_count = 0
         self._skipped = 0
         self._finished = False
         self._started = False
+        self._size: int | None = None
 
     @property
     def metadata(self) -> dict:
@@ -475,6 +493,7 @@ class ApxReader:
             record_bytes=self._record_bytes,
             damaged=tuple(self._damaged),
             bytes_skipped=self._skipped,
+            damaged_count=self._damaged_count,
             truncated=self.truncated,
             finished=self._finished,
         )
@@ -566,8 +585,17 @@ class ApxReader:
         """Offset of the first plausible record header at or after ``start``,
         or None (the window then ends at the end of the file)."""
         q = start
+        tries = 0
         while True:
             w.mark = q
+            if tries >= 8:
+                # Many candidates: judge the buffered ones at once first.
+                found, q = self._resync_block(w, q)
+                if found:
+                    return q
+                if q is None:
+                    return None
+                continue
             i = w.buf.find(HEADER, max(q - w.base, 0))
             if i < 0:
                 if w.eof:
@@ -579,7 +607,41 @@ class ApxReader:
             q = w.base + i
             if self._plausible(w, q):
                 return q
+            tries += 1
             q += 1
+
+    def _resync_block(self, w: _Window, q: int) -> tuple[bool, int | None]:
+        """One step of :meth:`_resync` over the buffered bytes from ``q``:
+        every record header whose fixed part is buffered is found at once,
+        those whose record cannot fit in the file are dropped at once, and
+        only the others are judged one by one (:meth:`_plausible`).
+
+        Returns ``(True, offset)`` of a plausible record header,
+        ``(False, where to go on)``, or ``(False, None)`` at the end of the
+        file."""
+        import numpy as np
+
+        rel = max(q - w.base, 0)
+        n = len(w.buf) - rel - HEADER_SIZE + 1  # positions with a whole fixed part
+        if n <= 0:
+            if w.eof:
+                return False, None
+            w.fill(w.end + max(w.chunk, HEADER_SIZE))
+            return False, q
+        base = w.base + rel
+        a = np.frombuffer(w.buf, np.uint8, count=n + HEADER_SIZE - 1, offset=rel)
+        at = np.flatnonzero((a[:n] == HEADER[0]) & (a[1:n + 1] == HEADER[1]) & (a[2:n + 2] == HEADER[2]))
+        if len(at) and self._size is not None:
+            length = a[at + LENGTH_OFFSET].astype(np.int64)
+            for k in range(1, 4):
+                length |= a[at + LENGTH_OFFSET + k].astype(np.int64) << (8 * k)
+            at = at[base + at + HEADER_SIZE + length <= self._size]
+        for i in at.tolist():
+            x = base + i
+            w.mark = x
+            if self._plausible(w, x):
+                return True, x
+        return False, base + n
 
     @staticmethod
     def _chain_from(w: _Window, x: int, end: int) -> bool:
@@ -630,6 +692,67 @@ class ApxReader:
         e = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         return _chains(w.peek(e - 1, 4)) and self._inner_chain(w, q + skip, e) is None
 
+    @staticmethod
+    def _continues(w: _Window, p: int, end: int) -> bool:
+        """Whether the record at ``end`` continues the ids of the record at
+        ``p`` (its id is the next one)."""
+        a = w.peek(p + 3, 4)
+        b = w.peek(end + 3, 4)
+        return len(a) == 4 and len(b) == 4 and _ID.unpack(b)[0] == (_ID.unpack(a)[0] + 1) & 0xFFFFFFFF
+
+    @staticmethod
+    def _flipped_end(w: _Window, p: int, end: int, length: int) -> int | None:
+        """Where the record at ``p`` would end if one bit of its length field
+        were flipped, when a fixed part that continues the record's id and
+        timestamp (the next id, a timestamp not earlier) starts there, with
+        its header intact, or damaged but followed at ``end`` by the id after
+        it: the evidence that the length field, not the data, is what is
+        wrong.
+        Looks inside the record and up to ``_LOOKAHEAD`` bytes past its
+        claimed ``end``; returns that offset, or None."""
+        mine = w.peek(p + 3, _ID_TS.size)
+        if len(mine) < _ID_TS.size:
+            return None
+        rid, ts = _ID_TS.unpack(mine)
+        want = (rid + 1) & 0xFFFFFFFF
+        after = w.peek(end + 3, 4)
+        after_id = _ID.unpack(after)[0] if len(after) == 4 else None
+        limit = end + _LOOKAHEAD
+        for bit in range(32):
+            e = p + HEADER_SIZE + (length ^ (1 << bit))
+            if e > limit:
+                continue
+            fixed = w.peek(e, HEADER_SIZE)
+            if len(fixed) < HEADER_SIZE:
+                continue
+            oid, ots = _ID_TS.unpack_from(fixed, 3)
+            if oid != want or ots < ts:
+                continue
+            # A record there: its header intact, or (a damaged header) the
+            # record at the claimed end has the id after it.
+            if fixed[:3] == HEADER or after_id == (want + 1) & 0xFFFFFFFF:
+                return e
+        return None
+
+    @staticmethod
+    def _next_inside(w: _Window, p: int, end: int) -> int | None:
+        """Offset of a record header followed by the next id (the record
+        that should follow the record at ``p``) inside that record, in its
+        first ``_LOOKAHEAD`` bytes, or None: the record's length field then
+        spans records. One search of the bytes (linear in the record, and
+        bounded), whatever the data holds."""
+        mine = w.peek(p + 3, 4)
+        if len(mine) < 4:
+            return None
+        pattern = HEADER + _ID.pack((_ID.unpack(mine)[0] + 1) & 0xFFFFFFFF)
+        start = p + len(HEADER)
+        stop = min(end, p + HEADER_SIZE + _LOOKAHEAD)
+        if stop <= start:
+            return None
+        piece = w.peek(start, stop - start + len(pattern) - 1)
+        i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
+        return None if i < 0 else start + i
+
     def _classify(self, w: _Window, p: int, index: int):
         """What is at ``p``, where a record should start (the slow path).
 
@@ -671,7 +794,21 @@ class ApxReader:
                 q,
             )
         if _chains(after):
-            inner = self._inner_chain(w, p + len(HEADER), end)
+            if len(after) == 4 and self._continues(w, p, end):
+                # The next record continues this one's ids: this reading
+                # wins over any other, whatever the data holds.
+                return "record", total
+            other = self._flipped_end(w, p, end, length)
+            if other is not None:
+                q = other if other > end and self._plausible(w, other) else None
+                where = "records start inside it" if other < end else "the record that follows it starts"
+                return "damage", (
+                    f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
+                    f"{length} data bytes, but {where} at offset {other} (the next id and timestamp, where "
+                    f"one flipped bit of that length would end it)",
+                    q,
+                )
+            inner = self._next_inside(w, p, end)
             if inner is not None:
                 return "damage", (
                     f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
@@ -699,9 +836,12 @@ class ApxReader:
         self.records_read = 0
         self._record_bytes = 0
         self._damaged = []
+        self._damaged_count = 0
         self._skipped = 0
         self._finished = False
         w = _Window(self._file, self.data_offset, self._chunk_size)
+        rest = _remaining(self._file)
+        self._size = None if rest is None else self.data_offset + rest
         unpack_from = LENGTH_FIELD.unpack_from
         p = self.data_offset
         index = 0
@@ -725,7 +865,11 @@ class ApxReader:
                 ends = []
                 while rel <= limit and len(ends) < _RUN:
                     end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
-                    if buf[end:end + 3] != HEADER:
+                    if buf[end:end + 3] != HEADER or end + 7 > len(buf) or (
+                        unpack_from(buf, end + 3)[0] != (unpack_from(buf, rel + 3)[0] + 1) & 0xFFFFFFFF
+                    ):
+                        # Not followed by a record header that continues
+                        # its ids: the slow path judges it.
                         break
                     ends.append(end)
                     rel = end
@@ -769,13 +913,15 @@ class ApxReader:
                 self._truncation(p, size, expected, index)
                 return
             reason, q = what
+            self._damaged_count += 1
             if not self.recover:
                 self._damaged.append(DamagedRegion(p, None, index, reason))
                 raise MalformedReadout(reason)
             if q is None:
                 q = self._resync(w, p + 1)
             end = w.end if q is None else q  # at the end of the file if None
-            self._damaged.append(DamagedRegion(p, end - p, index, reason))
+            if len(self._damaged) < MAX_DAMAGED_REGIONS:
+                self._damaged.append(DamagedRegion(p, end - p, index, reason))
             self._skipped += end - p
             if q is None:
                 self._finished = True

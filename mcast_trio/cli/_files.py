@@ -378,7 +378,7 @@ def _summary(file: pathlib.Path, progress: bool | None) -> dict:
         "flags": dict(flags),
         "dropped_bytes": dropped_bytes,
         "malformed": malformed,
-        "damaged_regions": len(stats.damaged),
+        "damaged_regions": stats.damaged_count,
         "bytes_skipped": stats.bytes_skipped,
         "truncated_bytes": stats.truncated.size if stats.truncated is not None else 0,
     }
@@ -504,6 +504,7 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         "record_bytes": stats.record_bytes,
         "damaged_regions": [{"offset": d.offset, "size": d.size, "index": d.index, "reason": d.reason}
                             for d in stats.damaged],
+        "damaged_count": stats.damaged_count,
         "bytes_skipped": stats.bytes_skipped,
         "truncated": None if stats.truncated is None else {"offset": stats.truncated.offset,
                                                             "size": stats.truncated.size},
@@ -517,9 +518,12 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         else:
             for d in stats.damaged:
                 click.echo(f"damaged at offset {d.offset}: {d.size} bytes skipped (record {d.index}): {d.reason}")
+            if stats.damaged_count > len(stats.damaged):
+                click.echo(f"... and {stats.damaged_count - len(stats.damaged)} more damaged regions "
+                           f"(the first {len(stats.damaged)} are listed)")
             if stats.truncated is not None:
                 click.echo(f"truncated last record at offset {stats.truncated.offset}: {stats.truncated.size} bytes")
-            click.echo(f"{file}: DAMAGED, {len(stats.damaged)} regions, {stats.bytes_skipped} bytes skipped, "
+            click.echo(f"{file}: DAMAGED, {stats.damaged_count} regions, {stats.bytes_skipped} bytes skipped, "
                        f"{stats.records} records recovered"
                        + (f", written to {repair}" if repair is not None else ""))
     if damaged:
@@ -542,8 +546,10 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     (STEM-hitmap.png, STEM-tot.png, STEM-rate.png) in --out.
 
     The hit map is sized from the data (up to the 32 x 32 pixels that the
-    format's 5-bit row and column fields can address). Needs the 'plot'
-    extra (matplotlib; drawn off-screen).
+    format's 5-bit row and column fields can address). Damaged regions
+    are skipped (as `check` finds them) and said on stderr: their number,
+    bytes and the first one. Needs the 'plot' extra (matplotlib; drawn
+    off-screen).
 
     \b
     Examples:
@@ -556,6 +562,17 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     out_dir = out_dir if out_dir is not None else file.parent
     with said_once("plot", truncation="are plotted"):
         _plot(file, out_dir, log, bins, progress, plt)
+
+
+def _say_damage(command: str, file: pathlib.Path, stats) -> None:
+    """Say on stderr, in the tool's words, the damaged regions a reading
+    with recover=True skipped (the first ones, and how many in all)."""
+    if not stats.damaged_count:
+        return
+    first = stats.damaged[0]
+    click.echo(f"{command}: {file}: {stats.damaged_count} damaged regions skipped ({stats.bytes_skipped} bytes), "
+               f"the first at offset {first.offset} (record {first.index}): {first.reason}; "
+               f"`mcast-trio check {file}` lists them", err=True)
 
 
 def _save(plt, fig, path: pathlib.Path) -> None:
@@ -580,6 +597,7 @@ def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progr
             tots.append(np.asarray(hits.tot_us, dtype=float))
             good = batch.readouts[~batch.readouts.malformed]
             stamps.append(np.asarray(good.timestamp, dtype=np.uint64))
+        _say_damage("plot", file, reader.statistics())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
