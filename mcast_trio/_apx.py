@@ -82,6 +82,10 @@ _ID = struct.Struct("<I")
 # counted (ApxStatistics.damaged_count, bytes_skipped), so that memory does
 # not grow with the number of damaged regions of a hostile file.
 MAX_DAMAGED_REGIONS = 1000
+# How far ahead of the earliest byte it still needs a reader of a file object
+# that cannot seek (a pipe) buffers: a record, or a candidate record, that
+# claims to end further on cannot be confirmed from a stream.
+_STREAM_AHEAD = 4 << 20
 # How far past a record's claimed end the reader looks for where the record
 # would end if one bit of its length field were flipped (bytes).
 _LOOKAHEAD = 1 << 16
@@ -342,6 +346,11 @@ class _Window:
         rel = offset - self.base
         return self.buf[rel:rel + size]
 
+    def too_far(self, offset: int) -> bool:
+        """Whether a file object that cannot seek would have to buffer more
+        than ``_STREAM_AHEAD`` bytes past ``mark`` to read ``offset``."""
+        return not self.seekable and offset - self.mark > _STREAM_AHEAD
+
     def peek(self, offset: int, size: int) -> bytes:
         """Like :meth:`get`, but far ahead in a seekable file, read with a
         seek and not kept (the window stays small)."""
@@ -579,7 +588,7 @@ class ApxReader:
         if len(fixed) < HEADER_SIZE or parse_readout_header(fixed)[0] == ReadoutError.BAD_HEADER:
             return False
         end = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
-        return _chains(w.peek(end - 1, 4))
+        return not w.too_far(end) and _chains(w.peek(end - 1, 4))
 
     def _resync(self, w: _Window, start: int) -> int | None:
         """Offset of the first plausible record header at or after ``start``,
@@ -657,6 +666,8 @@ class ApxReader:
             if len(fixed) < HEADER_SIZE or fixed[:3] != HEADER:
                 return False
             e = y + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
+            if w.too_far(e):
+                return False
             after = w.peek(e - 1, 4)
             if not _chains(after):
                 return False
@@ -690,6 +701,8 @@ class ApxReader:
         if len(fixed) < HEADER_SIZE:
             return False
         e = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
+        if w.too_far(e):
+            return False
         return _chains(w.peek(e - 1, 4)) and self._inner_chain(w, q + skip, e) is None
 
     @staticmethod
@@ -781,6 +794,21 @@ class ApxReader:
         length = LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         total = HEADER_SIZE + length
         end = p + total
+        if w.too_far(end):
+            # A stream (no seek) would have to be buffered up to this
+            # record's claimed end: read on without keeping it instead. The
+            # record is truncated if the stream ends before that end (as
+            # in a file), damage if a plausible record header follows.
+            q = self._resync(w, p + 1)
+            if q is None and w.end < end:
+                return "truncated", (w.end - p, total)
+            return "damage", (
+                f"record {index} at offset {p} is damaged or cannot be confirmed: its length field (offset "
+                f"{p + LENGTH_OFFSET}) says {length} data bytes, more than a reader of a stream that cannot seek "
+                f"looks ahead ({_STREAM_AHEAD} bytes), and "
+                + (f"a record header follows at offset {q}" if q is not None else "no record header follows it"),
+                q,
+            )
         after = w.peek(end - 1, 4)
         if not after:
             # The record runs past the end of the file: truncated, unless a
