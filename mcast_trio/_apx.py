@@ -78,9 +78,9 @@ _RUN = 256
 # id (u32) and timestamp (u64) of a record, after its 3 header bytes.
 _ID_TS = struct.Struct("<IQ")
 _ID = struct.Struct("<I")
-# Damaged regions an ApxReader keeps (ApxStatistics.damaged); the rest are
-# counted (ApxStatistics.damaged_count, bytes_skipped), so that memory does
-# not grow with the number of damaged regions of a hostile file.
+#: Damaged regions an ApxReader keeps (``ApxStatistics.damaged``); the rest
+#: are counted (``damaged_count``, ``bytes_skipped``), so that memory does
+#: not grow with the number of damaged regions of a hostile file.
 MAX_DAMAGED_REGIONS = 1000
 # How far ahead of the earliest byte it still needs a reader of a file object
 # that cannot seek (a pipe) buffers: a record, or a candidate record, that
@@ -270,7 +270,7 @@ class ApxStatistics:
         records: complete records yielded.
         record_bytes: their bytes.
         damaged: the first damaged regions met, in file order: at most
-            :data:`MAX_DAMAGED_REGIONS` (1000) of them, so that memory does
+            ``MAX_DAMAGED_REGIONS`` (1000) of them, so that memory does
             not grow with the damage of a hostile file (at most one, with
             ``size`` None, without ``recover``).
         damaged_count: how many damaged regions were met (all of them,
@@ -375,9 +375,12 @@ class ApxReader:
     A record is delivered only once its end is confirmed: its header is
     ``fe dc ba``, its length field leads to the next record header (or
     to a damaged one whose own length field leads on), or to the end of the
-    file, and no chain of records starts inside it (a record header in its
-    data whose length leads on to another record header: the length field
-    would then span several records). A record followed by garbage is
+    file. Between two structurally valid readings the readout ids decide: a
+    record followed by the record with the next id is a record, whatever its
+    data holds; one followed by another id is damage when the next id (and
+    a timestamp not earlier) starts where one flipped bit of its length
+    would end it, or a record header with the next id starts inside it (see
+    the format page). A record followed by garbage is
     therefore reported as damaged with it: its length field could be what
     is wrong. Every reading style (iteration,
     :meth:`records`, :meth:`records_with_offsets`, :meth:`batches`,
@@ -412,7 +415,9 @@ class ApxReader:
 
     The reader streams: it holds a chunk of the file plus one record (plus,
     for a file object that is not seekable, what it must read ahead to check
-    a record header while resynchronizing).
+    a record header, at most 4 MiB: a record claiming to end further on is
+    read past without being kept, truncated if the stream ends first,
+    damage otherwise).
 
     Args:
         file: a path, or a binary file object opened for reading (not closed
@@ -770,9 +775,12 @@ class ApxReader:
         """What is at ``p``, where a record should start (the slow path).
 
         A record is confirmed when its length field leads to a record header
-        (or to the end of the file) and no chain of records starts inside it
-        (:meth:`_inner_chain`: its length field would then span records, as
-        a flipped high bit of a length makes it do). A record not followed
+        (or to the end of the file): at once when that record continues its
+        ids; otherwise unless one flipped bit of its length would end it
+        where the next id starts (:meth:`_flipped_end`) or a record header
+        with the next id starts inside it (:meth:`_next_inside`: its length
+        field would then span records, as a flipped high bit of a length
+        makes it do). A record not followed
         by a record header is confirmed when what follows reads as a record
         with a damaged header that is itself sound (:meth:`_sound`).
 
