@@ -78,6 +78,7 @@ _RUN = 256
 # id (u32) and timestamp (u64) of a record, after its 3 header bytes.
 _ID_TS = struct.Struct("<IQ")
 _ID = struct.Struct("<I")
+_HEAD_ID = struct.Struct("<3sI")  # a record's header bytes and id
 #: Damaged regions an ApxReader keeps (``ApxStatistics.damaged``); the rest
 #: are counted (``damaged_count``, ``bytes_skipped``), so that memory does
 #: not grow with the number of damaged regions of a hostile file.
@@ -657,58 +658,17 @@ class ApxReader:
                 return True, x
         return False, base + n
 
-    @staticmethod
-    def _chain_from(w: _Window, x: int, end: int) -> bool:
-        """Whether records chain from a record header at ``x`` found inside
-        a record that claims to end at ``end``: a record at ``x`` that fits
-        and ends at a record header (or the end of the file), and either
-        ends exactly at ``end``, at the end of the file, or is followed by a
-        second such record. Such a chain is an alternative reading of the
-        bytes that contradicts the claimed end."""
-        y = x
-        for _ in range(2):
-            fixed = w.peek(y, HEADER_SIZE)
-            if len(fixed) < HEADER_SIZE or fixed[:3] != HEADER:
-                return False
-            e = y + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
-            if w.too_far(e):
-                return False
-            after = w.peek(e - 1, 4)
-            if not _chains(after):
-                return False
-            if e == end or len(after) < 4:
-                return True
-            y = e
-        return True
-
-    def _inner_chain(self, w: _Window, start: int, end: int) -> int | None:
-        """Offset of the first record header in ``start..end - 1`` from
-        which records chain (:meth:`_chain_from`), or None."""
-        pos = start
-        while pos < end:
-            n = min(end - pos, max(w.chunk, 1 << 16))
-            piece = w.peek(pos, n + len(HEADER) - 1)
-            i = piece.find(HEADER)
-            while 0 <= i < n:
-                if self._chain_from(w, pos + i, end):
-                    return pos + i
-                i = piece.find(HEADER, i + 1)
-            if len(piece) < n:
-                break
-            pos += n
-        return None
-
-    def _sound(self, w: _Window, q: int, skip: int) -> bool:
+    def _sound(self, w: _Window, q: int) -> bool:
         """Whether the record at ``q`` (header bytes not checked) fits in
         the file, ends at a record header or the end of the file, and has
-        no chain of records inside it (searched from ``q + skip``)."""
+        no record header with the next id inside it (:meth:`_next_inside`)."""
         fixed = w.peek(q, HEADER_SIZE)
         if len(fixed) < HEADER_SIZE:
             return False
         e = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         if w.too_far(e):
             return False
-        return _chains(w.peek(e - 1, 4)) and self._inner_chain(w, q + skip, e) is None
+        return _chains(w.peek(e - 1, 4)) and self._next_inside(w, q, e) is None
 
     @staticmethod
     def _continues(w: _Window, p: int, end: int) -> bool:
@@ -771,6 +731,11 @@ class ApxReader:
         i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
         return None if i < 0 else start + i
 
+    @staticmethod
+    def _past_the_end(p: int, index: int, length: int, q: int) -> str:
+        return (f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
+                f"{length} data bytes, past the end of the file, but a record header follows at offset {q}")
+
     def _classify(self, w: _Window, p: int, index: int):
         """What is at ``p``, where a record should start (the slow path).
 
@@ -810,6 +775,10 @@ class ApxReader:
             q = self._resync(w, p + 1)
             if q is None and w.end < end:
                 return "truncated", (w.end - p, total)
+            if q is not None:
+                w.fill(w.mark + _STREAM_AHEAD)  # does the stream end before the record would?
+                if w.eof and w.end < end:
+                    return "damage", (self._past_the_end(p, index, length, q), q)
             return "damage", (
                 f"record {index} at offset {p} is damaged or cannot be confirmed: its length field (offset "
                 f"{p + LENGTH_OFFSET}) says {length} data bytes, more than a reader of a stream that cannot seek "
@@ -824,11 +793,7 @@ class ApxReader:
             q = self._resync(w, p + 1)
             if q is None:
                 return "truncated", (w.end - p, total)
-            return "damage", (
-                f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
-                f"{length} data bytes, past the end of the file, but a record header follows at offset {q}",
-                q,
-            )
+            return "damage", (self._past_the_end(p, index, length, q), q)
         if _chains(after):
             if len(after) == 4 and self._continues(w, p, end):
                 # The next record continues this one's ids: this reading
@@ -857,7 +822,7 @@ class ApxReader:
         # whether the next record, read from its own length field, is sound
         # and continues this one. Otherwise the record is not delivered: its
         # end cannot be confirmed.
-        if self._sound(w, end, 1) and self._inner_chain(w, p + len(HEADER), end) is None:
+        if self._sound(w, end) and self._next_inside(w, p, end) is None:
             return "record", total
         return "damage", (
             f"record {index} at offset {p} is damaged or followed by garbage: its length field "
@@ -879,48 +844,38 @@ class ApxReader:
         rest = _remaining(self._file)
         self._size = None if rest is None else self.data_offset + rest
         unpack_from = LENGTH_FIELD.unpack_from
+        head_id = _HEAD_ID.unpack_from
         p = self.data_offset
         index = 0
         while True:
             # Fast path, through what is buffered: a record header, and the
             # next one right after the record.
             buf = w.buf
-            find = buf.find
-            count = buf.count
             base = w.base
             rel = p - base
             limit = len(buf) - HEADER_SIZE
             # Records and skipped regions tile the file up to here.
             origin = self.data_offset + self._skipped - base
-            # A record is delivered at once when a record header follows it
-            # and none lies inside it (otherwise the slow path looks closer):
-            # a run of records whose ends are record headers, then one count
-            # of the record headers in the run (one per record, at its start).
+            # A record is delivered at once when the record header that
+            # follows it has the next id (then no other reading of the bytes
+            # can win, whatever its data holds); otherwise the slow path
+            # looks closer. Runs of up to _RUN records.
             while rel <= limit and buf[rel:rel + 3] == HEADER:
                 start = rel
                 ends = []
+                ident = unpack_from(buf, rel + 3)[0]
                 while rel <= limit and len(ends) < _RUN:
                     end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
-                    if buf[end:end + 3] != HEADER or end + 7 > len(buf) or (
-                        unpack_from(buf, end + 3)[0] != (unpack_from(buf, rel + 3)[0] + 1) & 0xFFFFFFFF
-                    ):
-                        # Not followed by a record header that continues
-                        # its ids: the slow path judges it.
+                    try:
+                        head, following = head_id(buf, end)
+                    except struct.error:  # the next fixed part is not buffered
                         break
+                    if head != HEADER or following != ident + 1:
+                        break  # (an id wrapping round is judged by the slow path)
+                    ident = following
                     ends.append(end)
                     rel = end
                 full = len(ends) == _RUN
-                if count(HEADER, start, rel) != len(ends):
-                    # A record header inside a record: deliver the records
-                    # before that one, which the slow path judges.
-                    full = False
-                    at = start
-                    for i, end in enumerate(ends):
-                        if find(HEADER, at + 3, end) >= 0:
-                            del ends[i:]
-                            break
-                        at = end
-                    rel = at
                 at = start
                 for end in ends:
                     index += 1
