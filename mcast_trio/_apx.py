@@ -683,9 +683,9 @@ class ApxReader:
         """Where the record at ``p`` would end if one bit of its length field
         were flipped, when a fixed part that continues the record's id and
         timestamp (the next id, a timestamp not earlier) starts there, with
-        its header intact, or damaged but followed at ``end`` by the id after
-        it: the evidence that the length field, not the data, is what is
-        wrong.
+        its header intact, or damaged but either followed at ``end`` by the
+        id after it or not overlapping the fixed part at ``end``: the
+        evidence that the length field, not the data, is what is wrong.
         Looks inside the record and up to ``_LOOKAHEAD`` bytes past its
         claimed ``end``; returns that offset, or None."""
         mine = w.peek(p + 3, _ID_TS.size)
@@ -706,9 +706,11 @@ class ApxReader:
             oid, ots = _ID_TS.unpack_from(fixed, 3)
             if oid != want or ots < ts:
                 continue
-            # A record there: its header intact, or (a damaged header) the
-            # record at the claimed end has the id after it.
-            if fixed[:3] == HEADER or after_id == (want + 1) & 0xFFFFFFFF:
+            # A record there: its header intact; or a damaged header, and
+            # either the record at the claimed end has the id after it or
+            # the two fixed parts do not overlap (one shifted by a byte
+            # inserted into the other's is the other, not evidence).
+            if fixed[:3] == HEADER or after_id == (want + 1) & 0xFFFFFFFF or abs(e - end) >= HEADER_SIZE:
                 return e
         return None
 
