@@ -78,6 +78,7 @@ _RUN = 256
 # id (u32) and timestamp (u64) of a record, after its 3 header bytes.
 _ID_TS = struct.Struct("<IQ")
 _ID = struct.Struct("<I")
+_TS = struct.Struct("<Q")
 _HEAD_ID = struct.Struct("<3sI")  # a record's header bytes and id
 #: Damaged regions an ApxReader keeps (``ApxStatistics.damaged``); the rest
 #: are counted (``damaged_count``, ``bytes_skipped``), so that memory does
@@ -715,23 +716,54 @@ class ApxReader:
         return None
 
     @staticmethod
-    def _next_inside(w: _Window, p: int, end: int) -> int | None:
-        """Offset of a record header followed by the next id (the record
-        that should follow the record at ``p``) inside that record, in its
-        first ``_LOOKAHEAD`` bytes, or None: the record's length field then
-        spans records. One search of the bytes (linear in the record, and
-        bounded), whatever the data holds."""
-        mine = w.peek(p + 3, 4)
-        if len(mine) < 4:
+    def _next_inside(w: _Window, p: int, end: int, after_id: int | None = None) -> int | None:
+        """Offset of the fixed part of the record that should follow the
+        record at ``p`` (the next id) inside that record, in its first
+        ``_LOOKAHEAD`` bytes, or None: the record's length field then spans
+        records. Without ``after_id``: a record header followed by the next
+        id. With ``after_id`` (the id of the record at the claimed ``end``):
+        also a timestamp not earlier than the record's own, and either an
+        intact record header or, inside the data and not overlapping the
+        fixed part at ``end``, ``after_id`` being the id after it (a
+        damaged header between the two records it sits between); failing
+        that, a record header with the id after the next one (the next
+        record's header damaged too). Bounded searches of the bytes for the
+        ids, whatever the data holds."""
+        mine = w.peek(p + 3, _ID_TS.size)
+        if len(mine) < _ID_TS.size:
             return None
-        pattern = HEADER + _ID.pack((_ID.unpack(mine)[0] + 1) & 0xFFFFFFFF)
+        rid, ts = _ID_TS.unpack(mine)
+        want = (rid + 1) & 0xFFFFFFFF
         start = p + len(HEADER)
-        stop = min(end, p + HEADER_SIZE + _LOOKAHEAD)
+        stop = min(end, p + HEADER_SIZE + _LOOKAHEAD)  # a fixed part starts before stop
         if stop <= start:
             return None
-        piece = w.peek(start, stop - start + len(pattern) - 1)
+        if after_id is None:
+            pattern = HEADER + _ID.pack(want)
+            piece = w.peek(start, stop - start + len(pattern) - 1)
+            i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
+            return None if i < 0 else start + i
+        piece = w.peek(start, stop - start + HEADER_SIZE)
+        ident = _ID.pack(want)
+        between = after_id == (want + 1) & 0xFFFFFFFF
+        j = piece.find(ident, 3)
+        while 0 <= j < stop - start + 3:
+            x = start + j - 3
+            if j + 12 <= len(piece) and _TS.unpack_from(piece, j + 4)[0] >= ts and (
+                piece[j - 3:j] == HEADER
+                or (between and x >= p + HEADER_SIZE and end - x >= HEADER_SIZE)
+            ):
+                return x
+            j = piece.find(ident, j + 1)
+        # The record after the next one, its header intact (the next one's
+        # header damaged as well as this record's length).
+        pattern = HEADER + _ID.pack((want + 1) & 0xFFFFFFFF)
         i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
-        return None if i < 0 else start + i
+        while i >= 0:
+            if i + 15 <= len(piece) and _TS.unpack_from(piece, i + 7)[0] >= ts:
+                return start + i
+            i = piece.find(pattern, i + 1, stop - start + len(pattern) - 1)
+        return None
 
     @staticmethod
     def _past_the_end(p: int, index: int, length: int, q: int) -> str:
@@ -811,7 +843,8 @@ class ApxReader:
                     f"one flipped bit of that length would end it)",
                     q,
                 )
-            inner = self._next_inside(w, p, end)
+            next_id = w.peek(end + 3, 4)
+            inner = self._next_inside(w, p, end, _ID.unpack(next_id)[0] if len(next_id) == 4 else None)
             if inner is not None:
                 return "damage", (
                     f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
