@@ -301,6 +301,31 @@ def _chains(after: bytes) -> bool:
     return bool(after) and after[1:] == HEADER[: len(after) - 1]
 
 
+def _no_evidence(buf: bytes, rel: int, end: int, ident: int) -> bool:
+    """Whether the buffered record at ``rel`` (id ``ident``), followed at
+    ``end`` by a record header with another id, certainly holds none of
+    the evidence :meth:`ApxReader._classify` looks for (the next id inside
+    it, or where a flipped length bit would end it, or a record header with
+    the id after the next one inside it): then it is a record, decided
+    without the slow path. False when unsure."""
+    wanted = _ID.pack((ident + 1) & 0xFFFFFFFF)
+    if buf.find(wanted, rel + 6, end + 7) >= 0:
+        return False
+    if buf.find(HEADER + _ID.pack((ident + 2) & 0xFFFFFFFF), rel + 3, end + 7) >= 0:
+        return False
+    length = end - rel - HEADER_SIZE
+    bit = 1
+    while bit <= _LOOKAHEAD:
+        if not length & bit:
+            at = end + bit + 3
+            if at + 4 > len(buf):
+                return False
+            if buf[at:at + 4] == wanted:
+                return False
+        bit <<= 1
+    return True
+
+
 class _Window:
     """A sliding window over the records part of an ``.apx`` file.
 
@@ -697,9 +722,15 @@ class ApxReader:
         after = w.peek(end + 3, 4)
         after_id = _ID.unpack(after)[0] if len(after) == 4 else None
         limit = end + _LOOKAHEAD
+        # Most candidates are buffered: a look at their id first, cheaply.
+        wanted = _ID.pack(want)
+        buf, base = w.buf, w.base
         for bit in range(32):
             e = p + HEADER_SIZE + (length ^ (1 << bit))
             if e > limit:
+                continue
+            r = e + 3 - base
+            if 0 <= r and r + 4 <= len(buf) and buf[r:r + 4] != wanted:
                 continue
             fixed = w.peek(e, HEADER_SIZE)
             if len(fixed) < HEADER_SIZE:
@@ -905,8 +936,10 @@ class ApxReader:
                         head, following = head_id(buf, end)
                     except struct.error:  # the next fixed part is not buffered
                         break
-                    if head != HEADER or following != ident + 1:
-                        break  # (an id wrapping round is judged by the slow path)
+                    if head != HEADER:
+                        break
+                    if following != ident + 1 and not _no_evidence(buf, rel, end, ident):
+                        break  # the slow path judges it (also an id wrapping round)
                     ident = following
                     ends.append(end)
                     rel = end
