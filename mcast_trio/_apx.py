@@ -50,6 +50,7 @@ from ._validate import check_bool, check_choice, check_int
 __all__ = [
     "APX_MAGIC",
     "FLUSH_POLICIES",
+    "MAX_DAMAGED_REGIONS",
     "ApxReader",
     "ApxStatistics",
     "ApxWriter",
@@ -74,6 +75,22 @@ _MAX_READ = 64 << 20
 _MAX_HEADER = 16 << 20
 # Records checked at once by the reader's fast path.
 _RUN = 256
+# id (u32) and timestamp (u64) of a record, after its 3 header bytes.
+_ID_TS = struct.Struct("<IQ")
+_ID = struct.Struct("<I")
+_TS = struct.Struct("<Q")
+_HEAD_ID = struct.Struct("<3sI")  # a record's header bytes and id
+#: Damaged regions an ApxReader keeps (``ApxStatistics.damaged``); the rest
+#: are counted (``damaged_count``, ``bytes_skipped``), so that memory does
+#: not grow with the number of damaged regions of a hostile file.
+MAX_DAMAGED_REGIONS = 1000
+# How far ahead of the earliest byte it still needs a reader of a file object
+# that cannot seek (a pipe) buffers: a record, or a candidate record, that
+# claims to end further on cannot be confirmed from a stream.
+_STREAM_AHEAD = 4 << 20
+# How far past a record's claimed end the reader looks for where the record
+# would end if one bit of its length field were flipped (bytes).
+_LOOKAHEAD = 1 << 16
 
 
 class TruncatedRecordWarning(UserWarning):
@@ -254,8 +271,12 @@ class ApxStatistics:
     Attributes:
         records: complete records yielded.
         record_bytes: their bytes.
-        damaged: the damaged regions met, in file order (at most one, with
+        damaged: the first damaged regions met, in file order: at most
+            ``MAX_DAMAGED_REGIONS`` (1000) of them, so that memory does
+            not grow with the damage of a hostile file (at most one, with
             ``size`` None, without ``recover``).
+        damaged_count: how many damaged regions were met (all of them,
+            also those beyond the ones kept in ``damaged``).
         bytes_skipped: bytes of the damaged regions skipped (``recover=True``;
             always 0 without it).
         truncated: the incomplete record at the end of the file, or None.
@@ -268,6 +289,7 @@ class ApxStatistics:
     record_bytes: int = 0
     damaged: tuple[DamagedRegion, ...] = ()
     bytes_skipped: int = 0
+    damaged_count: int = 0
     truncated: TruncatedRecord | None = None
     finished: bool = False
 
@@ -277,6 +299,31 @@ def _chains(after: bytes) -> bool:
     show that the record fits in the file and is followed by a record header,
     a prefix of one cut by the end of the file, or the end of the file."""
     return bool(after) and after[1:] == HEADER[: len(after) - 1]
+
+
+def _no_evidence(buf: bytes, rel: int, end: int, ident: int) -> bool:
+    """Whether the buffered record at ``rel`` (id ``ident``), followed at
+    ``end`` by a record header with another id, certainly holds none of
+    the evidence :meth:`ApxReader._classify` looks for (the next id inside
+    it, or where a flipped length bit would end it, or a record header with
+    the id after the next one inside it): then it is a record, decided
+    without the slow path. False when unsure."""
+    wanted = _ID.pack((ident + 1) & 0xFFFFFFFF)
+    if buf.find(wanted, rel + 6, end + 7) >= 0:
+        return False
+    if buf.find(HEADER + _ID.pack((ident + 2) & 0xFFFFFFFF), rel + 3, end + 7) >= 0:
+        return False
+    length = end - rel - HEADER_SIZE
+    bit = 1
+    while bit <= _LOOKAHEAD:
+        if not length & bit:
+            at = end + bit + 3
+            if at + 4 > len(buf):
+                return False
+            if buf[at:at + 4] == wanted:
+                return False
+        bit <<= 1
+    return True
 
 
 class _Window:
@@ -326,6 +373,11 @@ class _Window:
         rel = offset - self.base
         return self.buf[rel:rel + size]
 
+    def too_far(self, offset: int) -> bool:
+        """Whether a file object that cannot seek would have to buffer more
+        than ``_STREAM_AHEAD`` bytes past ``mark`` to read ``offset``."""
+        return not self.seekable and offset - self.mark > _STREAM_AHEAD
+
     def peek(self, offset: int, size: int) -> bytes:
         """Like :meth:`get`, but far ahead in a seekable file, read with a
         seek and not kept (the window stays small)."""
@@ -350,9 +402,12 @@ class ApxReader:
     A record is delivered only once its end is confirmed: its header is
     ``fe dc ba``, its length field leads to the next record header (or
     to a damaged one whose own length field leads on), or to the end of the
-    file, and no chain of records starts inside it (a record header in its
-    data whose length leads on to another record header: the length field
-    would then span several records). A record followed by garbage is
+    file. Between two structurally valid readings the readout ids decide: a
+    record followed by the record with the next id is a record, whatever its
+    data holds; one followed by another id is damage when the next id (and
+    a timestamp not earlier) starts where one flipped bit of its length
+    would end it, or a record header with the next id starts inside it (see
+    the format page). A record followed by garbage is
     therefore reported as damaged with it: its length field could be what
     is wrong. Every reading style (iteration,
     :meth:`records`, :meth:`records_with_offsets`, :meth:`batches`,
@@ -387,7 +442,9 @@ class ApxReader:
 
     The reader streams: it holds a chunk of the file plus one record (plus,
     for a file object that is not seekable, what it must read ahead to check
-    a record header while resynchronizing).
+    a record header, at most 4 MiB: a record claiming to end further on is
+    read past without being kept, truncated if the stream ends first,
+    damage otherwise).
 
     Args:
         file: a path, or a binary file object opened for reading (not closed
@@ -441,9 +498,11 @@ class ApxReader:
         self.records_read = 0
         self._record_bytes = 0
         self._damaged: list[DamagedRegion] = []
+        self._damaged_count = 0
         self._skipped = 0
         self._finished = False
         self._started = False
+        self._size: int | None = None
 
     @property
     def metadata(self) -> dict:
@@ -475,6 +534,7 @@ class ApxReader:
             record_bytes=self._record_bytes,
             damaged=tuple(self._damaged),
             bytes_skipped=self._skipped,
+            damaged_count=self._damaged_count,
             truncated=self.truncated,
             finished=self._finished,
         )
@@ -560,14 +620,23 @@ class ApxReader:
         if len(fixed) < HEADER_SIZE or parse_readout_header(fixed)[0] == ReadoutError.BAD_HEADER:
             return False
         end = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
-        return _chains(w.peek(end - 1, 4))
+        return not w.too_far(end) and _chains(w.peek(end - 1, 4))
 
     def _resync(self, w: _Window, start: int) -> int | None:
         """Offset of the first plausible record header at or after ``start``,
         or None (the window then ends at the end of the file)."""
         q = start
+        tries = 0
         while True:
             w.mark = q
+            if tries >= 8:
+                # Many candidates: judge the buffered ones at once first.
+                found, q = self._resync_block(w, q)
+                if found:
+                    return q
+                if q is None:
+                    return None
+                continue
             i = w.buf.find(HEADER, max(q - w.base, 0))
             if i < 0:
                 if w.eof:
@@ -579,64 +648,169 @@ class ApxReader:
             q = w.base + i
             if self._plausible(w, q):
                 return q
+            tries += 1
             q += 1
 
-    @staticmethod
-    def _chain_from(w: _Window, x: int, end: int) -> bool:
-        """Whether records chain from a record header at ``x`` found inside
-        a record that claims to end at ``end``: a record at ``x`` that fits
-        and ends at a record header (or the end of the file), and either
-        ends exactly at ``end``, at the end of the file, or is followed by a
-        second such record. Such a chain is an alternative reading of the
-        bytes that contradicts the claimed end."""
-        y = x
-        for _ in range(2):
-            fixed = w.peek(y, HEADER_SIZE)
-            if len(fixed) < HEADER_SIZE or fixed[:3] != HEADER:
-                return False
-            e = y + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
-            after = w.peek(e - 1, 4)
-            if not _chains(after):
-                return False
-            if e == end or len(after) < 4:
-                return True
-            y = e
-        return True
+    def _resync_block(self, w: _Window, q: int) -> tuple[bool, int | None]:
+        """One step of :meth:`_resync` over the buffered bytes from ``q``:
+        every record header whose fixed part is buffered is found at once,
+        those whose record cannot fit in the file are dropped at once, and
+        only the others are judged one by one (:meth:`_plausible`).
 
-    def _inner_chain(self, w: _Window, start: int, end: int) -> int | None:
-        """Offset of the first record header in ``start..end - 1`` from
-        which records chain (:meth:`_chain_from`), or None."""
-        pos = start
-        while pos < end:
-            n = min(end - pos, max(w.chunk, 1 << 16))
-            piece = w.peek(pos, n + len(HEADER) - 1)
-            i = piece.find(HEADER)
-            while 0 <= i < n:
-                if self._chain_from(w, pos + i, end):
-                    return pos + i
-                i = piece.find(HEADER, i + 1)
-            if len(piece) < n:
-                break
-            pos += n
-        return None
+        Returns ``(True, offset)`` of a plausible record header,
+        ``(False, where to go on)``, or ``(False, None)`` at the end of the
+        file."""
+        import numpy as np
 
-    def _sound(self, w: _Window, q: int, skip: int) -> bool:
+        rel = max(q - w.base, 0)
+        n = len(w.buf) - rel - HEADER_SIZE + 1  # positions with a whole fixed part
+        if n <= 0:
+            if w.eof:
+                return False, None
+            w.fill(w.end + max(w.chunk, HEADER_SIZE))
+            return False, q
+        base = w.base + rel
+        a = np.frombuffer(w.buf, np.uint8, count=n + HEADER_SIZE - 1, offset=rel)
+        at = np.flatnonzero((a[:n] == HEADER[0]) & (a[1:n + 1] == HEADER[1]) & (a[2:n + 2] == HEADER[2]))
+        if len(at) and self._size is not None:
+            length = a[at + LENGTH_OFFSET].astype(np.int64)
+            for k in range(1, 4):
+                length |= a[at + LENGTH_OFFSET + k].astype(np.int64) << (8 * k)
+            at = at[base + at + HEADER_SIZE + length <= self._size]
+        for i in at.tolist():
+            x = base + i
+            w.mark = x
+            if self._plausible(w, x):
+                return True, x
+        return False, base + n
+
+    def _sound(self, w: _Window, q: int) -> bool:
         """Whether the record at ``q`` (header bytes not checked) fits in
         the file, ends at a record header or the end of the file, and has
-        no chain of records inside it (searched from ``q + skip``)."""
+        no record header with the next id inside it (:meth:`_next_inside`)."""
         fixed = w.peek(q, HEADER_SIZE)
         if len(fixed) < HEADER_SIZE:
             return False
         e = q + HEADER_SIZE + LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
-        return _chains(w.peek(e - 1, 4)) and self._inner_chain(w, q + skip, e) is None
+        if w.too_far(e):
+            return False
+        return _chains(w.peek(e - 1, 4)) and self._next_inside(w, q, e) is None
+
+    @staticmethod
+    def _continues(w: _Window, p: int, end: int) -> bool:
+        """Whether the record at ``end`` continues the ids of the record at
+        ``p`` (its id is the next one)."""
+        a = w.peek(p + 3, 4)
+        b = w.peek(end + 3, 4)
+        return len(a) == 4 and len(b) == 4 and _ID.unpack(b)[0] == (_ID.unpack(a)[0] + 1) & 0xFFFFFFFF
+
+    @staticmethod
+    def _flipped_end(w: _Window, p: int, end: int, length: int) -> int | None:
+        """Where the record at ``p`` would end if one bit of its length field
+        were flipped, when a fixed part that continues the record's id and
+        timestamp (the next id, a timestamp not earlier) starts there, with
+        its header intact, or damaged but either followed at ``end`` by the
+        id after it or not overlapping the fixed part at ``end``: the
+        evidence that the length field, not the data, is what is wrong.
+        Looks inside the record and up to ``_LOOKAHEAD`` bytes past its
+        claimed ``end``; returns that offset, or None."""
+        mine = w.peek(p + 3, _ID_TS.size)
+        if len(mine) < _ID_TS.size:
+            return None
+        rid, ts = _ID_TS.unpack(mine)
+        want = (rid + 1) & 0xFFFFFFFF
+        after = w.peek(end + 3, 4)
+        after_id = _ID.unpack(after)[0] if len(after) == 4 else None
+        limit = end + _LOOKAHEAD
+        # Most candidates are buffered: a look at their id first, cheaply.
+        wanted = _ID.pack(want)
+        buf, base = w.buf, w.base
+        for bit in range(32):
+            e = p + HEADER_SIZE + (length ^ (1 << bit))
+            if e > limit:
+                continue
+            r = e + 3 - base
+            if 0 <= r and r + 4 <= len(buf) and buf[r:r + 4] != wanted:
+                continue
+            fixed = w.peek(e, HEADER_SIZE)
+            if len(fixed) < HEADER_SIZE:
+                continue
+            oid, ots = _ID_TS.unpack_from(fixed, 3)
+            if oid != want or ots < ts:
+                continue
+            # A record there: its header intact; or a damaged header, and
+            # either the record at the claimed end has the id after it or
+            # the two fixed parts do not overlap (one shifted by a byte
+            # inserted into the other's is the other, not evidence).
+            if fixed[:3] == HEADER or after_id == (want + 1) & 0xFFFFFFFF or abs(e - end) >= HEADER_SIZE:
+                return e
+        return None
+
+    @staticmethod
+    def _next_inside(w: _Window, p: int, end: int, after_id: int | None = None) -> int | None:
+        """Offset of the fixed part of the record that should follow the
+        record at ``p`` (the next id) inside that record, in its first
+        ``_LOOKAHEAD`` bytes, or None: the record's length field then spans
+        records. Without ``after_id``: a record header followed by the next
+        id. With ``after_id`` (the id of the record at the claimed ``end``):
+        also a timestamp not earlier than the record's own, and either an
+        intact record header or, inside the data and not overlapping the
+        fixed part at ``end``, ``after_id`` being the id after it (a
+        damaged header between the two records it sits between); failing
+        that, a record header with the id after the next one (the next
+        record's header damaged too). Bounded searches of the bytes for the
+        ids, whatever the data holds."""
+        mine = w.peek(p + 3, _ID_TS.size)
+        if len(mine) < _ID_TS.size:
+            return None
+        rid, ts = _ID_TS.unpack(mine)
+        want = (rid + 1) & 0xFFFFFFFF
+        start = p + len(HEADER)
+        stop = min(end, p + HEADER_SIZE + _LOOKAHEAD)  # a fixed part starts before stop
+        if stop <= start:
+            return None
+        if after_id is None:
+            pattern = HEADER + _ID.pack(want)
+            piece = w.peek(start, stop - start + len(pattern) - 1)
+            i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
+            return None if i < 0 else start + i
+        piece = w.peek(start, stop - start + HEADER_SIZE)
+        ident = _ID.pack(want)
+        between = after_id == (want + 1) & 0xFFFFFFFF
+        j = piece.find(ident, 3)
+        while 0 <= j < stop - start + 3:
+            x = start + j - 3
+            if j + 12 <= len(piece) and _TS.unpack_from(piece, j + 4)[0] >= ts and (
+                piece[j - 3:j] == HEADER
+                or (between and x >= p + HEADER_SIZE and end - x >= HEADER_SIZE)
+            ):
+                return x
+            j = piece.find(ident, j + 1)
+        # The record after the next one, its header intact (the next one's
+        # header damaged as well as this record's length).
+        pattern = HEADER + _ID.pack((want + 1) & 0xFFFFFFFF)
+        i = piece.find(pattern, 0, stop - start + len(pattern) - 1)
+        while i >= 0:
+            if i + 15 <= len(piece) and _TS.unpack_from(piece, i + 7)[0] >= ts:
+                return start + i
+            i = piece.find(pattern, i + 1, stop - start + len(pattern) - 1)
+        return None
+
+    @staticmethod
+    def _past_the_end(p: int, index: int, length: int, q: int) -> str:
+        return (f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
+                f"{length} data bytes, past the end of the file, but a record header follows at offset {q}")
 
     def _classify(self, w: _Window, p: int, index: int):
         """What is at ``p``, where a record should start (the slow path).
 
         A record is confirmed when its length field leads to a record header
-        (or to the end of the file) and no chain of records starts inside it
-        (:meth:`_inner_chain`: its length field would then span records, as
-        a flipped high bit of a length makes it do). A record not followed
+        (or to the end of the file): at once when that record continues its
+        ids; otherwise unless one flipped bit of its length would end it
+        where the next id starts (:meth:`_flipped_end`) or a record header
+        with the next id starts inside it (:meth:`_next_inside`: its length
+        field would then span records, as a flipped high bit of a length
+        makes it do). A record not followed
         by a record header is confirmed when what follows reads as a record
         with a damaged header that is itself sound (:meth:`_sound`).
 
@@ -658,6 +832,25 @@ class ApxReader:
         length = LENGTH_FIELD.unpack_from(fixed, LENGTH_OFFSET)[0]
         total = HEADER_SIZE + length
         end = p + total
+        if w.too_far(end):
+            # A stream (no seek) would have to be buffered up to this
+            # record's claimed end: read on without keeping it instead. The
+            # record is truncated if the stream ends before that end (as
+            # in a file), damage if a plausible record header follows.
+            q = self._resync(w, p + 1)
+            if q is None and w.end < end:
+                return "truncated", (w.end - p, total)
+            if q is not None:
+                w.fill(w.mark + _STREAM_AHEAD)  # does the stream end before the record would?
+                if w.eof and w.end < end:
+                    return "damage", (self._past_the_end(p, index, length, q), q)
+            return "damage", (
+                f"record {index} at offset {p} is damaged or cannot be confirmed: its length field (offset "
+                f"{p + LENGTH_OFFSET}) says {length} data bytes, more than a reader of a stream that cannot seek "
+                f"looks ahead ({_STREAM_AHEAD} bytes), and "
+                + (f"a record header follows at offset {q}" if q is not None else "no record header follows it"),
+                q,
+            )
         after = w.peek(end - 1, 4)
         if not after:
             # The record runs past the end of the file: truncated, unless a
@@ -665,13 +858,24 @@ class ApxReader:
             q = self._resync(w, p + 1)
             if q is None:
                 return "truncated", (w.end - p, total)
-            return "damage", (
-                f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
-                f"{length} data bytes, past the end of the file, but a record header follows at offset {q}",
-                q,
-            )
+            return "damage", (self._past_the_end(p, index, length, q), q)
         if _chains(after):
-            inner = self._inner_chain(w, p + len(HEADER), end)
+            if len(after) == 4 and self._continues(w, p, end):
+                # The next record continues this one's ids: this reading
+                # wins over any other, whatever the data holds.
+                return "record", total
+            other = self._flipped_end(w, p, end, length)
+            if other is not None:
+                q = other if other > end and self._plausible(w, other) else None
+                where = "records start inside it" if other < end else "the record that follows it starts"
+                return "damage", (
+                    f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
+                    f"{length} data bytes, but {where} at offset {other} (the next id and timestamp, where "
+                    f"one flipped bit of that length would end it)",
+                    q,
+                )
+            next_id = w.peek(end + 3, 4)
+            inner = self._next_inside(w, p, end, _ID.unpack(next_id)[0] if len(next_id) == 4 else None)
             if inner is not None:
                 return "damage", (
                     f"record {index} at offset {p} is damaged: its length field (offset {p + LENGTH_OFFSET}) says "
@@ -684,7 +888,7 @@ class ApxReader:
         # whether the next record, read from its own length field, is sound
         # and continues this one. Otherwise the record is not delivered: its
         # end cannot be confirmed.
-        if self._sound(w, end, 1) and self._inner_chain(w, p + len(HEADER), end) is None:
+        if self._sound(w, end) and self._next_inside(w, p, end) is None:
             return "record", total
         return "damage", (
             f"record {index} at offset {p} is damaged or followed by garbage: its length field "
@@ -699,48 +903,47 @@ class ApxReader:
         self.records_read = 0
         self._record_bytes = 0
         self._damaged = []
+        self._damaged_count = 0
         self._skipped = 0
         self._finished = False
         w = _Window(self._file, self.data_offset, self._chunk_size)
+        rest = _remaining(self._file)
+        self._size = None if rest is None else self.data_offset + rest
         unpack_from = LENGTH_FIELD.unpack_from
+        head_id = _HEAD_ID.unpack_from
         p = self.data_offset
         index = 0
         while True:
             # Fast path, through what is buffered: a record header, and the
             # next one right after the record.
             buf = w.buf
-            find = buf.find
-            count = buf.count
             base = w.base
             rel = p - base
             limit = len(buf) - HEADER_SIZE
             # Records and skipped regions tile the file up to here.
             origin = self.data_offset + self._skipped - base
-            # A record is delivered at once when a record header follows it
-            # and none lies inside it (otherwise the slow path looks closer):
-            # a run of records whose ends are record headers, then one count
-            # of the record headers in the run (one per record, at its start).
+            # A record is delivered at once when the record header that
+            # follows it has the next id (then no other reading of the bytes
+            # can win, whatever its data holds); otherwise the slow path
+            # looks closer. Runs of up to _RUN records.
             while rel <= limit and buf[rel:rel + 3] == HEADER:
                 start = rel
                 ends = []
+                ident = unpack_from(buf, rel + 3)[0]
                 while rel <= limit and len(ends) < _RUN:
                     end = rel + HEADER_SIZE + unpack_from(buf, rel + LENGTH_OFFSET)[0]
-                    if buf[end:end + 3] != HEADER:
+                    try:
+                        head, following = head_id(buf, end)
+                    except struct.error:  # the next fixed part is not buffered
                         break
+                    if head != HEADER:
+                        break
+                    if following != ident + 1 and not _no_evidence(buf, rel, end, ident):
+                        break  # the slow path judges it (also an id wrapping round)
+                    ident = following
                     ends.append(end)
                     rel = end
                 full = len(ends) == _RUN
-                if count(HEADER, start, rel) != len(ends):
-                    # A record header inside a record: deliver the records
-                    # before that one, which the slow path judges.
-                    full = False
-                    at = start
-                    for i, end in enumerate(ends):
-                        if find(HEADER, at + 3, end) >= 0:
-                            del ends[i:]
-                            break
-                        at = end
-                    rel = at
                 at = start
                 for end in ends:
                     index += 1
@@ -769,13 +972,15 @@ class ApxReader:
                 self._truncation(p, size, expected, index)
                 return
             reason, q = what
+            self._damaged_count += 1
             if not self.recover:
                 self._damaged.append(DamagedRegion(p, None, index, reason))
                 raise MalformedReadout(reason)
             if q is None:
                 q = self._resync(w, p + 1)
             end = w.end if q is None else q  # at the end of the file if None
-            self._damaged.append(DamagedRegion(p, end - p, index, reason))
+            if len(self._damaged) < MAX_DAMAGED_REGIONS:
+                self._damaged.append(DamagedRegion(p, end - p, index, reason))
             self._skipped += end - p
             if q is None:
                 self._finished = True

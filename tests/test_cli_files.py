@@ -5,7 +5,10 @@ with many split hits, and damaged copies."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -251,3 +254,119 @@ def test_help_has_examples(mcast_trio_cli):
     for command in ("decode", "info", "check", "plot", "record"):
         result = run(mcast_trio_cli, command, "--help")
         assert result.returncode == 0 and "Examples:" in result.stdout and f"mcast-trio {command}" in result.stdout
+
+
+# -- file tools attacked again (issue 13, points 9, 11 and the tools agreeing on damage) --------
+#    (moved from the attacker's tests/test_attack_files.py)
+
+HEADER = b"\xfe\xdc\xba"
+
+
+def test_plot_of_a_damaged_file_says_the_damage(mcast_trio_cli, tmp_path):
+    """A file with one damaged record header in the middle (record 20 of
+    50): ``check`` reports it (exit 1), ``decode`` and ``replay`` stop on it
+    with its offset; ``plot`` reads with recover=True, draws the 49 other
+    records and says nothing at all (exit 0), so the plots pass for the
+    whole run. What should hold: plot says the damaged region (its offset)
+    in its own words, as info does."""
+    pytest.importorskip("matplotlib")
+    from mcast_trio import open_apx
+    from mcast_trio.sim import DaqSimulator
+
+    records = DaqSimulator(3, start_ns=1_700_000_000_000_000_000).datagrams(50)
+    buf = io.BytesIO()
+    with open_apx(buf, "wb") as out:
+        out.write_many(records)
+    data = bytearray(buf.getvalue())
+    at = len(data) - sum(map(len, records)) + sum(map(len, records[:20]))
+    data[at + 1] ^= 4
+    path = tmp_path / "damaged.apx"
+    path.write_bytes(bytes(data))
+    check = run(mcast_trio_cli, "check", str(path))
+    assert check.returncode == 1 and f"offset {at}" in check.stdout + check.stderr
+    result = run(mcast_trio_cli, "plot", str(path), "-o", str(tmp_path / "plots"))
+    assert "Traceback" not in result.stderr
+    assert f"offset {at}" in result.stderr, (result.returncode, result.stderr)
+
+
+def _needs_unshare():
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private mount namespace")
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_decode_to_dev_stdout_redirected_to_a_file(mcast_trio_cli, astropix_data, tmp_path, force):
+    """``decode run.apx -o /dev/stdout > run.csv``: the help says an output
+    that is a device or a pipe (``-o /dev/stdout``) is written in place; with
+    stdout redirected to a regular file, /dev/stdout resolves to that file,
+    so decode takes the rename path. Found: without --force "Error:
+    /dev/stdout: exists (use --force to replace it)"; with --force it
+    writes ``/dev/.stdout.XXXX.part`` and renames it onto ``/dev/stdout``,
+    replacing the system's symlink with a regular file holding the CSV,
+    leaves run.csv empty and says "-> /dev/stdout", exit 0. (Run in a
+    private mount namespace with a tmpfs on /dev, so no real /dev is
+    touched.) What should hold: the CSV goes to run.csv, /dev/stdout is
+    left alone."""
+    _needs_unshare()
+    src = tmp_path / "run.apx"
+    shutil.copyfile(astropix_data / "20250723_092534_data.apx", src)
+    golden = (astropix_data / "20250723_092534_data.csv").read_text()
+    csv = tmp_path / "run.csv"
+    argv = " ".join(f"'{a}'" for a in mcast_trio_cli)
+    script = (
+        "mount -t tmpfs tmpfs /dev && ln -s /proc/self/fd/1 /dev/stdout && ln -s /proc/self/fd/2 /dev/stderr && "
+        f"{{ {argv} decode '{src}' -o /dev/stdout {'--force' if force else ''} > '{csv}'; echo \"rc=$?\" >&2; }}; "
+        "if [ -L /dev/stdout ]; then echo link >&2; else echo clobbered >&2; fi"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert "rc=0" in result.stderr, result.stderr
+    assert "link" in result.stderr.split(), result.stderr
+    assert csv.stat().st_size > 0, result.stderr
+    assert len(csv.read_text().splitlines()) >= len(golden.splitlines()) - 1
+
+
+def test_decode_to_a_pipe_whose_reader_goes_away_exits_quietly(mcast_trio_cli, astropix_data, tmp_path):
+    """``decode run.apx --to npz -o /dev/stdout | head -c 10``: issue 13
+    point 9 says a reader that goes away ends any printing subcommand
+    quietly with exit 0 (listen, monitor do). Found: "Error: /dev/stdout:
+    Broken pipe", exit 1."""
+    src = tmp_path / "run.apx"
+    shutil.copyfile(astropix_data / "20250723_092534_data.apx", src)
+    proc = subprocess.Popen([*mcast_trio_cli, "decode", str(src), "--to", "npz", "-o", "/dev/stdout"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_check_repair_onto_a_full_disk_leaves_no_partial_file(mcast_trio_cli, astropix_data, tmp_path):
+    """``check DAMAGED --repair OUT`` onto a full 12 KiB tmpfs (the real run,
+    one record header damaged). Found: exit 1 with a 40-line traceback
+    (OSError ENOSPC from ApxWriter.close's flush, during handling of which
+    another exception occurred), and OUT is left behind: 12,288 bytes, 312
+    of the 774 recovered records and a truncated last record, a file that
+    passes for a repair of a shorter run (Ctrl-C during a repair leaves a
+    partial OUT too). What should hold (as for decode, issue 13 point 11):
+    one line, exit 1, no partial OUT."""
+    _needs_unshare()
+    data = bytearray((astropix_data / "20250723_092534_data.apx").read_bytes())
+    at = data.find(HEADER, 20000)
+    data[at + 1] ^= 4
+    src = tmp_path / "damaged.apx"
+    src.write_bytes(bytes(data))
+    disk = tmp_path / "full"
+    disk.mkdir()
+    argv = " ".join(f"'{a}'" for a in mcast_trio_cli)
+    script = (
+        f"mount -t tmpfs -o size=12k tmpfs '{disk}' && "
+        f"{argv} check '{src}' --repair '{disk}/r.apx'; echo \"rc=$?\"; ls -A '{disk}'"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    lines = [x for x in result.stdout.strip().splitlines() if x.startswith("rc=") or x == "r.apx"]
+    assert "rc=1" in lines, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+    assert "r.apx" not in lines, "a partial repaired file is left: " + result.stdout + result.stderr
+

@@ -37,6 +37,7 @@ from .. import (
     decode_readouts,
 )
 from ._common import emit_json, fail, said_once, strict_json
+from ._output import reader_gone
 from ._common import Number, OutputFile  # the option types
 
 __all__ = ["COMMANDS", "decode", "info", "check", "plot"]
@@ -162,11 +163,18 @@ class _ParquetSink:
 
 
 class _Hdf5Sink:
+    """The HDF5 file is built in memory (gzip-compressed chunks) and written
+    to ``path`` in one go when complete: a write that fails (a full disk)
+    is then a plain ``OSError`` of ours, never a failure inside HDF5's own
+    I/O, after which h5py can leave the interpreter in a state that crashes
+    (a segmentation fault on a full disk)."""
+
     def __init__(self, path, header: dict, mode: str = "x") -> None:
         h5py = _require("h5py", "hdf5")
         packed = np.dtype([(name, HIT_DTYPE[name]) for name in HIT_DTYPE.names])
         self.packed = packed
-        self.f = h5py.File(path, mode)
+        self.out = open(path, mode + "b")
+        self.f = h5py.File(f"{path}.in-memory", "w", driver="core", backing_store=False)
         self.f.attrs["apx_header"] = json.dumps(header)
         self.d = self.f.create_dataset("hits", shape=(0,), maxshape=(None,), dtype=packed, chunks=(65536,),
                                        compression="gzip")
@@ -181,11 +189,17 @@ class _Hdf5Sink:
             self.d[n:] = rows
 
     def close(self) -> None:
+        self.f.flush()
+        image = self.f.id.get_file_image()
         self.f.close()
+        self.out.write(image)
+        self.out.close()
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.f.close()
+        with contextlib.suppress(OSError):
+            self.out.close()
 
 
 class _NpzSink:
@@ -239,7 +253,10 @@ def decode(file: pathlib.Path, fmt: str, out: pathlib.Path | None, force: bool, 
     is. The table is written under a temporary name beside the output
     (``.NAME.XXXXXXXX.part``) and renamed when complete: a failure (a full
     disk, damage in FILE, Ctrl-C) leaves no partial table. An output that
-    is a device or a pipe (``-o /dev/stdout``) is written in place.
+    is a device or a pipe, a path under /dev or /proc, or the file standard
+    output already is (``-o /dev/stdout > run.csv``) is written in place;
+    a reader of a pipe that goes away ends decode quietly (exit 0). npz and
+    hdf5 tables are built in memory (compressed) and written when complete.
 
     \b
     Examples:
@@ -257,47 +274,35 @@ def decode(file: pathlib.Path, fmt: str, out: pathlib.Path | None, force: bool, 
         )
     reader = _open(file)
     with reader, said_once("decode", truncation="are decoded"):
-        direct = _is_special(out)  # a device or a pipe (/dev/stdout): written in place
-        if not direct:
-            if out.is_dir():
-                raise fail(f"{out}: is a directory")
-            if not force and (out.exists() or out.is_symlink()):
-                raise fail(f"{out}: exists (use --force to replace it)")
-        # Written under a temporary name beside the output and renamed when
-        # complete: a failure (a full disk, damage, Ctrl-C) leaves no partial
-        # table that would pass for the whole file.
-        target = out if direct else out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
+        exists = f"{out}: exists (use --force to replace it)"
         sink = None
-        done = False
         try:
-            try:
-                sink = _SINKS[fmt](target, reader.header, "w" if direct else "x")
-            except FileExistsError:
-                raise fail(f"{out}: exists (use --force to replace it)") from None
-            hits = records = 0
-            with _progress(file, progress, "decoding") as advance:
-                for batch in _decoded(reader, advance):
-                    sink.write(batch.hits)
-                    hits += len(batch.hits)
-                    records += len(batch.readouts)
-            sink, closing = None, sink
-            closing.close()
-            if not direct:
-                if not force and (out.exists() or out.is_symlink()):
-                    raise fail(f"{out}: exists (use --force to replace it)")
-                os.replace(target, out)
-            done = True
+            with _output_file(out, replace=force, exists=exists) as (target, direct):
+                try:
+                    sink = _SINKS[fmt](target, reader.header, "w" if direct else "x")
+                except FileExistsError:
+                    raise fail(exists) from None
+                hits = records = 0
+                with _progress(file, progress, "decoding") as advance:
+                    for batch in _decoded(reader, advance):
+                        sink.write(batch.hits)
+                        hits += len(batch.hits)
+                        records += len(batch.readouts)
+                sink.close()
+                sink = None
         except MalformedReadout as exc:
             raise _read_error(file, exc) from None
         except OSError as exc:
-            where = exc.filename if exc.filename is not None and exc.filename != str(target) else out
+            if isinstance(exc, BrokenPipeError) and direct_output(out):
+                # The reader of a pipe went away: a quiet end (exit 0).
+                reader_gone()
+                return
+            where = exc.filename if exc.filename is not None and not str(exc.filename).startswith(
+                str(out.with_name(f".{out.name}."))) else out
             raise fail(f"{where}: {exc.strerror or exc}") from None
         finally:
             if sink is not None:
                 sink.abort()
-            if not done and not direct:
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
     click.echo(f"{file}: {records} readouts, {hits} hits -> {out}", err=True)
 
 
@@ -308,6 +313,77 @@ def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def _output_file(out: pathlib.Path, *, replace: bool, exists: str) -> Iterator[tuple[pathlib.Path, bool]]:
+    """The one owner of how the file tools write an output file: yields
+    ``(path to write, written in place)``.
+
+    The output is written under a temporary name beside it
+    (``.NAME.XXXXXXXX.part``) and renamed onto ``out`` when the block ends
+    without an exception; otherwise (a full disk, damage, Ctrl-C) the
+    temporary file is removed: no partial output is ever left that would
+    pass for a complete one. An existing ``out`` is replaced only with
+    ``replace`` (else ``exists`` is the error, also when it appeared
+    meanwhile: never replaced then). An output that is a device, a pipe,
+    a path under /dev or /proc, or the file standard output or standard
+    error is (``-o /dev/stdout > run.csv``) is written in place
+    (:func:`direct_output`)."""
+    direct = direct_output(out)
+    if not direct:
+        if out.is_dir():
+            raise fail(f"{out}: is a directory")
+        if not replace and (out.exists() or out.is_symlink()):
+            raise fail(exists)
+    target = out if direct else out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
+    done = False
+    try:
+        yield target, direct
+        if not direct:
+            if replace:
+                os.replace(target, out)
+            else:
+                try:
+                    os.link(target, out)  # never replaces what appeared meanwhile
+                except FileExistsError:
+                    raise fail(exists) from None
+                except OSError:  # a file system without hard links
+                    if out.exists() or out.is_symlink():
+                        raise fail(exists) from None
+                    os.rename(target, out)
+                else:
+                    os.unlink(target)
+        done = True
+    finally:
+        if not done and not direct:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+
+
+def direct_output(path: pathlib.Path) -> bool:
+    """Whether ``path`` is written in place, never through a temporary
+    file and a rename: a device or a pipe, any path under /dev or /proc
+    (``/dev/stdout``, ``/proc/self/fd/1``), or the file that standard
+    output or standard error already is (``-o /dev/stdout > run.csv``,
+    where /dev/stdout resolves to run.csv)."""
+    if _is_special(path):
+        return True
+    absolute = os.path.abspath(path)
+    if absolute.startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    for fd in (1, 2):
+        try:
+            other = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            return True
+    return False
 
 
 def _is_special(path: pathlib.Path) -> bool:
@@ -377,7 +453,7 @@ def _summary(file: pathlib.Path, progress: bool | None) -> dict:
         "flags": dict(flags),
         "dropped_bytes": dropped_bytes,
         "malformed": malformed,
-        "damaged_regions": len(stats.damaged),
+        "damaged_regions": stats.damaged_count,
         "bytes_skipped": stats.bytes_skipped,
         "truncated_bytes": stats.truncated.size if stats.truncated is not None else 0,
     }
@@ -453,6 +529,10 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
     """Check FILE.apx for damage: damaged regions, bytes skipped, records
     recovered, a truncated last record.
 
+    The first 1000 damaged regions are listed, all are counted. --repair
+    writes OUT.apx as decode writes its table: under a temporary name,
+    renamed when complete, so a failure (a full disk, Ctrl-C) leaves none.
+
     Exit status: 0 the file is clean; 1 damage was found (also with
     --repair, which still writes OUT.apx with every record that could be
     recovered, so a script can tell a repaired file from a clean one), or
@@ -464,23 +544,13 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
       mcast-trio check run.apx --repair run-repaired.apx
     """
     reader = _open(file, recover=True)
-    writer = None
     # A truncated last record is part of the report below: said once, there.
     with reader, said_once("check", truncation=None):
-        if repair is not None:
-            try:
-                writer = ApxWriter(repair, reader.header, flush="none", mode="xb")
-            except FileExistsError:
-                raise fail(f"{repair}: exists; --repair writes a new file") from None
-            except OSError as exc:
-                raise fail(f"{repair}: {exc.strerror or exc}") from None
-        try:
-            for records in reader.batches(_BATCH):
-                if writer is not None:
-                    writer.write_many(records)
-        finally:
-            if writer is not None:
-                writer.close()
+        if repair is None:
+            for _records in reader.batches(_BATCH):
+                pass
+        else:
+            _repair(reader, repair)
         stats = reader.statistics()
     damaged = bool(stats.damaged) or stats.truncated is not None
     result = {
@@ -490,6 +560,7 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         "record_bytes": stats.record_bytes,
         "damaged_regions": [{"offset": d.offset, "size": d.size, "index": d.index, "reason": d.reason}
                             for d in stats.damaged],
+        "damaged_count": stats.damaged_count,
         "bytes_skipped": stats.bytes_skipped,
         "truncated": None if stats.truncated is None else {"offset": stats.truncated.offset,
                                                             "size": stats.truncated.size},
@@ -503,13 +574,37 @@ def check(file: pathlib.Path, repair: pathlib.Path | None, as_json: bool) -> Non
         else:
             for d in stats.damaged:
                 click.echo(f"damaged at offset {d.offset}: {d.size} bytes skipped (record {d.index}): {d.reason}")
+            if stats.damaged_count > len(stats.damaged):
+                click.echo(f"... and {stats.damaged_count - len(stats.damaged)} more damaged regions "
+                           f"(the first {len(stats.damaged)} are listed)")
             if stats.truncated is not None:
                 click.echo(f"truncated last record at offset {stats.truncated.offset}: {stats.truncated.size} bytes")
-            click.echo(f"{file}: DAMAGED, {len(stats.damaged)} regions, {stats.bytes_skipped} bytes skipped, "
+            click.echo(f"{file}: DAMAGED, {stats.damaged_count} regions, {stats.bytes_skipped} bytes skipped, "
                        f"{stats.records} records recovered"
                        + (f", written to {repair}" if repair is not None else ""))
     if damaged:
         raise SystemExit(1)
+
+
+def _repair(reader: ApxReader, repair: pathlib.Path) -> None:
+    """Write every record ``reader`` recovers to ``repair`` (a new file),
+    through :func:`_output_file`: a failure leaves no partial file."""
+    exists = f"{repair}: exists; --repair writes a new file"
+    writer = None
+    try:
+        with _output_file(repair, replace=False, exists=exists) as (target, direct):
+            try:
+                writer = ApxWriter(target, reader.header, flush="none", mode="wb" if direct else "xb")
+            except FileExistsError:
+                raise fail(exists) from None
+            for records in reader.batches(_BATCH):
+                writer.write_many(records)
+            writer.close()
+    except OSError as exc:
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+        raise fail(f"{repair}: {exc.strerror or exc}") from None
 
 
 # -- plot ----------------------------------------------------------------------------------------
@@ -528,8 +623,10 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     (STEM-hitmap.png, STEM-tot.png, STEM-rate.png) in --out.
 
     The hit map is sized from the data (up to the 32 x 32 pixels that the
-    format's 5-bit row and column fields can address). Needs the 'plot'
-    extra (matplotlib; drawn off-screen).
+    format's 5-bit row and column fields can address). Damaged regions
+    are skipped (as `check` finds them) and said on stderr: their number,
+    bytes and the first one. Needs the 'plot' extra (matplotlib; drawn
+    off-screen).
 
     \b
     Examples:
@@ -542,6 +639,17 @@ def plot(file: pathlib.Path, out_dir: pathlib.Path | None, log: bool, bins: int,
     out_dir = out_dir if out_dir is not None else file.parent
     with said_once("plot", truncation="are plotted"):
         _plot(file, out_dir, log, bins, progress, plt)
+
+
+def _say_damage(command: str, file: pathlib.Path, stats) -> None:
+    """Say on stderr, in the tool's words, the damaged regions a reading
+    with recover=True skipped (the first ones, and how many in all)."""
+    if not stats.damaged_count:
+        return
+    first = stats.damaged[0]
+    click.echo(f"{command}: {file}: {stats.damaged_count} damaged regions skipped ({stats.bytes_skipped} bytes), "
+               f"the first at offset {first.offset} (record {first.index}): {first.reason}; "
+               f"`mcast-trio check {file}` lists them", err=True)
 
 
 def _save(plt, fig, path: pathlib.Path) -> None:
@@ -566,6 +674,7 @@ def _plot(file: pathlib.Path, out_dir: pathlib.Path, log: bool, bins: int, progr
             tots.append(np.asarray(hits.tot_us, dtype=float))
             good = batch.readouts[~batch.readouts.malformed]
             stamps.append(np.asarray(good.timestamp, dtype=np.uint64))
+        _say_damage("plot", file, reader.statistics())
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
