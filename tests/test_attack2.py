@@ -93,3 +93,72 @@ async def test_drop_oldest_taking_a_user_item_out_of_the_channel_neither_crashes
         nursery.cancel_scope.cancel()
     assert s.readouts == 5, s
     assert s.dropped <= 4, s  # at most 4 of its own 5 (one single-readout item stays queued)
+
+
+@needs_netns
+def test_record_with_stderr_on_a_full_disk_still_records(mcast_trio_cli, tmp_path):
+    """``mcast-trio record run.apx 2>>/var/log/daq.log`` with that log's
+    disk full (here ``2>/dev/full``): the first status line ("recording
+    ... to ...") fails with ENOSPC and record exits 1 at once, before
+    receiving anything (run.apx holds only its header). docs/cli.rst: "a
+    stalled or vanished stderr neither stops nor ends the recording, the
+    lines it did not take are counted (log_dropped)"; the recording disk
+    is fine, so record must record (exit 0, every readout written)."""
+    import json
+    import signal
+    import time
+
+    group, port = "239.255.91.2", 40610
+    out = tmp_path / "run.apx"
+    with open("/dev/full", "w") as full:
+        process = subprocess.Popen([*mcast_trio_cli, "record", str(out), "--json", "-g", f"{group}:{port}"],
+                                   stdout=subprocess.PIPE, stderr=full)
+    try:
+        time.sleep(1.5)  # started and joined (no stderr line to wait for)
+        sock = _plain_sender()
+        try:
+            for d in DaqSimulator(5).generate(200).datagrams():
+                sock.sendto(d, (group, port))
+                time.sleep(0.0005)
+        finally:
+            sock.close()
+        time.sleep(0.5)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, (process.returncode, stdout)
+    assert json.loads(stdout)["readouts_written"] == 200, stdout
+
+
+@needs_netns
+def test_listen_with_stderr_on_a_full_disk_still_prints(mcast_trio_cli):
+    """``mcast-trio listen 2>/dev/full``: the "joined on lo" line raises
+    ENOSPC and listen ends at once (exit 1, "Error: [Errno 28] No space
+    left on device" written nowhere), printing no readout. A closed stderr
+    (2>&-) stops no command; a failing one should not either: its lines are
+    notes, stdout is the output."""
+    import signal
+    import time
+
+    group, port = "239.255.91.3", 40611
+    with open("/dev/full", "w") as full:
+        process = subprocess.Popen([*mcast_trio_cli, "listen", "-g", f"{group}:{port}"],
+                                   stdout=subprocess.PIPE, stderr=full)
+    try:
+        time.sleep(1.5)
+        sock = _plain_sender()
+        try:
+            for d in DaqSimulator(6).generate(20).datagrams():
+                sock.sendto(d, (group, port))
+        finally:
+            sock.close()
+        time.sleep(0.5)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, process.returncode
+    assert stdout.decode().count("\n") >= 20, stdout
