@@ -305,3 +305,53 @@ def test_record_summary_accounts_for_the_datagrams_discarded_at_close(mcast_trio
     s = _record_with_stderr_full_from_the_start(mcast_trio_cli, tmp_path / "run.apx", "239.255.91.7", 40615)
     explained = s["readouts"] + s["malformed"] + s["truncated"] + s.get("discarded", 0) + s.get("filtered", 0)
     assert s["datagrams"] == explained, s
+
+
+@needs_netns
+def test_listen_with_a_stderr_pipe_full_from_the_start_is_not_blinded(mcast_trio_cli):
+    """``listen --json`` whose stderr pipe is full from the start: its
+    "joined" line blocks the trio loop; of 3,000 readouts sent (~3,000/s)
+    512 were printed. The receive task never waits on an output."""
+    import fcntl
+    import signal
+    import threading
+    import time
+
+    group, port = "239.255.91.8", 40616
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    process = subprocess.Popen([*mcast_trio_cli, "listen", "--json", "-g", f"{group}:{port}"],
+                               stdout=subprocess.PIPE, stderr=w)
+    os.close(w)
+    out: list = []
+    reader = threading.Thread(target=lambda: out.append(process.stdout.read()))
+    reader.start()
+    try:
+        time.sleep(2)
+        sock = _plain_sender()
+        try:
+            for d in DaqSimulator(9).generate(3000).datagrams():
+                sock.sendto(d, (group, port))
+                time.sleep(0.0002)
+        finally:
+            sock.close()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+
+        def drain():
+            while os.read(r, 1 << 16):
+                pass
+        threading.Thread(target=drain, daemon=True).start()
+        process.wait(20)
+        reader.join(10)
+    finally:
+        process.kill()
+    lines = out[0].decode().strip().splitlines() if out else []
+    assert len(lines) >= 2900, len(lines)
