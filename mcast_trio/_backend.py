@@ -161,11 +161,24 @@ else:
 
     implementation = _reference
 
+    def _check_rows(buf, offsets, lengths):
+        # The compiled _check_rows' guard, without adding offset and length
+        # (Python ints would not wrap, but slicing would silently truncate).
+        size = len(buf)
+        if len(offsets) != len(lengths):
+            raise ValueError(f"offsets has {len(offsets)} entries but lengths has {len(lengths)}")
+        for k, (o, n) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            if n < 0 or o < 0 or n > size or o > size - n:
+                raise ValueError(f"datagram {k} (offset {o}, length {n}) "
+                                 f"does not fit in the {size}-byte buffer")
+
     def decode_batch(buf, offsets, lengths, extra_bytes, carry, last_id):
+        _check_rows(buf, offsets, lengths)
         parts = [buf[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
         return _reference.decode_batch(parts, extra_bytes, carry, last_id)
 
     def decode_chains(buf, offsets, lengths, chain, extras, extra_lens, last_ids, carry):
+        _check_rows(buf, offsets, lengths)
         parts = [buf[o:o + n] for o, n in zip(offsets.tolist(), lengths.tolist())]
         state = [(None if n < 0 else bytes(extras[8 * g:8 * g + n]), int(last))
                  for g, (n, last) in enumerate(zip(extra_lens.tolist(), last_ids.tolist()))]

@@ -104,7 +104,11 @@ def _as_contiguous(datagrams, lengths, offsets):
         offs = np.ascontiguousarray(offsets, dtype=np.int64)
         if offs.shape != lens.shape:
             raise ValueError(f"offsets has shape {offs.shape} but lengths has shape {lens.shape}")
-    if len(lens) and (lens.min() < 0 or offs.min() < 0 or int((offs + lens).max()) > len(view)):
+    # Compared without adding offsets and lengths: that sum can wrap in int64
+    # (an offset near 2**63 would pass as inside the buffer).
+    size = len(view)
+    if len(lens) and (lens.min() < 0 or offs.min() < 0 or int(lens.max()) > size
+                      or bool((offs > size - lens).any())):
         raise ValueError(
             f"lengths/offsets describe datagrams outside the {len(view)}-byte buffer"
         )

@@ -452,7 +452,8 @@ cdef int64_t _check_rows(Py_ssize_t size, const int64_t[::1] offsets, const int6
     if offsets.shape[0] != count:
         raise ValueError(f"offsets has {offsets.shape[0]} entries but lengths has {count}")
     for k in range(count):
-        if lengths[k] < 0 or offsets[k] < 0 or offsets[k] + lengths[k] > size:
+        # offset + length could wrap in int64: compare without adding them.
+        if lengths[k] < 0 or offsets[k] < 0 or lengths[k] > size or offsets[k] > size - lengths[k]:
             raise ValueError(
                 f"datagram {k} (offset {offsets[k]}, length {lengths[k]}) "
                 f"does not fit in the {size}-byte buffer")

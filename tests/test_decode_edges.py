@@ -282,3 +282,70 @@ def test_any_eight_bytes_after_the_last_hit(filler, tail):
     n, flags, extra_start, dropped = _decode.decode_one(data, None, 7, 123456789, out.view(np.uint8))
     assert (flags, extra_start, dropped) == expected[1:]
     assert (out[:n] == _expected_hits([w.hex(" ") for w in expected[0]])).all()
+
+
+# -- offsets/lengths near 2**63 (issue 13, attack 2) ---------------------------
+
+_ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+def _run_child(code: str, decoder: str = "compiled"):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    env = dict(os.environ, PYTHONPATH=_ROOT, MCAST_TRIO_DECODER=decoder)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("offset", [2**63 - 32, 2**63 - 16, 2**63 - 1])
+def test_decode_readouts_huge_offset_is_a_value_error_not_a_segfault(offset):
+    """offsets + lengths overflows int64 (numpy and the compiled check both
+    add them in int64): the datagram is accepted as inside a 64-byte buffer
+    and the compiled decoder reads ~2**63 bytes past it (SIGSEGV). The
+    documented answer to a datagram outside the buffer is ValueError."""
+    proc = _run_child(f"""
+        import mcast_trio
+        try:
+            mcast_trio.decode_readouts(bytes(64), lengths=[32], offsets=[{offset}])
+        except ValueError as exc:
+            print("ValueError", exc)
+        else:
+            print("accepted")
+    """)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    assert proc.stdout.startswith("ValueError"), proc.stdout
+
+
+def test_decode_readouts_a_huge_length_gets_the_library_message():
+    with pytest.raises(ValueError, match="outside the 64-byte buffer"):
+        decode_readouts(bytes(64), lengths=[16, 2**63 - 1])
+
+
+@pytest.mark.parametrize("decoder", ["compiled", "python"])
+@pytest.mark.parametrize("offset, length", [(2**63 - 16, 32), (2**63 - 1, 1), (16, 2**63 - 1)])
+def test_the_backend_row_check_does_not_wrap(decoder, offset, length):
+    """Defence in depth: the backend's own row check (used by the trusted
+    paths that skip the wrapper) must refuse rows whose end wraps in int64."""
+    proc = _run_child(f"""
+        import numpy as np
+        from mcast_trio import _batch
+        for call in (lambda: _batch.decode_trusted(memoryview(bytes(64)), np.array([{offset}]),
+                                                   np.array([{length}]), None, -1, 1),
+                     lambda: _batch.decode_chains(memoryview(bytes(64)), np.array([{offset}]),
+                                                  np.array([{length}]), np.array([0]),
+                                                  np.zeros(8, np.uint8), np.full(1, -1, np.int8),
+                                                  np.full(1, -1, np.int64), 1)):
+            try:
+                call()
+            except ValueError as exc:
+                print("ValueError", exc)
+            else:
+                print("accepted")
+    """, decoder)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(x.startswith("ValueError") for x in lines), proc.stdout
+    if length < 64:  # a huge length is refused earlier, when the output is sized
+        assert all("does not fit in the 64-byte buffer" in x for x in lines), proc.stdout
