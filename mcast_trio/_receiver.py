@@ -78,22 +78,36 @@ class _Ledger:
     sending into the same channel (clones of one ``send_channel``), so that
     none takes another's items for its own; items that other code sends
     into the channel are not counted (they only make the account forget a
-    cost later, never sooner)."""
+    cost later, never sooner). ``ids`` holds the ``id()`` of each counted
+    item, so that drop_oldest can tell the receivers' own items from items
+    other code sent (see :meth:`owns`)."""
 
-    __slots__ = ("costs", "total", "__weakref__")
+    __slots__ = ("costs", "ids", "total", "__weakref__")
 
     def __init__(self) -> None:
         self.costs: deque[int] = deque()
+        self.ids: deque[int] = deque()
         self.total = 0
 
     def settle(self, used: int) -> None:
         costs = self.costs
+        ids = self.ids
         while len(costs) > used:
             self.total -= costs.popleft()
+            ids.popleft()
 
-    def add(self, cost: int) -> None:
+    def add(self, cost: int, item) -> None:
         self.costs.append(cost)
+        self.ids.append(id(item))
         self.total += cost
+
+    def owns(self, item) -> bool:
+        """Whether ``item`` (just taken out of the channel, so alive) is one
+        a receive task put in: its id is still in the account (an entry
+        outlives its item only while other code's items are in the channel,
+        and then only until the account settles; at most ``queue_size``
+        entries are searched, once per item drop_oldest takes out)."""
+        return id(item) in self.ids
 
 
 #: id(channel state) -> (weak reference to it, its ledger).
@@ -226,6 +240,16 @@ class ReceiverService:
         self._counters.dropped += len(item)  # datagrams (readouts) or messages
         self._counters.dropped_chunks += 1
 
+    def _count_taken_out(self, oldest) -> None:
+        """Count the item drop_oldest took out of the channel: one of the
+        receivers' own (its datagrams or messages), or an item other code
+        sent into the channel, which holds nothing received: counted in
+        ``dropped_chunks`` only (and never measured with ``len()``)."""
+        if self._ledger.owns(oldest):
+            self._count_dropped(oldest)
+        else:
+            self._counters.dropped_chunks += 1
+
     def _item_bytes(self, item) -> int:
         """What ``item`` holds in memory, in bytes (estimated for MCL objects)."""
         if isinstance(item, ReadoutChunk):
@@ -252,8 +276,8 @@ class ReceiverService:
         ledger = self._ledger
         return not ledger.costs or ledger.total + cost <= self._max_bytes
 
-    def _queued(self, cost: int) -> None:
-        self._ledger.add(cost)
+    def _queued(self, cost: int, item) -> None:
+        self._ledger.add(cost, item)
         self._settle()
 
     async def _deliver(self, item) -> None:
@@ -270,7 +294,7 @@ class ReceiverService:
                 self._count_dropped(item)
                 return
             else:
-                self._ledger.add(cost)
+                self._ledger.add(cost, item)
                 if ((state.current_buffer_used + 1) * 2 > state.max_buffer_size
                         or self.queued_bytes * 2 > self._max_bytes):
                     # The consumer is falling behind while the socket keeps
@@ -301,7 +325,7 @@ class ReceiverService:
                 # The consumer went away while we waited for it.
                 self._count_dropped(item)
             else:
-                self._queued(cost)
+                self._queued(cost, item)
         elif policy == "drop_newest":
             self._count_dropped(item)
         else:  # drop_oldest
@@ -315,7 +339,7 @@ class ReceiverService:
                         self._count_dropped(item)
                         return
                     else:
-                        self._queued(cost)
+                        self._queued(cost, item)
                         return
                 try:
                     oldest = self._drop.receive_nowait()
@@ -326,7 +350,7 @@ class ReceiverService:
                     self._count_dropped(item)
                     return
                 else:
-                    self._count_dropped(oldest)
+                    self._count_taken_out(oldest)
                 self._settle()
 
 
@@ -461,7 +485,10 @@ async def serve_receiver(group, port, send_channel=None, readout_class=None, *, 
       get its readouts, or use its ``batch``) or lists of :class:`~mcast_trio.Message`.
       The overflow policy ``"drop_oldest"`` needs ``drop_channel``, a clone
       of the receive side of ``send_channel``; without one the default
-      policy is ``"drop_newest"``.
+      policy is ``"drop_newest"``. Other code may send its own items into
+      the same channel: when drop_oldest takes one of them out, it is
+      counted in ``dropped_chunks`` only (``dropped`` counts the receivers'
+      own datagrams or messages).
 
     Every keyword option of :func:`open_receiver` is accepted;
     ``nursery.start`` passes positional arguments only, so pass keywords

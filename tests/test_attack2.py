@@ -46,37 +46,6 @@ def _plain_sender() -> socket.socket:
 
 
 @needs_netns
-@pytest.mark.parametrize("marker", [None, "end of run"])
-async def test_drop_oldest_taking_a_user_item_out_of_the_channel_neither_crashes_nor_miscounts(marker):
-    """serve_receiver into a send_channel that user code also sends into
-    (the _Ledger's docstring allows it: "items that other code sends into
-    the channel are not counted"). With overflow="drop_oldest" the receive
-    task takes the user's item out as its oldest and counts it with
-    len(item): a None marker kills the receive task (TypeError: object of
-    type 'NoneType' has no len()), a string marker adds its length to
-    ``dropped`` as if that many readouts had been thrown away. The task
-    must survive, and ``dropped`` counts only what it received."""
-    group, port = "239.255.91.1", 40601 + (marker is None)
-    send, recv = trio.open_memory_channel(1)
-    drop = recv.clone()
-    async with trio.open_nursery() as nursery:
-        service = await nursery.start(functools.partial(
-            serve_receiver, group, port, send, AstroPix4Readout, drop_channel=drop, overflow="drop_oldest"))
-        send.send_nowait(marker)  # fills the channel
-        sock = _plain_sender()
-        try:
-            for d in DaqSimulator(3).generate(5).datagrams():
-                sock.sendto(d, (group, port))
-        finally:
-            sock.close()
-        await trio.sleep(0.5)
-        s = service.statistics()
-        nursery.cancel_scope.cancel()
-    assert s.readouts == 5, s
-    assert s.dropped <= 4, s  # at most 4 of its own 5 (one single-readout item stays queued)
-
-
-@needs_netns
 def test_record_with_stderr_on_a_full_disk_still_records(mcast_trio_cli, tmp_path):
     """``mcast-trio record run.apx 2>>/var/log/daq.log`` with that log's
     disk full (here ``2>/dev/full``): the first status line ("recording

@@ -442,3 +442,44 @@ def test_astropix_receiver_names_loss_window(ep, value):
     group, port = ep
     with pytest.raises(ValueError, match=rf"^loss_window={value} is out of range"):
         astropix.MulticastReceiver(AstroPix4Readout, group, port, loss_window=value).close()
+
+
+# ---------------------------------------------------------------------------
+# drop_oldest and items other code sent into the channel (issue 13, attack 2)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("marker", [None, "end of run"])
+async def test_drop_oldest_taking_a_user_item_out_of_the_channel_neither_crashes_nor_miscounts(ep, marker):
+    """serve_receiver into a send_channel that user code also sends into
+    (the _Ledger's docstring allows it: "items that other code sends into
+    the channel are not counted"). With overflow="drop_oldest" the receive
+    task takes the user's item out as its oldest and counts it with
+    len(item): a None marker kills the receive task (TypeError: object of
+    type 'NoneType' has no len()), a string marker adds its length to
+    ``dropped`` as if that many readouts had been thrown away. The task
+    must survive, and ``dropped`` counts only what it received (the user's
+    item: one dropped chunk)."""
+    import functools
+
+    from mcast_trio import serve_receiver
+
+    group, port = ep
+    send, recv = trio.open_memory_channel(1)
+    drop = recv.clone()
+    async with trio.open_nursery() as nursery:
+        service = await nursery.start(functools.partial(
+            serve_receiver, group, port, send, AstroPix4Readout, drop_channel=drop, overflow="drop_oldest"))
+        send.send_nowait(marker)  # fills the channel
+        sock = plain_sender()
+        try:
+            for d in DaqSimulator(3).generate(5).datagrams():
+                sock.sendto(d, (group, port))
+        finally:
+            sock.close()
+        await trio.sleep(0.5)
+        s = service.statistics()
+        nursery.cancel_scope.cancel()
+    assert s.readouts == 5, s
+    assert s.dropped <= 4, s  # at most 4 of its own 5 (one single-readout item stays queued)
+    assert s.dropped_chunks >= 1, s  # the user's item was taken out
