@@ -502,3 +502,35 @@ async def test_two_native_senders_keep_their_own_carry(ep):
     hits = np.concatenate(hits)
     _assert_hits_equal(hits[hits["chip_id"] == 5], a.truth, "sender A")
     _assert_hits_equal(hits[hits["chip_id"] == 6], b.truth, "sender B")
+
+
+# -- a late readout of an evicted sender (issue 13, attack 2) -----------------------
+
+
+async def test_receiver_a_late_readout_of_an_evicted_sender_is_not_counted_lost(ep):
+    """The same through a receiver (max_senders=1): DAQ A's readout 97 is
+    delayed past 98 and 99, DAQ B sends one readout in between (evicting A),
+    then A's 97 and 100..102 arrive. Every readout was received; the
+    receiver reported lost 3 and a restart."""
+    group, port = ep
+    a = DaqSimulator(7, start_ns=0, chip_id=1).generate(103).datagrams()
+    b = DaqSimulator(8, start_ns=0, chip_id=2).generate(1).datagrams()
+    order = [k for k in range(100) if k != 97]
+    async with open_receiver(group, port, AstroPix4Readout, max_senders=1) as receiver:
+        sa, sb = plain_sender(), plain_sender()
+        try:
+            for k in order:
+                sa.sendto(a[k], (group, port))
+            await trio.sleep(0.05)
+            sb.sendto(b[0], (group, port))
+            await trio.sleep(0.05)
+            for k in (97, 100, 101, 102):
+                sa.sendto(a[k], (group, port))
+            await trio.sleep(0.2)
+        finally:
+            sa.close()
+            sb.close()
+        s = receiver.statistics()
+    assert s.readouts == 104 and s.kernel_drops == 0, s
+    assert s.lost == 0 and s.restarts == 0, s
+    assert s.reordered == 1 and s.evicted == 2, s

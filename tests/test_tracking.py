@@ -317,3 +317,59 @@ def test_sender_table_ghosts_are_bounded():
     table.observe(201, 1)
     table.restart(6)
     assert table.observe(6, 30) == F
+
+
+# -- an evicted sender's late readout (issue 13, attack 2) ------------------------
+
+
+def test_sender_table_a_late_readout_after_eviction_is_not_a_restart_with_phantom_losses():
+    """SenderTable (public): sender K's readout 97 is late (it arrives
+    after 98, 99); meanwhile K was evicted by another sender. When K comes
+    back with 97, 100, 101, 102, its ghost (highest 99) resumes the stream
+    and 97 is taken as a restart: restarts 1 and lost 3, while nothing was
+    lost (the same arrivals with K never evicted: lost 0, reordered 1,
+    restarts 0). The ghost table must not turn a late arrival into phantom
+    losses."""
+    from mcast_trio import SenderTable
+
+    table = SenderTable(1)
+    for seq in range(100):
+        if seq != 97:
+            table.observe("K", seq)
+    table.observe("X", 0)  # evicts K
+    for seq in (97, 100, 101, 102):
+        table.observe("K", seq)
+    totals = table.totals()
+    assert totals["lost"] == 0 and totals["restarts"] == 0, totals
+    assert totals["reordered"] == 1 and totals["evicted"] == 2, totals
+    # The resumed tracker's own counters never go negative.
+    assert table.snapshot()["K"].lost == 0
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_sender_table_a_repeat_after_eviction_is_duplicates_as_without_eviction(evict):
+    table = SenderTable(1)
+    for seq in range(100):
+        table.observe("K", seq)
+    if evict:
+        table.observe("X", 0)
+    for seq in range(50):
+        assert table.observe("K", seq) == "duplicate"
+    totals = table.totals()
+    assert totals["duplicates"] == 50 and totals["restarts"] == 0 and totals["lost"] == 0, totals
+
+
+def test_sender_table_resumed_window_still_counts_a_real_gap_and_a_real_restart():
+    table = SenderTable(1, window=16)
+    for seq in range(10):
+        if seq != 5:
+            table.observe("K", seq)
+    table.observe("X", 0)  # evicts K (5 missing in its window)
+    assert table.observe("K", 12) == "new"  # 10, 11 lost while evicted
+    assert table.totals()["lost"] == 3
+    assert table.observe("K", 5) == "reordered"
+    assert table.totals()["lost"] == 2
+    table.observe("X", 1)  # evicts K again
+    assert table.observe("K", 100000) == "new"  # below restart_threshold: a gap
+    table.observe("X", 2)
+    assert table.observe("K", 3) == "restart"  # far outside the window

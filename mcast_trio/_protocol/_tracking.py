@@ -317,15 +317,45 @@ class SequenceTracker:
         for seq in seqs.tolist() if hasattr(seqs, "tolist") else seqs:
             self.observe(seq)
 
-    def resume(self, highest: int) -> None:
+    def resume(self, highest: int, mask: int = 1, span: int = 1) -> int:
         """Continue the stream of a sender whose tracker was forgotten (see
         :class:`SenderTable`): ``highest`` was the highest id it had seen, so
         the next id is compared with it (a gap counts as lost) instead of
-        starting afresh. Only on a tracker that has seen nothing yet."""
-        if self._highest is None and 0 <= highest < self._modulus:
-            self._highest = highest
-            self._mask = 1
-            self._span = 1
+        starting afresh. Only on a tracker that has seen nothing yet.
+
+        Args:
+            highest: the forgotten tracker's highest id.
+            mask, span: its window (see :meth:`window_state`), so that a
+                late arrival or a copy of an id inside it is judged as the
+                forgotten tracker would have judged it (reordered,
+                duplicate) rather than as a restart. Default: only
+                ``highest`` is known.
+
+        Returns:
+            The ids missing inside that window: the forgotten tracker
+            counted them as lost; this tracker now counts them in its
+            ``lost`` (so that a late arrival taking one back never leaves
+            it negative), and the caller takes them out of wherever it kept
+            the forgotten tracker's counts. 0 if nothing was resumed.
+        """
+        if self._highest is not None or not 0 <= highest < self._modulus:
+            return 0
+        span = min(max(int(span), 1), self._window)
+        visible = (1 << span) - 1
+        mask = (int(mask) & visible) | 1
+        missing = span - mask.bit_count()
+        self._highest = highest
+        self._mask = mask
+        self._span = span
+        self.lost += missing
+        return missing
+
+    def window_state(self) -> tuple[int | None, int, int]:
+        """``(highest, mask, span)``: the position and window of the stream
+        (bit ``k`` of ``mask`` set: id ``highest - k`` was received; ids
+        ``highest - k`` for ``k < span`` are accounted for), what
+        :meth:`resume` takes."""
+        return self._highest, self._mask, self._span
 
     def restart(self) -> None:
         """The caller knows that the sender started over (its ids no longer
@@ -397,13 +427,20 @@ class SenderTable(Generic[K]):
     ``(host, port)``, or ``(address, sender_id)`` for native frames. When a
     new sender would exceed ``max_senders``, the sender seen least recently is
     forgotten and :attr:`evicted` is incremented; what it counted stays in
-    :meth:`totals`. The highest id of an evicted sender is kept in a
-    compact "ghost" table (one int per sender; at most
+    :meth:`totals`. The highest id and the window of an evicted sender
+    are kept in a compact "ghost" table (at most
     ``min(64 * max_senders, max(65536, max_senders))`` senders, the oldest
-    forgotten first): a sender that comes back continues its sequence, so
-    readouts lost while it was evicted are counted. A sender that comes back
-    after its ghost was forgotten too starts afresh (losses in between are
-    not seen).
+    forgotten first; about 100 bytes each, plus ``window / 8`` bytes for a
+    sender whose window had ids missing): a sender that comes back
+    continues its sequence as if it had never been evicted: readouts lost
+    while it was evicted are counted, a late readout still inside its
+    window is reordered (its provisional loss taken back) and a copy is a
+    duplicate, not a restart. What is approximated: the resumed tracker's
+    own counters (``received``, ``hits``, ...) start from 0 (the evicted
+    tracker's stay in :meth:`totals`), except that the ids missing in the
+    window move back from the evicted counts to its ``lost``. A sender that
+    comes back after its ghost was forgotten too starts afresh (losses in
+    between are not seen).
 
     Args:
         max_senders: Most senders tracked at once. Allowed: ``1 .. 2**20``.
@@ -433,9 +470,11 @@ class SenderTable(Generic[K]):
         self._trackers: OrderedDict[K, SequenceTracker] = OrderedDict()
         #: Senders forgotten to make room for new ones.
         self.evicted = 0
-        # The highest id of each evicted sender (insertion order: oldest
-        # first; an entry leaves when its sender comes back).
-        self._ghosts: dict[K, int] = {}
+        # (highest, mask, span) of each evicted sender (insertion order:
+        # oldest first; an entry leaves when its sender comes back). A full
+        # mask is stored as the shared _full_mask object (no copy per ghost).
+        self._ghosts: dict[K, tuple[int, int, int]] = {}
+        self._full_mask = (1 << window) - 1
         self._max_ghosts = min(64 * max_senders, max(1 << 16, max_senders))
         # What the senders no longer tracked (evicted or forgotten) counted.
         self._gone = dict.fromkeys(_TOTALS, 0)
@@ -454,16 +493,21 @@ class SenderTable(Generic[K]):
                 old_key, old = trackers.popitem(last=False)
                 self._keep_counts(old)
                 self.evicted += 1
-                if old.highest is not None:
+                highest, mask, span = old.window_state()
+                if highest is not None:
                     ghosts = self._ghosts
                     if len(ghosts) >= self._max_ghosts:
                         del ghosts[next(iter(ghosts))]
-                    ghosts[old_key] = old.highest
+                    if mask == self._full_mask:
+                        mask = self._full_mask
+                    ghosts[old_key] = (highest, mask, span)
             tracker = trackers[key] = self._factory()
             if self._ghosts:
-                last = self._ghosts.pop(key, None)
-                if last is not None:
-                    tracker.resume(last)
+                ghost = self._ghosts.pop(key, None)
+                if ghost is not None:
+                    # The missing ids of its window were counted lost by the
+                    # evicted tracker: they move back to this one.
+                    self._gone["lost"] -= tracker.resume(*ghost)
         else:
             trackers.move_to_end(key)
         return tracker
