@@ -61,7 +61,7 @@ MAX_COLUMNS = 32
 
 #: The receiver counters the monitor reports, named as in ``statistics()``.
 COUNTERS = ("datagrams", "bytes", "readouts", "hits", "lost", "duplicates", "reordered", "restarts",
-            "malformed", "truncated", "dropped", "kernel_drops")
+            "malformed", "truncated", "dropped", "kernel_drops", "discarded")
 
 #: Sources whose malformed datagrams are counted one by one, by default (the
 #: receiver's default ``max_senders``).

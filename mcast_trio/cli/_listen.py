@@ -193,7 +193,8 @@ def _statistics_line(counts: dict, output) -> str:
     return (f"listen: {what}; received {s.datagrams:,} datagrams from {len(s.senders)} "
             f"sender{'' if len(s.senders) == 1 else 's'}: lost {s.lost}, malformed {s.malformed}, "
             f"duplicates {s.duplicates}, reordered {s.reordered}, restarts {s.restarts}, "
-            f"filtered {s.filtered}, dropped {s.dropped}, kernel drops {s.kernel_drops}"
+            f"filtered {s.filtered}, dropped {s.dropped}, kernel drops {s.kernel_drops}, "
+            f"discarded at close {s.discarded}"
             + (f"; last error: {s.last_error}" if s.last_error else ""))
 
 

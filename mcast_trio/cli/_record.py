@@ -94,6 +94,7 @@ from .._format import parse_readout_header
 from .._sinks import open_sink
 from ._common import TOO_DEEP, emit_json, fail, network_options, run, stop_on_signals, strict_json
 from ._output import open_stderr
+from ._stdio import stderr_dropped
 from ._common import COUNT, QUEUE, SECONDS, SECONDS_OR_NEVER, ByteSize, Number, OutputFile, parse_size  # option types
 
 __all__ = ["COMMANDS", "record", "parse_size", "CAPTURE_MAGIC", "CAPTURE_HEADER"]
@@ -514,7 +515,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
                 await nursery.start(stop_on_signals, rx_scope)
                 service = await nursery.start(_receive, rx_scope, options)
                 segments.ensure_open()  # the header, once the group is joined: scripts wait for it
-                click.echo(f"recording {network.group}:{network.port} to {segments.files[0]}", err=True)
+                log.offer(f"recording {network.group}:{network.port} to {segments.files[0]}\n")
                 if seconds is not None:
                     nursery.start_soon(_timer, seconds, rx_scope)
                 if status_every:
@@ -562,7 +563,7 @@ async def _record(network, out, framing, messages, rotate_size, rotate_time, cou
     disk_stats, capture_stats, log_stats = disk.statistics(), capture.statistics(), log.statistics()
     segments.say = lambda text: click.echo(text, err=True)
     _summary(service.statistics(), segments, disk_stats, capture_stats, elapsed, as_json,
-             log_stats.dropped + log_stats.discarded, past_count)
+             log_stats.dropped + log_stats.discarded + stderr_dropped(), past_count)
     error = disk.error or capture.error
     if error is not None:
         if isinstance(error, OSError):
@@ -612,6 +613,7 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
         "truncated": stats.truncated,
         "dropped": stats.dropped,
         "kernel_drops": stats.kernel_drops,
+        "discarded": stats.discarded,
         "queue_dropped": disk.dropped,
         "queue_discarded": disk.discarded,
         "queue_peak": disk.peak,
@@ -630,7 +632,7 @@ def _summary(stats, segments: _Recorder, disk, capture, elapsed: float, as_json:
         f"recorded {totals.readouts} readouts ({stats.hits} hits), {segments.bytes_written} bytes in "
         f"{len(segments.files)} file(s) in {elapsed:.1f} s ({rate:.0f} readouts/s); received "
         f"{stats.datagrams} datagrams; lost {stats.lost}, malformed {stats.malformed}, dropped {stats.dropped}, "
-        f"kernel drops {stats.kernel_drops}, queue dropped {disk.dropped} (the disk did not keep up), "
+        f"kernel drops {stats.kernel_drops}, discarded at close {stats.discarded}, queue dropped {disk.dropped} (the disk did not keep up), "
         f"discarded {disk.discarded}, captured {totals.captured}, capture dropped {capture.dropped}", err=True)
     several = len(segments.streams) > 1
     for seg in segments.all_segments:

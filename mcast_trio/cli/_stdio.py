@@ -12,16 +12,25 @@ library only, like :mod:`._signals`):
   broken pipe: a reader that went away) raise :class:`StdoutError`, an
   ``OSError`` that names standard output, so that the click group reports
   it in one line (exit 1) whatever wrote (``click.echo``, a JSON line, the
-  stdout sink of :mod:`._output`, which raises it too).
+  stdout sink of :mod:`._output`, which raises it too);
+* ``sys.stderr`` becomes a text stream that never waits and never fails:
+  standard error is a command's log, not its output. A line that a full
+  pipe cannot take at once, or that fails (``2>/dev/full``, a reader that
+  went away), is dropped and counted (:func:`stderr_dropped`); the command
+  goes on. Long-running commands send their status lines through the
+  stderr sink of :mod:`._output` (a thread), which waits for a slow
+  reader without stopping the receive task.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import select
+import stat
 import sys
 
-__all__ = ["StdoutError", "install", "stdout_error"]
+__all__ = ["StdoutError", "install", "stderr_dropped", "stdout_error"]
 
 
 class StdoutError(OSError):
@@ -68,6 +77,63 @@ def _devnull_on(fd: int, mode: str):
     return open(fd, mode, closefd=False, encoding="utf-8", errors="backslashreplace", buffering=1)
 
 
+class _StderrRaw(io.RawIOBase):
+    """File descriptor 2, written without waiting: on a pipe, a socket or a
+    terminal each chunk (at most ``PIPE_BUF`` bytes, which a pipe with room
+    for one more takes whole) is written only when ``poll`` says it can be
+    now; what cannot be written at once, or fails, is dropped and counted.
+    The file description's own flags are left alone (it may be shared with
+    standard output)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self.dropped = 0
+        try:
+            mode = os.fstat(fd).st_mode
+            self._poll = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
+        except OSError:
+            self._poll = False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        try:
+            return os.isatty(self._fd)
+        except OSError:
+            return False
+
+    def _ready(self) -> bool:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return any(event & select.POLLOUT and not event & (select.POLLERR | select.POLLNVAL)
+                   for _, event in poller.poll(0))
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:
+                if self._poll and not self._ready():
+                    break
+                view = view[os.write(self._fd, view[:select.PIPE_BUF]):]
+        except OSError:
+            pass
+        if view:
+            self.dropped += 1
+        return size
+
+
+def stderr_dropped() -> int:
+    """Writes to ``sys.stderr`` dropped so far (not taken at once, or failed)."""
+    raw = getattr(getattr(sys.stderr, "buffer", None), "raw", None)
+    return raw.dropped if isinstance(raw, _StderrRaw) else 0
+
+
 _replaced: list = []
 
 
@@ -86,3 +152,16 @@ def install() -> None:
                                  line_buffering=stdout.line_buffering, write_through=stdout.write_through)
         except (OSError, ValueError):
             pass
+    stderr = sys.stderr
+    if type(stderr) is io.TextIOWrapper:
+        try:
+            stderr.flush()
+        except (OSError, ValueError):
+            pass
+        try:
+            fd = stderr.fileno()
+        except (OSError, ValueError):
+            return
+        _replaced.append(stderr)
+        sys.stderr = io.TextIOWrapper(io.BufferedWriter(_StderrRaw(fd)), encoding=stderr.encoding,
+                                      errors="backslashreplace", line_buffering=True, write_through=True)
