@@ -370,7 +370,9 @@ async def test_mcl_array_bombs_do_not_starve_other_tasks(ep):
         cost = max(cost, time.perf_counter() - start)
         assert len(message.payload) == n  # delivered, not refused
     del message
-    bound = max(0.15, 0.1 + 5 * cost)
+    # A floor for scheduling noise, small enough that the bombs of one
+    # batch (110 x cost, about 0.2 s here) still cost well over it.
+    bound = max(0.06, 0.03 + 5 * cost)
     # The test can fail: the bombs of one batch cost more than the bound.
     assert bombs * cost > 1.5 * bound, f"one bomb costs only {cost * 1000:.1f} ms"
     got = []
