@@ -145,7 +145,8 @@ def usage_results(tmp_path_factory):
         extra = [a.format(apx=apx, tmp=tmp) for a in REQUIRED_ARGS[name]]
         argvs[case.id] = [name, *extra, f"{option}={value}"]
     result = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(list(argvs.values())),
-                            capture_output=True, text=True, timeout=240, env=_env())
+                            capture_output=True, text=True, timeout=240, env=_env(),
+                            cwd=tmp)  # not the repository: `-c` puts the working directory on sys.path
     assert result.returncode == 0, result.stderr[-3000:]
     outcomes = json.loads(result.stdout)
     return dict(zip(argvs, outcomes))
