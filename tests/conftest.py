@@ -31,6 +31,18 @@ def pytest_configure(config):
             )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_repository(tmp_path_factory):
+    """Run the suite from a scratch directory: ``python -c ...`` puts its
+    working directory on ``sys.path``, so a child process started from the
+    repository would import its unbuilt source tree instead of the package
+    under test. (Tests name every file of the repository through ``REPO``.)"""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
 def _data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("MCAST_TRIO_TEST_DATA", REPO.parent / "shared" / "data" / "astropix4"))
 

@@ -286,7 +286,10 @@ def test_any_eight_bytes_after_the_last_hit(filler, tail):
 
 # -- offsets/lengths near 2**63 (issue 13, attack 2) ---------------------------
 
-_ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+#: Where the mcast_trio under test comes from (installed, or a source tree
+#: on PYTHONPATH): the child processes import the same one.
+_ROOT = __import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__import__("mcast_trio").__file__)))
 
 
 def _run_child(code: str, decoder: str = "compiled"):

@@ -63,6 +63,10 @@ from mcast_trio import (  # noqa: E402
 from mcast_trio.sim import DaqSimulator  # noqa: E402
 from mcast_trio.testing import isolation_problem, joined_ipv4_groups  # noqa: E402
 
+#: Where the mcast_trio under test comes from (installed, or a source tree
+#: on PYTHONPATH): child processes import the same one.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["mcast_trio"].__file__)))
+
 _PROBLEM = isolation_problem()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
 
@@ -740,7 +744,7 @@ def test_listen_mcl_answers_sigint_promptly_while_a_colliding_map_is_unpacked(ep
     import sys
 
     group, port = ep
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
     proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "listen", "--messages", "--framing", "mcl",
                              "-g", group, "-p", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -906,8 +910,7 @@ def test_a_flood_of_accepted_dense_datagrams_stays_near_max_queue_bytes(ep):
     group, port = ep
     done = subprocess.run([sys.executable, __file__, "string_flood", group, str(port)],
                           capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                              os.path.abspath(__file__)))))
+                          env=dict(os.environ, PYTHONPATH=_PACKAGE_PARENT))
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     # Everything accounted for.
@@ -995,7 +998,7 @@ def test_mcl_tools_survive_a_deeply_nested_payload(ep, tmp_path, command):
 
     group, port = ep
     command = [str(tmp_path / "run.apx") if arg == "OUT" else arg for arg in command]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
     proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", *command, "--framing", "mcl",
                              "-g", group, "-p", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -1101,7 +1104,7 @@ def test_listen_json_mcl_emits_strict_json_for_nan_and_infinity(ep):
     import sys
 
     group, port = ep
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=_PACKAGE_PARENT)
     proc = subprocess.Popen([sys.executable, "-m", "mcast_trio.cli", "listen", "--messages", "--framing", "mcl",
                              "--json", "-g", group, "-p", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -1191,8 +1194,7 @@ def test_drop_oldest_into_an_unbuffered_user_channel_does_not_hang(ep):
     try:
         done = subprocess.run([sys.executable, __file__, "unbuffered_drop_oldest", group, str(port)],
                               capture_output=True, text=True, timeout=8,
-                              env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
-                                  os.path.abspath(__file__)))))
+                              env=dict(os.environ, PYTHONPATH=_PACKAGE_PARENT))
     except subprocess.TimeoutExpired:
         pytest.fail("the receiving process hung (event loop frozen) for 8 s")
     assert done.returncode == 0, done.stderr[-2000:]
