@@ -437,3 +437,45 @@ def test_malformed_datagrams_are_counted_per_sender_and_reset():
                                                                          "127.0.0.1:4002": 1}
     assert {v.name: v.counters["malformed"] for v in acc.senders(0.5, since_reset=False)} == {
         "127.0.0.1:4001": 2, "127.0.0.1:4002": 2}
+
+
+def _tot_rows(acc):
+    """The TOT rows of the drawn screen: [(lower edge, '-' or '+', count)]."""
+    import pathlib
+    import tempfile
+
+    from rich.console import Console
+
+    from mcast_trio.cli._monitor import UiState, render_frame
+
+    ui = UiState(log=False, run="r", title="t", started=0.0, snapshot_dir=pathlib.Path(tempfile.gettempdir()))
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(render_frame(acc, 1.0, ui))
+    text = console.export_text()
+    rows = [re.search(r"(\d+)([-+]) [^\d]*?(\d[\d,]*)\s*$", line) for line in text.splitlines()]
+    return [(int(m.group(1)), m.group(2), int(m.group(3).replace(",", ""))) for m in rows if m], text
+
+
+def test_tot_rows_draw_every_entry_once_with_the_overflow():
+    # 50 bins drawn 3 at a time: the last drawn row used to add the overflow
+    # bin to the last real bins (775 overflow hits showed as "96- 775" and "100+ 775").
+    acc = Accumulator(tot_max_us=100.0, tot_bins=50)
+    acc.add(hits(*[(0, 0, 2.0 * i + 1.0) for i in range(50)]), readouts=1)  # one hit in every bin
+    acc.add(hits(*[(0, 0, 150.0)] * 7), readouts=1)  # seven in overflow
+    rows, text = _tot_rows(acc)
+    assert rows[-1] == (100, "+", 7), text
+    assert [sign for _edge, sign, _n in rows[:-1]] == ["-"] * (len(rows) - 1)
+    assert sum(n for _edge, _sign, n in rows[:-1]) == 50, text
+    assert rows[-2][2] == 2  # 96-100: bins 48 and 49 only
+    assert "raise --tot-max" not in text
+
+
+def test_a_spectrum_mostly_in_overflow_says_so_and_the_default_holds_real_tot():
+    acc = Accumulator(tot_max_us=100.0)
+    acc.add(hits(*[(0, 0, 250.0)] * 9, (0, 0, 10.0)), readouts=1)
+    rows, text = _tot_rows(acc)
+    assert rows[-1] == (100, "+", 9) and "most hits are above 100 us: raise --tot-max" in text
+    # Real AstroPix 4 hits (TOT about 180-295 us) fall inside the default range.
+    acc = Accumulator()
+    acc.add(hits((0, 0, 180.0), (0, 0, 295.0)), readouts=1)
+    assert acc.tot_counts[-1] == 0 and acc.tot_counts.sum() == 2

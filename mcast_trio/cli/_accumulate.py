@@ -44,6 +44,7 @@ __all__ = [
     "MAX_ROWS",
     "MAX_COLUMNS",
     "MAX_SOURCES",
+    "DEFAULT_TOT_MAX_US",
     "COUNTERS",
     "Accumulator",
     "Rates",
@@ -69,6 +70,11 @@ MAX_SOURCES = 64
 
 #: Per-sender counters, named as in :class:`~mcast_trio.SenderStats`.
 SENDER_COUNTERS = ("received", "lost", "duplicates", "reordered", "restarts", "hits", "bytes")
+
+
+#: The TOT histogram's upper edge: astropix-analysis' monitor draws 0-500 us,
+#: which holds real AstroPix 4 hits (about 180-295 us).
+DEFAULT_TOT_MAX_US = 500.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +145,7 @@ class Accumulator:
             recently seen is forgotten to make room, and counted.
     """
 
-    def __init__(self, *, tot_max_us: float = 100.0, tot_bins: int = 50, history: int = 120,
+    def __init__(self, *, tot_max_us: float = DEFAULT_TOT_MAX_US, tot_bins: int = 50, history: int = 120,
                  rate_period: float = 1.0, stale: float = 5.0, loss_alarm: float = 0.01,
                  max_sources: int = MAX_SOURCES) -> None:
         if not tot_max_us > 0:

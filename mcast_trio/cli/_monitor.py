@@ -30,6 +30,7 @@ import trio
 
 from .. import AstroPix4Readout, open_receiver
 from ._accumulate import (
+    DEFAULT_TOT_MAX_US,
     Accumulator,
     shade_rows,
     sparkline,
@@ -62,7 +63,7 @@ class MonitorConfig:
     fps: float = 4.0
     snapshot_dir: pathlib.Path = pathlib.Path(".")
     run: str | None = None
-    tot_max: float = 100.0
+    tot_max: float = DEFAULT_TOT_MAX_US
     screen: bool = False
     title: str = ""
 
@@ -406,11 +407,15 @@ def render_frame(acc: Accumulator, now: float, ui: UiState):
     for r, line in reversed(list(enumerate(shade_rows(counts, log=ui.log)))):
         left.append([(f"{r:>3} ", ""), (line, "cyan")])
     group = max(1, acc.tot_bins // 16)
-    merged = [int(acc.tot_counts[i:i + group].sum()) for i in range(0, acc.tot_bins, group)]
-    merged.append(int(acc.tot_counts[-1]))
+    real = acc.tot_counts[:acc.tot_bins]  # the last entry of tot_counts is the overflow: drawn once, below
+    merged = [int(real[i:i + group].sum()) for i in range(0, acc.tot_bins, group)]
+    overflow = int(acc.tot_counts[-1])
+    merged.append(overflow)
     width = acc.tot_max_us / acc.tot_bins * group
     mean = acc.tot_mean
     right = [[(f"TOT (us), mean {mean:.2f}" if not math.isnan(mean) else "TOT (us)", "bold")]]
+    if overflow * 2 > sum(merged):
+        right.append([(f"most hits are above {acc.tot_max_us:g} us: raise --tot-max", "bold red")])
     for i, (count, bar) in enumerate(zip(merged, text_bars(merged, width=28))):
         label = f"{i * width:>5.0f}-" if i < len(merged) - 1 else f"{acc.tot_max_us:>5.0f}+"
         right.append([(f"{label} {bar:<28} {count:,}", "")])
@@ -520,8 +525,10 @@ async def _serve(group, port, receiver_options, config, also, acc: Accumulator, 
               default=pathlib.Path("."), show_default=True, help="Where key s writes its files.")
 @click.option("--run", "run_name", default=None, callback=lambda ctx, param, value: _check_run_name(value),
               help="Run name of the snapshot files {run}-{seq:03d}.npz/.png [default: the start time].")
-@click.option("--tot-max", type=TOT_US, default=100.0, show_default=True,
-              help="Upper edge of the TOT histogram (us); above it: the overflow bin.")
+@click.option("--tot-max", type=TOT_US, default=DEFAULT_TOT_MAX_US, show_default=True,
+              help="Upper edge of the TOT histogram (us); above it: the overflow bin. The default holds "
+                   "real AstroPix 4 hits (about 180-295 us), as astropix-analysis' monitor does; the screen "
+                   "says when most hits are above it.")
 def monitor(network, headless, as_json, interval, seconds, stale, loss_alarm, log_scale, fps, screen,
             snapshot_dir, run_name, tot_max):
     """The live monitor: rates, loss and health per sender, hit map, TOT
