@@ -1,6 +1,7 @@
 # mcast_trio: the single entry point for developers and CI.
 #   make test   - build and install into .venv, run the whole suite in a private netns
 #   make demo   - mcast-trio demo: simulated DAQ + live monitor on loopback, in a private netns
+#                 (installs the cli extra only: click, rich)
 #                 (the terminal monitor in a terminal, until q; headless lines for 10 s otherwise)
 #   make bench  - the benchmarks (compiled vs reference, side by side)
 #   make docs   - build the Sphinx docs with warnings as errors
@@ -28,6 +29,11 @@ $(VENV)/.installed: $(VENV)/bin/python $(SOURCES)
 
 install: $(VENV)/.installed
 
+# The demo needs the command's extra only (click, rich), not the test tools.
+$(VENV)/.demo-installed: $(VENV)/bin/python $(SOURCES)
+	$(VPY) -m pip install -q ".[cli]"
+	touch $@
+
 # Tests run against the installed package (not the source tree) inside a
 # private network namespace; the compiled decoder must be active.
 test: install
@@ -39,7 +45,7 @@ test-reference: install
 
 # The installed console script (run from the source tree, `python -m` would
 # import the uncompiled package).
-demo: install
+demo: $(VENV)/.demo-installed
 	$(NETNS) $(VENV)/bin/mcast-trio demo $(DEMO_ARGS)
 
 bench: install
