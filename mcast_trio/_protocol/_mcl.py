@@ -131,6 +131,32 @@ def _too_dense(what: str, limit: int, n: int, total: int | None = None) -> _TooD
     )
 
 
+class _Budget:
+    """The containers one unpacking may build: msgpack's hooks count each
+    array, map and ext object as it is built (an ext object, built in Python
+    as a named tuple, as several) and the first one over ``limit`` stops the
+    unpacking with :class:`_TooDense` (naming the ``seen`` bytes the limit
+    was derived from, of ``total`` when only a part was fed yet)."""
+
+    __slots__ = ("what", "limit", "seen", "total", "built", "_ext_type")
+
+    def __init__(self, msgpack: Any, what: str, limit: int, seen: int, total: int | None = None) -> None:
+        self.what, self.limit, self.seen, self.total = what, limit, seen, total
+        self.built = 0
+        self._ext_type = msgpack.ExtType
+
+    def count(self, obj):
+        self.built += 1
+        if self.built > self.limit:
+            raise _too_dense(self.what, self.limit, self.seen, self.total)
+        return obj
+
+    def ext(self, code, payload):
+        self.built += _EXT_WEIGHT - 1
+        self.count(None)
+        return self._ext_type(code, payload)
+
+
 def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview,
                     what: str = "datagram") -> tuple[Any, int]:
     """Unpack ``data`` (exactly one msgpack object) building no more than
@@ -172,36 +198,19 @@ def _unpack_bounded(msgpack: Any, data: bytes | bytearray | memoryview,
             that is not a byte string).
     """
     n = len(data)
-    limit = _container_limit(n)
-    built = 0
-
-    def count(obj):
-        nonlocal built
-        built += 1
-        if built > limit:
-            raise _too_dense(what, limit, n)
-        return obj
-
-    ext_type = msgpack.ExtType
-
-    def ext(code, payload):
-        # Built in Python (a named tuple), so it counts as several.
-        nonlocal built
-        built += _EXT_WEIGHT - 1
-        count(None)
-        return ext_type(code, payload)
-
+    budget = _Budget(msgpack, what, _container_limit(n), n)
     enabled = n >= _GC_PAUSE_MIN and _gc.isenabled()
     if enabled:
         _gc.disable()
     try:
         obj = msgpack.unpackb(data, raw=True, use_list=True, strict_map_key=True, timestamp=2,
                               max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
-                              max_ext_len=n, list_hook=count, object_hook=count, ext_hook=ext)
+                              max_ext_len=n, list_hook=budget.count, object_hook=budget.count,
+                              ext_hook=budget.ext)
     finally:
         if enabled:
             _gc.enable()
-    return obj, built
+    return obj, budget.built
 
 
 def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
@@ -225,37 +234,19 @@ def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
         Exception: whatever msgpack raises for bad bytes.
     """
     n = len(data)
-    limit = MCL_MIN_CONTAINERS
-    built = 0
     fed = 0
-
-    def count(obj):
-        nonlocal built
-        built += 1
-        if built > limit:
-            raise _too_dense("message", limit, fed, n)
-        return obj
-
-    ext_type = msgpack.ExtType
-
-    def ext(code, payload):
-        # Built in Python (a named tuple), so it counts as several.
-        nonlocal built
-        built += _EXT_WEIGHT - 1
-        count(None)
-        return ext_type(code, payload)
-
+    budget = _Budget(msgpack, "message", MCL_MIN_CONTAINERS, 0, total=n)
     unpacker = msgpack.Unpacker(
         raw=True, use_list=True, strict_map_key=True, timestamp=2, max_buffer_size=n, max_str_len=n,
         max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
-        list_hook=count, object_hook=count, ext_hook=ext)
+        list_hook=budget.count, object_hook=budget.count, ext_hook=budget.ext)
     view = memoryview(data)
     out_of_data = msgpack.OutOfData
     while True:
         end = min(fed + MCL_UNPACK_SLICE, n)
         unpacker.feed(view[fed:end])
         fed = end
-        limit = _container_limit(fed)
+        budget.seen, budget.limit = fed, _container_limit(fed)
         enabled = _gc.isenabled()
         if enabled:
             _gc.disable()
@@ -271,7 +262,7 @@ def _unpack_sliced(msgpack: Any, data: bytes) -> Generator[None, Any, Any]:
         if obj is not unpacker:
             if fed != n or unpacker.tell() != n:
                 raise ValueError(f"extra bytes after the msgpack object, at offset {unpacker.tell()}")
-            return obj, built
+            return obj, budget.built
         yield
 
 
